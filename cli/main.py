@@ -1,0 +1,111 @@
+"""``crawlfleet``: one command, one subcommand per process or task.
+
+    seed       enqueue seed URLs (arguments, --file F, or - for stdin)
+    scheduler  run the frontier
+    worker     run a fetch worker (the same as ``arq crawlfleet.workers.worker.WorkerSettings``)
+    status     counters of the crawl, --json for machines
+    export     results as JSON lines
+    crawl      the whole crawl in one process (embedded backend unless CRAWLFLEET_REDIS_URL is set)
+    testweb    the local synthetic web for tests, demos and benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from crawlfleet.common.settings import Settings, SettingsError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="Redis URL (env CRAWLFLEET_REDIS_URL)")
+    parser.add_argument("--namespace", help="key namespace (env CRAWLFLEET_NAMESPACE)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crawlfleet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seed = sub.add_parser("seed", help="enqueue seed URLs")
+    _common(seed)
+    seed.add_argument("urls", nargs="*", metavar="URL")
+    seed.add_argument("--file", "-f", help="a file of URLs, one per line ('-' for stdin)")
+
+    for name, text in (("scheduler", "run the scheduler"), ("worker", "run a fetch worker")):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+
+    status = sub.add_parser("status", help="show the crawl's counters")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+
+    export = sub.add_parser("export", help="write results as JSON lines")
+    _common(export)
+    export.add_argument("--out", "-o", help="output file (default: stdout)")
+
+    crawl = sub.add_parser("crawl", help="crawl in one process and exit when done")
+    _common(crawl)
+    crawl.add_argument("urls", nargs="+", metavar="URL")
+    crawl.add_argument("--max-pages", type=int)
+    crawl.add_argument("--max-depth", type=int)
+    crawl.add_argument("--workers", type=int, default=2, help="in-process workers (default 2)")
+    crawl.add_argument("--out", "-o", default="results.jsonl",
+                       help="results file (default results.jsonl; '-' for stdout)")
+    crawl.add_argument("--fresh", action="store_true",
+                       help="on a real Redis, delete the namespace's previous crawl first")
+
+    sub.add_parser("testweb", help="serve the local test web (see crawlfleet testweb --help)",
+                   add_help=False)
+    return parser
+
+
+def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {"redis_url": getattr(args, "redis_url", None),
+                 "namespace": getattr(args, "namespace", None), **extra}
+    return Settings.from_env(overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["testweb"]:
+        from crawlfleet.testweb.cli import main as testweb_main
+
+        return testweb_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except SettingsError as exc:
+        print(f"crawlfleet: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import commands
+
+    if args.command == "seed":
+        return commands.seed(settings_from(args), args.urls, args.file)
+    if args.command == "scheduler":
+        return commands.scheduler(settings_from(args))
+    if args.command == "worker":
+        from crawlfleet.workers.worker import run_worker
+
+        run_worker(settings_from(args))
+        return 0
+    if args.command == "status":
+        return commands.status(settings_from(args), as_json=args.json)
+    if args.command == "export":
+        return commands.export(settings_from(args), args.out)
+    if args.command == "crawl":
+        from .crawl import crawl
+
+        return crawl(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

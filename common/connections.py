@@ -1,0 +1,78 @@
+"""Redis connections: a real server, or the embedded in-process backend (``embedded://NAME``).
+
+The embedded backend is fakeredis with Lua: every client in the process that opens the same
+``embedded://NAME`` shares one in-memory server, so ``crawlfleet crawl`` runs the scheduler and
+the workers in one process with nothing to install or start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+
+from .messages import job_deserializer, job_serializer
+
+EMBEDDED_SCHEME = "embedded://"
+
+_embedded_servers: dict[str, Any] = {}
+
+
+def is_embedded(redis_url: str) -> bool:
+    return redis_url.startswith(EMBEDDED_SCHEME)
+
+
+def open_redis(redis_url: str, *, queue_name: str | None = None) -> ArqRedis:
+    """One client (with its own pool) speaking to ``redis_url``."""
+    kwargs: dict[str, Any] = {
+        "job_serializer": job_serializer,
+        "job_deserializer": job_deserializer,
+    }
+    if queue_name:
+        kwargs["default_queue_name"] = queue_name
+    if is_embedded(redis_url):
+        return _EmbeddedArqRedis(connection_pool=_embedded_pool(redis_url), **kwargs)
+    pool = ConnectionPool.from_url(
+        redis_url,
+        # A Redis restart must cost a pause, not a crash: retry with backoff for ~30 s.
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20),
+        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
+        health_check_interval=15,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+    )
+    return ArqRedis(connection_pool=pool, **kwargs)
+
+
+def _embedded_pool(redis_url: str) -> ConnectionPool:
+    import fakeredis
+    from fakeredis.aioredis import FakeConnection
+
+    name = redis_url[len(EMBEDDED_SCHEME):] or "default"
+    server = _embedded_servers.get(name)
+    if server is None:
+        server = _embedded_servers[name] = fakeredis.FakeServer()
+    connection_class: Any = FakeConnection
+    return ConnectionPool(connection_class=connection_class, server=server)
+
+
+class _EmbeddedPipeline(Pipeline):
+    def info(self, section: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        # arq's worker start-up sends INFO in a pipeline just to log the server version;
+        # fakeredis has no INFO, so queue a read that answers with an empty mapping instead.
+        return self.execute_command("HGETALL", "crawlfleet:embedded:info")
+
+
+class _EmbeddedArqRedis(ArqRedis):
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        return _EmbeddedPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+
+    async def info(self, section: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        return {"redis_version": "embedded (fakeredis)"}

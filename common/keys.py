@@ -1,0 +1,75 @@
+"""Every Redis key crawlfleet uses, under one namespace prefix (``CRAWLFLEET_NAMESPACE``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONSUMER_GROUP = "frontier"  # the scheduler's consumer group on the events stream
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    namespace: str
+
+    def _k(self, name: str) -> str:
+        return f"{self.namespace}:{name}"
+
+    # Workers and the seed command append here; the scheduler reads it with a consumer group.
+    @property
+    def events(self) -> str:
+        return self._k("events")
+
+    @property
+    def seen(self) -> str:  # SET of URL fingerprints ever admitted
+        return self._k("seen")
+
+    @property
+    def scope_hosts(self) -> str:  # SET of host names in scope (the seeds' hosts)
+        return self._k("scope:hosts")
+
+    @property
+    def ready(self) -> str:  # ZSET host -> earliest time its next batch may go out
+        return self._k("ready")
+
+    @property
+    def leases(self) -> str:  # ZSET host -> lease expiry
+        return self._k("leases")
+
+    @property
+    def lease_batch(self) -> str:  # HASH host -> id of the batch that holds the lease
+        return self._k("lease:batch")
+
+    @property
+    def waiting(self) -> str:  # ZSET batch id -> dispatch time, until a worker starts it
+        return self._k("waiting")
+
+    @property
+    def results(self) -> str:  # HASH fingerprint -> page result JSON
+        return self._k("results")
+
+    @property
+    def stats(self) -> str:  # HASH of counters, see common.stats
+        return self._k("stats")
+
+    @property
+    def rate(self) -> str:  # HASH unix second -> pages finished in it
+        return self._k("rate")
+
+    @property
+    def batch_seq(self) -> str:
+        return self._k("batch:seq")
+
+    @property
+    def arq_queue(self) -> str:
+        return self._k("arq:queue")
+
+    def host_queue(self, host: str) -> str:  # LIST of queued URL entries of one host
+        return self._k(f"q:{host}")
+
+    def host_lease(self, host: str) -> str:  # HASH fingerprint -> entry, the URLs out in a batch
+        return self._k(f"lease:{host}")
+
+    @property
+    def prefix(self) -> str:
+        """For Lua scripts that derive per-host keys themselves."""
+        return self._k("")

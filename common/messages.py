@@ -1,0 +1,136 @@
+"""The messages that cross Redis, as versioned msgspec structs encoded as JSON (never pickle).
+
+Every struct carries ``v``; a reader that meets a newer version it cannot read fails loudly
+instead of misreading it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+VERSION = 1
+
+
+class QueuedURL(msgspec.Struct, array_like=True, frozen=True):
+    """One URL waiting in a host queue or out in a batch.
+
+    Array-encoded (``[v, fp, url, depth, tries]``) because there is one per queued URL and the
+    frontier's Lua scripts read ``fp`` by position.
+    """
+
+    v: int
+    fp: str
+    url: str
+    depth: int
+    tries: int = 0
+
+
+class HostBatch(msgspec.Struct, kw_only=True, frozen=True):
+    """The arq job's argument: up to ``batch_size`` URLs of one host, under one lease."""
+
+    v: int = VERSION
+    batch_id: str
+    host: str
+    urls: list[QueuedURL]
+    dispatched_at: float
+
+
+class PageResult(msgspec.Struct, kw_only=True, frozen=True):
+    """What one fetch produced; exported as one JSON line per URL."""
+
+    v: int = VERSION
+    url: str
+    final_url: str | None
+    status: int | None
+    content_type: str | None
+    depth: int
+    title: str | None
+    links: int
+    bytes: int
+    elapsed_ms: float
+    fetched_at: float
+    error: str | None
+    canonical: str | None = None
+    noindex: bool = False
+    nofollow: bool = False
+    encoding: str | None = None
+    worker: str | None = None
+    redirects: list[str] = []
+
+
+class LinkGroup(msgspec.Struct, array_like=True, frozen=True):
+    """Links found on pages of one depth; the links themselves are at ``depth``."""
+
+    depth: int
+    urls: list[str]
+
+
+class Seeds(msgspec.Struct, tag="seeds", kw_only=True, frozen=True):
+    v: int = VERSION
+    urls: list[str]
+
+
+class Discovered(msgspec.Struct, tag="links", kw_only=True, frozen=True):
+    """A worker's report of one batch (or part of it): the links its pages led to."""
+
+    v: int = VERSION
+    batch_id: str
+    host: str
+    worker: str
+    groups: list[LinkGroup]
+    pages: int
+    failed: int
+    final: bool
+
+
+Event = Seeds | Discovered
+
+_event_decoder = msgspec.json.Decoder(Event)
+_result_decoder = msgspec.json.Decoder(PageResult)
+_entry_decoder = msgspec.json.Decoder(QueuedURL)
+_encoder = msgspec.json.Encoder()
+
+
+class MessageVersionError(ValueError):
+    pass
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def _checked(message: Any) -> Any:
+    if message.v > VERSION:
+        raise MessageVersionError(
+            f"{type(message).__name__} has version {message.v}; "
+            f"this crawlfleet reads up to {VERSION}"
+        )
+    return message
+
+
+def decode_event(data: bytes) -> Event:
+    return _checked(_event_decoder.decode(data))  # type: ignore[no-any-return]
+
+
+def decode_result(data: bytes) -> PageResult:
+    return _checked(_result_decoder.decode(data))  # type: ignore[no-any-return]
+
+
+def decode_entry(data: bytes) -> QueuedURL:
+    return _checked(_entry_decoder.decode(data))  # type: ignore[no-any-return]
+
+
+def batch_from_job(payload: Any) -> HostBatch:
+    """The arq job carries the batch as plain JSON data (see ``job_serializer``)."""
+    return _checked(msgspec.convert(payload, HostBatch))  # type: ignore[no-any-return]
+
+
+def job_serializer(obj: Any) -> bytes:
+    """arq's job serializer: JSON instead of arq's default, pickle."""
+    return _encoder.encode(obj)
+
+
+def job_deserializer(data: bytes) -> Any:
+    return msgspec.json.decode(data)

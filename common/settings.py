@@ -1,0 +1,196 @@
+"""One settings object for every crawlfleet process, read from ``CRAWLFLEET_*`` variables.
+
+Each field's environment variable is ``CRAWLFLEET_`` + the field name in upper case. CLI flags
+override the environment (``Settings.from_env(overrides=...)``). A bad value raises
+:class:`SettingsError` naming the variable, so a typo in a deployment file fails at start-up with
+a readable message instead of deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "CRAWLFLEET_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where and under which name the crawl lives; two crawls can share one Redis.
+    redis_url: str = "redis://localhost:6379/0"
+    namespace: str = "crawlfleet"
+
+    # Fetching (per worker process).
+    max_in_flight: int = 64
+    per_host_concurrency: int = 2
+    request_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    user_agent: str = "crawlfleet/0.1 (+https://github.com/crawlfleet/crawlfleet)"
+    dns_nameservers: tuple[str, ...] = ()
+    dns_cache_ttl: int = 300
+    allow_private: bool = False
+
+    # Frontier and scheduling.
+    batch_size: int = 20
+    max_depth: int | None = None
+    max_pages: int | None = None
+    sort_query: bool = False
+    lease_seconds: float = 60.0
+    dispatch_ahead: int = 32
+
+    # arq worker loop.
+    jobs_per_worker: int = 16
+    poll_delay: float = 0.05
+    # Seconds a worker has after SIGTERM to finish or hand back its batches; deployment files
+    # set terminationGracePeriodSeconds / stop_grace_period a little above it.
+    shutdown_grace: float = 25.0
+
+    # Logging: "json", "console" or "auto" (console on a TTY, JSON otherwise).
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    worker_id: str = field(default_factory=_default_worker_id)
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_in_flight", "per_host_concurrency", "batch_size", "jobs_per_worker",
+            "max_body_bytes", "dispatch_ahead",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SettingsError(
+                    f"{env_name(name)} must be at least 1, got {getattr(self, name)}"
+                )
+        for name in ("request_timeout", "connect_timeout", "lease_seconds", "poll_delay"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
+        for name in ("max_depth", "max_pages"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise SettingsError(f"{env_name(name)} must be 0 or more, got {value}")
+        if self.log_format not in ("json", "console", "auto"):
+            raise SettingsError(
+                f"{env_name('log_format')} must be json, console or auto, got {self.log_format!r}"
+            )
+        if not self.namespace or any(c in self.namespace for c in " {}:"):
+            raise SettingsError(
+                f"{env_name('namespace')} must be non-empty without spaces, braces or colons"
+            )
+        for server in self.dns_nameservers:
+            _check_nameserver(server)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> Settings:
+        """Read every field from ``environ`` (default ``os.environ``), then apply ``overrides``.
+
+        Overrides whose value is None are ignored, so argparse results can be passed as they are.
+        """
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = _parse(f.name, raw, hints[f.name])
+        for name, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if name not in hints:
+                raise SettingsError(f"unknown setting {name!r}")
+            values[name] = _parse(name, value, hints[name]) if isinstance(value, str) else value
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, default, type) rows: the README's settings table is checked against it."""
+        rows = []
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            default = "hostname-pid" if f.name == "worker_id" else _show(f.default)
+            rows.append((env_name(f.name), default, _type_name(hints[f.name])))
+        return rows
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _check_nameserver(server: str) -> None:
+    import ipaddress
+
+    host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+    try:
+        ipaddress.ip_address(host.strip("[]") if host else server)
+        if port and not 0 < int(port) < 65536:
+            raise ValueError(port)
+    except ValueError as exc:
+        raise SettingsError(
+            f"{env_name('dns_nameservers')}: {server!r} is not an 'ip' or 'ip:port'"
+        ) from exc
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    """Convert one environment string to the field's type, or raise naming the variable."""
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    text = raw.strip()
+    if optional and text.lower() in ("", "none", "null"):
+        return None
+    try:
+        if hint is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError("expected true/false, 1/0, yes/no or on/off")
+        if hint is int:
+            return int(text.replace("_", ""))
+        if hint is float:
+            return float(text)
+        if typing.get_origin(hint) is tuple:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return raw
+    except ValueError as exc:
+        raise SettingsError(
+            f"{env_name(name)}={raw!r} is not a valid {_type_name(hint)}: {exc}"
+        ) from None
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return "comma-separated list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset (no limit)"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(value) or "unset (system resolver)"
+    return str(value)

@@ -1,0 +1,249 @@
+"""The frontier's state changes, each one atomic Lua script over the keys in ``common.keys``.
+
+A URL admitted to the crawl is in exactly one place at a time: a host queue (``queued``), a
+host's lease (``in_flight``) or the results (``pages``/``failed``/``skipped``). Every script moves
+URLs between those places and adjusts the counters in the same step, which is what keeps
+``seen = pages + failed + skipped + queued + in_flight`` true at every instant.
+
+A host has at most one batch out at a time: the lease (``lease:batch`` names the batch,
+``leases`` holds its expiry, ``lease:{host}`` the URLs in it). That makes fleet-wide per-host
+limits a matter for the one worker holding the lease, and lets a dead worker's URLs come back
+when its lease expires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from crawlfleet.common.keys import CONSUMER_GROUP, Keys
+from crawlfleet.common.messages import QueuedURL, decode_entry
+
+_INGEST = """
+local seen, stats, ready, lease_batch, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local prefix, now, max_pages = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local n_seen = tonumber(redis.call('HGET', stats, 'seen') or '0')
+local admitted, over = 0, 0
+for i = 9, #ARGV, 3 do
+  local fp, host, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if max_pages >= 0 and n_seen >= max_pages then
+    if redis.call('SISMEMBER', seen, fp) == 0 then over = over + 1 end
+  elseif redis.call('SADD', seen, fp) == 1 then
+    n_seen = n_seen + 1
+    admitted = admitted + 1
+    redis.call('RPUSH', prefix .. 'q:' .. host, entry)
+    if redis.call('HEXISTS', lease_batch, host) == 0 then
+      -- NX keeps a later not-before time (a crawl delay) that is already set
+      redis.call('ZADD', ready, 'NX', now, host)
+    end
+  end
+end
+if admitted > 0 then
+  redis.call('HINCRBY', stats, 'seen', admitted)
+  redis.call('HINCRBY', stats, 'queued', admitted)
+end
+if over > 0 then redis.call('HINCRBY', stats, 'discarded_max_pages', over) end
+if ARGV[6] ~= '0' then redis.call('HINCRBY', stats, 'discarded_scope', ARGV[6]) end
+if ARGV[7] ~= '0' then redis.call('HINCRBY', stats, 'discarded_invalid', ARGV[7]) end
+if ARGV[5] ~= '' then
+  redis.call('XACK', events, ARGV[4], ARGV[5])
+  redis.call('XDEL', events, ARGV[5])
+end
+return admitted
+"""
+
+_DISPATCH = """
+local ready, leases, lease_batch, waiting, stats, results, seq =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local prefix, now, lease_until = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local batch_size, max_batches, id_prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local hosts = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, max_batches)
+local out, moved = {}, 0
+for _, host in ipairs(hosts) do
+  redis.call('ZREM', ready, host)
+  local q = prefix .. 'q:' .. host
+  local entries = redis.call('LPOP', q, batch_size)
+  if entries then
+    local lease = prefix .. 'lease:' .. host
+    local batch = {}
+    for _, e in ipairs(entries) do
+      local fp = cjson.decode(e)[2]
+      -- a stale worker may already have stored this URL's result: it left 'queued' then
+      if redis.call('HEXISTS', results, fp) == 0 then
+        redis.call('HSET', lease, fp, e)
+        batch[#batch + 1] = e
+      end
+    end
+    if #batch > 0 then
+      local id = id_prefix .. redis.call('INCR', seq)
+      redis.call('HSET', lease_batch, host, id)
+      redis.call('ZADD', leases, lease_until, host)
+      redis.call('ZADD', waiting, now, id)
+      moved = moved + #batch
+      out[#out + 1] = {host, id, batch}
+    elseif redis.call('LLEN', q) > 0 then
+      redis.call('ZADD', ready, now, host)
+    end
+  end
+end
+if moved > 0 then
+  redis.call('HINCRBY', stats, 'queued', -moved)
+  redis.call('HINCRBY', stats, 'in_flight', moved)
+end
+return out
+"""
+
+_EXPIRE = """
+local leases, lease_batch, waiting, ready, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local hosts = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit)
+local moved = 0
+for _, host in ipairs(hosts) do
+  local lease, q = prefix .. 'lease:' .. host, prefix .. 'q:' .. host
+  local entries = redis.call('HVALS', lease)
+  for i = #entries, 1, -1 do
+    local e = cjson.decode(entries[i])
+    e[5] = (e[5] or 0) + 1
+    redis.call('LPUSH', q, cjson.encode(e))
+  end
+  moved = moved + #entries
+  redis.call('DEL', lease)
+  local id = redis.call('HGET', lease_batch, host)
+  if id then redis.call('ZREM', waiting, id) end
+  redis.call('HDEL', lease_batch, host)
+  redis.call('ZREM', leases, host)
+  if redis.call('LLEN', q) > 0 then redis.call('ZADD', ready, now, host) end
+end
+if #hosts > 0 then
+  redis.call('HINCRBY', stats, 'in_flight', -moved)
+  redis.call('HINCRBY', stats, 'queued', moved)
+  redis.call('HINCRBY', stats, 'leases_expired', #hosts)
+end
+return {#hosts, moved}
+"""
+
+_CHECK_FINISHED = """
+local stats, events, now = KEYS[1], KEYS[2], ARGV[1]
+local v = redis.call('HMGET', stats, 'seen', 'queued', 'in_flight')
+local seen, queued, in_flight = tonumber(v[1] or '0'), tonumber(v[2] or '0'), tonumber(v[3] or '0')
+if seen > 0 and queued == 0 and in_flight == 0 and redis.call('XLEN', events) == 0 then
+  redis.call('HSETNX', stats, 'finished_at', now)
+  return 1
+end
+redis.call('HDEL', stats, 'finished_at')
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """One URL that passed scope, on its way into the seen set and its host queue."""
+
+    fp: str
+    host: str
+    entry: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchedBatch:
+    host: str
+    batch_id: str
+    urls: list[QueuedURL]
+
+
+class Frontier:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._ingest = redis.register_script(_INGEST)
+        self._dispatch = redis.register_script(_DISPATCH)
+        self._expire = redis.register_script(_EXPIRE)
+        self._check_finished = redis.register_script(_CHECK_FINISHED)
+
+    async def ensure_group(self) -> None:
+        await ensure_events_group(self.redis, self.keys)
+
+    def ingest_args(
+        self,
+        admissions: Sequence[Admission],
+        *,
+        now: float,
+        max_pages: int | None,
+        message_id: str = "",
+        discarded_scope: int = 0,
+        discarded_invalid: int = 0,
+    ) -> tuple[list[str], list[Any]]:
+        k = self.keys
+        keys = [k.seen, k.stats, k.ready, k.lease_batch, k.events]
+        args: list[Any] = [
+            k.prefix, now, -1 if max_pages is None else max_pages, CONSUMER_GROUP, message_id,
+            discarded_scope, discarded_invalid, "",
+        ]
+        for a in admissions:
+            args += (a.fp, a.host, a.entry)
+        return keys, args
+
+    async def ingest(self, admissions: Sequence[Admission], **kw: Any) -> int:
+        """Admit new URLs (dedup against the seen set) and acknowledge their event, atomically."""
+        keys, args = self.ingest_args(admissions, **kw)
+        return int(await self._ingest(keys=keys, args=args))
+
+    async def ingest_in(self, pipe: Any, admissions: Sequence[Admission], **kw: Any) -> None:
+        """Queue an ingest on a pipeline, so many events cost one round trip."""
+        keys, args = self.ingest_args(admissions, **kw)
+        await self._ingest(keys=keys, args=args, client=pipe)
+
+    async def dispatch(
+        self, *, now: float, lease_seconds: float, batch_size: int, max_batches: int
+    ) -> list[DispatchedBatch]:
+        """Lease up to ``max_batches`` ready hosts, taking up to ``batch_size`` URLs from each."""
+        if max_batches <= 0:
+            return []
+        k = self.keys
+        raw = await self._dispatch(
+            keys=[k.ready, k.leases, k.lease_batch, k.waiting, k.stats, k.results, k.batch_seq],
+            args=[k.prefix, now, now + lease_seconds, batch_size, max_batches, f"{k.namespace}:b"],
+        )
+        return [
+            DispatchedBatch(_text(host), _text(batch_id), [decode_entry(e) for e in entries])
+            for host, batch_id, entries in raw
+        ]
+
+    async def expire_leases(self, *, now: float, limit: int = 100) -> tuple[int, int]:
+        """Return expired leases' URLs to the front of their host queues: (hosts, urls)."""
+        k = self.keys
+        hosts, urls = await self._expire(
+            keys=[k.leases, k.lease_batch, k.waiting, k.ready, k.stats], args=[k.prefix, now, limit]
+        )
+        return int(hosts), int(urls)
+
+    async def check_finished(self, *, now: float) -> bool:
+        """Nothing queued, nothing leased, nothing unread: record the crawl as finished."""
+        k = self.keys
+        return bool(await self._check_finished(keys=[k.stats, k.events], args=[now]))
+
+    async def waiting_batches(self) -> int:
+        return int(await self.redis.zcard(self.keys.waiting))
+
+    async def next_ready_at(self) -> float | None:
+        first = await self.redis.zrange(self.keys.ready, 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+
+async def ensure_events_group(redis: Redis, keys: Keys) -> None:
+    """Create the scheduler's consumer group from the stream's start (id 0), so events written
+    before any scheduler ran (seeds) are still read."""
+    from redis.exceptions import ResponseError
+
+    try:
+        await redis.xgroup_create(keys.events, CONSUMER_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

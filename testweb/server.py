@@ -1,0 +1,209 @@
+"""The HTTP side of the test web: one aiohttp app serving ``render()`` for every virtual host.
+
+It also watches how it is being crawled. Per host it records the request count, the peak
+number of requests in progress at once, and the shortest gap between two consecutive request
+starts, which is what politeness tests assert on (``GET /__testweb__/stats``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import TypedDict
+
+from aiohttp import web
+
+from .loopback import require_loopback
+from .site import WebSpec, render
+
+STATS_PATH = "/__testweb__/stats"
+RESET_PATH = "/__testweb__/reset"
+
+
+class HostStatsJSON(TypedDict):
+    requests: int
+    distinct_paths: int
+    in_flight: int
+    peak_concurrency: int
+    min_gap_s: float | None
+
+
+class StatsJSON(TypedDict):
+    total_requests: int
+    hosts: dict[str, HostStatsJSON]
+
+
+@dataclass
+class HostStats:
+    requests: int = 0
+    in_flight: int = 0
+    peak_concurrency: int = 0
+    min_gap_s: float | None = None  # None until a second request arrives
+    last_start: float | None = None
+    paths: set[str] = field(default_factory=set)
+
+    def as_json(self) -> HostStatsJSON:
+        return {
+            "requests": self.requests,
+            "distinct_paths": len(self.paths),
+            "in_flight": self.in_flight,
+            "peak_concurrency": self.peak_concurrency,
+            "min_gap_s": self.min_gap_s,
+        }
+
+
+class StatsRecorder:
+    """Per-host request statistics. Only touched from the event loop, so no locking."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, HostStats] = {}
+
+    def begin(self, host: str, path: str) -> HostStats:
+        """Record a request start; pass the result to ``end`` when it finishes."""
+        now = time.monotonic()
+        st = self.hosts.setdefault(host, HostStats())
+        st.requests += 1
+        st.paths.add(path)
+        st.in_flight += 1
+        st.peak_concurrency = max(st.peak_concurrency, st.in_flight)
+        if st.last_start is not None:
+            gap = now - st.last_start
+            st.min_gap_s = gap if st.min_gap_s is None else min(st.min_gap_s, gap)
+        st.last_start = now
+        return st
+
+    @staticmethod
+    def end(st: HostStats) -> None:
+        # Works on the object begin() returned, so a reset in between cannot go negative.
+        st.in_flight -= 1
+
+    def reset(self) -> None:
+        self.hosts = {}
+
+    def snapshot(self) -> StatsJSON:
+        return {
+            "total_requests": sum(s.requests for s in self.hosts.values()),
+            "hosts": {h: s.as_json() for h, s in sorted(self.hosts.items())},
+        }
+
+
+def vhost(host_header: str) -> str:
+    """The host name of a Host header: no port, lower case, no trailing dot."""
+    h = host_header.strip().lower()
+    if h.startswith("["):  # [v6]:port
+        h = h[1 : h.find("]")] if "]" in h else h[1:]
+    elif h.count(":") == 1:
+        h = h.split(":", 1)[0]
+    return h.rstrip(".")
+
+
+class WebServer:
+    """Serves a ``WebSpec`` on a loopback port; use as ``async with WebServer(spec) as srv``.
+
+    If ``spec.port`` is 0 a free port is picked and ``self.spec`` is replaced by a copy that
+    carries it, so the generated URLs point back at this server.
+    """
+
+    def __init__(
+        self,
+        spec: WebSpec,
+        *,
+        bind: str = "127.0.0.1",
+        access_log: logging.Logger | None = None,
+        shutdown_timeout: float = 2.0,
+    ) -> None:
+        self.spec = spec
+        self.bind = require_loopback(bind)
+        self.stats = StatsRecorder()
+        self._access_log = access_log
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def port(self) -> int:
+        return self.spec.port
+
+    @property
+    def address(self) -> str:
+        """Where to connect (the Host header then picks the site)."""
+        return f"http://{self.bind}:{self.port}"
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        # One catch-all route: every path of every virtual host is ours to answer.
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def start(self) -> int:
+        if self._runner is not None:
+            raise RuntimeError("server already started")
+        # Bind the socket ourselves so that port 0 works and the real port is known up front.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.bind, self.spec.port))
+        except OSError:
+            sock.close()
+            raise
+        port = int(sock.getsockname()[1])
+        if self.spec.port == 0:
+            self.spec = replace(self.spec, port=port)
+        runner = web.AppRunner(
+            self.make_app(),
+            access_log=self._access_log,
+            shutdown_timeout=self._shutdown_timeout,
+        )
+        await runner.setup()
+        try:
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            await runner.cleanup()
+            sock.close()
+            raise
+        self._runner = runner
+        return port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> WebServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == STATS_PATH and request.method == "GET":
+            return web.json_response(self.stats.snapshot())
+        if path == RESET_PATH and request.method == "POST":
+            self.stats.reset()
+            return web.json_response({"ok": True})
+        host = vhost(request.headers.get("Host", ""))
+        st = self.stats.begin(host, path)
+        try:
+            if request.method not in ("GET", "HEAD"):
+                allow = {"Allow": "GET, HEAD"}
+                return web.Response(status=405, text="method not allowed\n", headers=allow)
+            delay_ms = self.spec.delay_ms(host)
+            if delay_ms > 0:
+                await asyncio.sleep(delay_ms / 1000)
+            status, content_type, body, headers = render(self.spec, host, path)
+        finally:
+            self.stats.end(st)
+        # Set Content-Type verbatim: aiohttp's content_type= argument rejects a charset in it.
+        return web.Response(
+            status=status, body=body, headers={**headers, "Content-Type": content_type}
+        )

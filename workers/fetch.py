@@ -1,0 +1,181 @@
+"""Fetching one URL: bounded in time and bytes, redirects followed by hand, failures classified.
+
+Every way a fetch can go wrong ends as a ``Fetched`` with a short ``error`` class (``timeout``,
+``dns``, ``connect``, ``too_large`` ...), never as an exception escaping to the job, so one bad
+page or hostile server costs one failed page, not a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import ResolveResult
+
+from crawlfleet.common.urls import URLError, canonicalize, resolve
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+READ_CHUNK = 64 * 1024
+
+
+@dataclass(slots=True)
+class Fetched:
+    url: str
+    final_url: str | None = None
+    status: int | None = None
+    content_type: str | None = None
+    body: bytes = b""
+    elapsed_ms: float = 0.0
+    error: str | None = None
+    redirects: list[str] = field(default_factory=list)
+
+
+class PrivateAddressError(OSError):
+    """The host resolved only to addresses a crawler must not reach (SSRF guard)."""
+
+
+def is_private_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return not ip.is_global or ip.is_multicast
+
+
+class GuardedResolver(aiohttp.AsyncResolver):
+    """aiodns resolution that drops private, loopback and link-local answers unless allowed.
+
+    The check sits in the resolver so that it also covers every redirect hop and every retry:
+    there is no way to open a connection without passing through it.
+    """
+
+    def __init__(self, *, allow_private: bool, nameservers: list[str] | None = None) -> None:
+        super().__init__(nameservers=nameservers or None)
+        self.allow_private = allow_private
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await super().resolve(host, port, family)
+        if self.allow_private:
+            return answers
+        public = [a for a in answers if not is_private_address(a["host"])]
+        if not public:
+            raise PrivateAddressError(f"{host} resolves only to private addresses")
+        return public
+
+
+def literal_private_host(url: str) -> bool:
+    """URLs with an IP literal never reach the resolver, so they are checked here."""
+    from yarl import URL
+
+    host = URL(url).host or ""
+    try:
+        return is_private_address(host.strip("[]"))
+    except ValueError:
+        return False
+
+
+async def fetch(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    max_body_bytes: int,
+    max_redirects: int = 10,
+    allow_private: bool = False,
+) -> Fetched:
+    started = time.monotonic()
+    result = Fetched(url=url)
+    current = url
+    try:
+        for _hop in range(max_redirects + 1):
+            if not allow_private and literal_private_host(current):
+                result.error = "private_address"
+                return result
+            async with session.get(current, allow_redirects=False) as response:
+                location = response.headers.get("Location")
+                if response.status in REDIRECT_STATUSES and location:
+                    target = resolve(location, current)
+                    try:
+                        next_url = canonicalize(target) if target else None
+                    except URLError:
+                        next_url = None
+                    if next_url is None:
+                        result.status, result.final_url = response.status, current
+                        result.error = "bad_redirect"
+                        return result
+                    result.redirects.append(next_url)
+                    current = next_url
+                    continue
+                result.status = response.status
+                result.final_url = current
+                result.content_type = response.headers.get("Content-Type")
+                result.body = await _read_capped(response, max_body_bytes)
+                if response.status >= 500:
+                    result.error = "http_5xx"
+                elif response.status >= 400:
+                    result.error = "http_4xx"
+                return result
+        result.error = "too_many_redirects"
+        return result
+    except BodyTooLarge:
+        result.error = "too_large"
+        return result
+    except Exception as exc:  # a hostile server can raise anything; the page fails, not the worker
+        result.error = classify_error(exc)
+        return result
+    finally:
+        result.elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    # The cap counts decompressed bytes, which is what defuses a compression bomb.
+    async for chunk in response.content.iter_chunked(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def classify_error(exc: BaseException) -> str:
+    """A short, stable class for a failed fetch, used in results and metrics."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(e, PrivateAddressError) for e in chain):
+        return "private_address"
+    checks: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str]] = [
+        ((asyncio.TimeoutError, aiohttp.ServerTimeoutError), "timeout"),
+        (aiohttp.TooManyRedirects, "too_many_redirects"),
+        (_dns_error_types(), "dns"),
+        ((aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError), "tls"),
+        (aiohttp.ClientConnectorError, "connect"),
+        (aiohttp.InvalidURL, "invalid_url"),
+        ((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+          aiohttp.ClientResponseError), "protocol"),
+        ((aiohttp.ClientOSError, ConnectionError), "connect"),
+        (UnicodeError, "protocol"),
+    ]
+    for types_, name in checks:
+        if isinstance(exc, types_):
+            return name
+    return "error"
+
+
+def _dns_error_types() -> tuple[type[BaseException], ...]:
+    dns: Any = getattr(aiohttp, "ClientConnectorDNSError", None)
+    return (dns,) if dns is not None else (socket.gaierror,)

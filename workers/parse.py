@@ -1,0 +1,300 @@
+"""Turn a fetched HTML response into what the crawler needs: title, outlinks and directives.
+
+Everything here is a pure function of (body bytes, Content-Type, URL): no I/O, no global state,
+so the worker can call it on its hot path and tests can feed it handcrafted documents.
+
+Pipeline: :func:`decode_html` picks the encoding (BOM > header charset > ``<meta>`` > guess)
+and rejects binary junk, then :func:`parse_html` does one Lexbor parse and one CSS query.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from selectolax.lexbor import LexborHTMLParser
+from w3lib.encoding import html_to_unicode, http_content_type_encoding, read_bom, to_unicode
+
+if TYPE_CHECKING:
+    # mypy (mypy_path=".") sees the source folders as top-level packages and cannot follow the
+    # editable install's import hook that maps them under `crawlfleet`; same module either way.
+    from common.urls import resolve, resolve_and_canonicalize
+else:
+    from crawlfleet.common.urls import resolve, resolve_and_canonicalize
+
+__all__ = [
+    "BodyError",
+    "ParsedPage",
+    "decode_html",
+    "is_html",
+    "parse_html",
+    "parse_page",
+    "sniff_html",
+]
+
+TITLE_MAX_CHARS = 512
+_SNIFF_BYTES = 1024
+
+_HTML_MEDIA_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
+# Formats that servers (or misconfigured proxies) deliver as text/html. A gzip signature usually
+# means the body was compressed twice or Content-Encoding was lost on the way.
+_BINARY_SIGNATURES: tuple[bytes, ...] = (
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"\xff\xd8\xff",  # JPEG
+    b"RIFF",  # WebP, WAV, AVI
+    b"%PDF-",
+    b"\x1f\x8b",  # gzip
+    b"PK\x03\x04",  # zip, docx, xlsx, epub
+    b"\x28\xb5\x2f\xfd",  # zstd
+    b"7z\xbc\xaf\x27\x1c",
+    b"\x7fELF",
+    b"wOFF",
+    b"wOF2",
+)
+_WIDE_ENCODINGS = ("utf-16", "utf-32")  # the only ones whose ASCII text contains NUL bytes
+
+# HTML's ASCII whitespace (no \v, unlike bytes.strip()), and the sniffed prefixes: each must be
+# followed by a tag-terminating byte so "<header>" or "<htmlfoo>" does not count.
+_WS = b"\t\n\x0c\r "
+_SNIFF_PREFIXES = (b"<!doctype html", b"<html", b"<head", b"<body")
+_TAG_END = frozenset(b" >\t\n\x0c\r/")
+
+# One query, answered in document order, for everything parse_html reads. Filtering in the
+# selector keeps the per-node Python work down to reading one or two attributes:
+# - nofollow anchors never reach Python (rel is a token list, matched case-insensitively);
+# - "title:not(svg *, math *)" skips an inline SVG's <title>, which is not the document title;
+# - rel=canonical and name=robots are matched case-insensitively, as the values are.
+_SELECTOR = (
+    "title:not(svg *, math *),"
+    "base[href],"
+    "a[href]:not([rel~=nofollow i]),"
+    "area[href]:not([rel~=nofollow i]),"
+    "link[rel~=canonical i][href],"
+    "meta[name=robots i][content]"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedPage:
+    title: str | None
+    """``<title>`` text, whitespace-collapsed and capped at 512 chars; None if absent or blank."""
+    links: list[str]
+    """Canonical absolute http(s) outlinks, de-duplicated, in document order, self-links removed."""
+    canonical: str | None
+    """``<link rel=canonical>`` resolved against :attr:`base_url` and canonicalised."""
+    noindex: bool
+    """``<meta name=robots>`` says noindex (or none)."""
+    nofollow: bool
+    """``<meta name=robots>`` says nofollow (or none); :attr:`links` are still returned."""
+    base_url: str
+    """What relative URLs were resolved against: a valid ``<base href>``, else the page URL."""
+    encoding: str
+    """Python codec name the body was decoded with; ``""`` from :func:`parse_html` (given str)."""
+
+
+class BodyError(Exception):
+    """The body cannot be treated as an HTML document; :attr:`reason` is a short slug."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def is_html(content_type: str | None) -> bool:
+    """True for text/html and application/xhtml+xml, parameters and case ignored.
+
+    A missing or empty header gives False: the caller decides those by :func:`sniff_html`.
+    """
+    if not content_type:
+        return False
+    return content_type.partition(";")[0].strip().lower() in _HTML_MEDIA_TYPES
+
+
+def sniff_html(body: bytes) -> bool:
+    """Guess whether an untyped body is HTML from its first 1 KiB.
+
+    After an optional BOM and whitespace (and any leading comments or ``<?xml ...?>``
+    declaration, common on XHTML), the document must open with ``<!doctype html``, ``<html``,
+    ``<head`` or ``<body``, case-insensitively.
+    """
+    chunk = body[:_SNIFF_BYTES]
+    bom_encoding, bom = read_bom(chunk)
+    if bom_encoding is not None and bom is not None:
+        # A UTF-16/32 document spells its tags with NULs in between; bring them back to ASCII.
+        chunk = chunk[len(bom) :].decode(bom_encoding, "ignore").encode("ascii", "replace")
+    chunk = chunk.lstrip(_WS).lower()
+    while True:
+        if chunk.startswith(b"<!--"):
+            closer = b"-->"
+        elif chunk.startswith(b"<?xml"):
+            closer = b"?>"
+        else:
+            break
+        end = chunk.find(closer, 4)
+        if end < 0:
+            return False
+        chunk = chunk[end + len(closer) :].lstrip(_WS)
+    for prefix in _SNIFF_PREFIXES:
+        if chunk.startswith(prefix):
+            # Running off the end of the 1 KiB window after a prefix still counts.
+            return len(chunk) == len(prefix) or chunk[len(prefix)] in _TAG_END
+    return False
+
+
+def decode_html(body: bytes, content_type: str | None) -> tuple[str, str]:
+    """Decode an HTML body to text; returns ``(text, encoding)``.
+
+    Precedence (via :func:`w3lib.encoding.html_to_unicode`): BOM, the Content-Type charset,
+    ``<meta charset>`` / ``<meta http-equiv=content-type>`` in the first 4 KiB, then a guess:
+    UTF-8 if the bytes are valid UTF-8, else windows-1252. An unknown charset label is skipped
+    as if absent, and undecodable bytes become U+FFFD, so this never raises UnicodeError.
+
+    Raises :class:`BodyError` ``('binary')`` for a known binary signature or NUL bytes in the
+    first 1 KiB of a body not declared UTF-16/32.
+    """
+    _reject_binary(body, content_type)
+    encoding, text = html_to_unicode(
+        content_type, body, default_encoding="utf-8", auto_detect_fun=_utf8_or_cp1252
+    )
+    if encoding.startswith(_WIDE_ENCODINGS) and read_bom(body)[0] is None:
+        encoding = _fix_wide_declaration(content_type, encoding)
+        text = to_unicode(body, encoding)
+    return text, encoding
+
+
+def parse_html(text: str, page_url: str, *, sort_query: bool = False) -> ParsedPage:
+    """Extract title, outlinks, canonical and robots directives from decoded HTML.
+
+    Links come from ``<a href>`` and ``<area href>``, minus rel=nofollow ones, resolved against
+    the first ``<base href>`` (itself resolved against *page_url*; ignored unless http(s)) or
+    *page_url*, canonicalised, de-duplicated in document order; non-http(s) targets and links to
+    the page itself are dropped. ``encoding`` is ``""``: *text* arrived already decoded.
+    """
+    return _parse(text, page_url, sort_query, "")
+
+
+def parse_page(
+    body: bytes, content_type: str | None, page_url: str, *, sort_query: bool = False
+) -> ParsedPage:
+    """:func:`decode_html` then :func:`parse_html`; may raise :class:`BodyError`."""
+    text, encoding = decode_html(body, content_type)
+    return _parse(text, page_url, sort_query, encoding)
+
+
+def _parse(text: str, page_url: str, sort_query: bool, encoding: str) -> ParsedPage:
+    title: str | None = None
+    seen_title = False
+    base_href: str | None = None
+    canonical_href: str | None = None
+    noindex = nofollow = False
+    hrefs: list[str] = []
+
+    for node in LexborHTMLParser(text).css(_SELECTOR):
+        tag = node.tag
+        if tag == "a" or tag == "area":
+            hrefs.append(node.attrs.sget("href"))
+        elif tag == "title":
+            # The document title is the first <title>, even if it is blank.
+            if not seen_title:
+                seen_title = True
+                title = " ".join(node.text().split())[:TITLE_MAX_CHARS] or None
+        elif tag == "meta":
+            # "noindex, nofollow" is the norm, but "noindex nofollow" is seen too.
+            tokens = node.attrs.sget("content").lower().replace(",", " ").split()
+            if "none" in tokens:
+                noindex = nofollow = True
+            else:
+                noindex = noindex or "noindex" in tokens
+                nofollow = nofollow or "nofollow" in tokens
+        elif tag == "base":
+            if base_href is None:
+                base_href = node.attrs.sget("href")
+        elif tag == "link" and canonical_href is None:
+            canonical_href = node.attrs.sget("href")
+
+    # The base applies to the whole document, also to links before it, hence resolve after the
+    # walk. A data:/javascript: (or any non-http) base falls back to the page URL, as in HTML.
+    base_url = page_url
+    if base_href is not None:
+        resolved_base = resolve(base_href, page_url)
+        if resolved_base is not None and resolved_base.startswith(("http://", "https://")):
+            base_url = resolved_base
+
+    # Seeding `seen` with the page itself drops self-links ("", "#top", "?" variants that
+    # canonicalise to it). Raw hrefs repeat a lot (navigation), so skip resolving repeats.
+    seen: set[str] = set()
+    self_url = resolve_and_canonicalize(page_url, page_url, sort_query=sort_query)
+    if self_url is not None:
+        seen.add(self_url)
+    seen_raw: set[str] = set()
+    links: list[str] = []
+    for href in hrefs:
+        if href in seen_raw:
+            continue
+        seen_raw.add(href)
+        url = resolve_and_canonicalize(href, base_url, sort_query=sort_query)
+        if url is not None and url not in seen:
+            seen.add(url)
+            links.append(url)
+
+    canonical = None
+    if canonical_href is not None:
+        canonical = resolve_and_canonicalize(canonical_href, base_url, sort_query=sort_query)
+
+    return ParsedPage(
+        title=title,
+        links=links,
+        canonical=canonical,
+        noindex=noindex,
+        nofollow=nofollow,
+        base_url=base_url,
+        encoding=encoding,
+    )
+
+
+def _reject_binary(body: bytes, content_type: str | None) -> None:
+    if body.startswith(_BINARY_SIGNATURES):
+        raise BodyError("binary", f"signature {body[:8]!r}")
+    if b"\x00" in body[:_SNIFF_BYTES]:
+        # UTF-16/32 text is full of NULs; only a BOM or the header can say so (a <meta> in such a
+        # body could not have been read, and HTML ignores one that claims UTF-16 anyway).
+        declared = read_bom(body)[0] or http_content_type_encoding(content_type) or ""
+        if not declared.startswith(_WIDE_ENCODINGS):
+            raise BodyError("binary", "NUL byte in the first 1 KiB")
+
+
+def _utf8_or_cp1252(body: bytes) -> str:
+    """Guess for an undeclared body: UTF-8 if it is valid UTF-8, else windows-1252.
+
+    Legacy pages that declare nothing are overwhelmingly windows-1252, and valid multi-byte UTF-8
+    almost never occurs by accident in them. A final incomplete sequence is tolerated, as a body
+    cut at the size limit can end mid-character.
+    """
+    if body.isascii():
+        return "utf-8"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(body, final=False)
+    except UnicodeDecodeError:
+        return "cp1252"
+    return "utf-8"
+
+
+def _fix_wide_declaration(content_type: str | None, encoding: str) -> str:
+    """Correct w3lib's UTF-16/32 choice for a BOM-less body (rare path).
+
+    - Declared by ``<meta>`` only: the HTML standard says UTF-8, since a meta tag that could be
+      read as ASCII proves the body is not UTF-16; decoding it as UTF-16 would turn every byte
+      pair into a CJK character and lose all links.
+    - A bare "utf-16" header label means UTF-16LE (WHATWG Encoding), where w3lib picks BE.
+    """
+    declared = http_content_type_encoding(content_type)
+    if declared is None or not declared.startswith(_WIDE_ENCODINGS):
+        return "utf-8"
+    if declared == "utf-16":
+        return "utf-16-le"
+    return encoding

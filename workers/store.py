@@ -1,0 +1,138 @@
+"""Where a worker stores what it fetched: page results, discovered links, and its lease.
+
+A report is one Lua script: results are written with HSETNX keyed by URL fingerprint (so a batch
+fetched twice, by a worker whose lease had expired, never duplicates a result), the counters move
+in the same step, the links found on those pages go onto the events stream, and on the final
+report the host's lease is released. Results and their links land together or not at all, so a
+worker killed mid-batch loses only pages it had not reported yet, and those come back when its
+lease expires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from crawlfleet.common.keys import Keys
+from crawlfleet.common.messages import Discovered, HostBatch, encode
+
+# Claim the batch at the start of the job, and renew it while working. 0: the lease is gone
+# (expired, and maybe handed to someone else): the job must not fetch.
+_START = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return 1
+"""
+
+_REPORT = """
+local lease_batch, leases, waiting, ready, stats, results, events, rate =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local prefix, now, host, batch_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local final, next_ready, event = ARGV[5] == '1', ARGV[6], ARGV[7]
+local is_current = redis.call('HGET', lease_batch, host) == batch_id
+local lease, q = prefix .. 'lease:' .. host, prefix .. 'q:' .. host
+local done = {p = 0, f = 0, s = 0}
+local in_flight, queued, duplicates = 0, 0, 0
+for i = 8, #ARGV, 3 do
+  local fp, outcome, result = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HSETNX', results, fp, result) == 1 then
+    done[outcome] = done[outcome] + 1
+    -- In a lease (ours or, after an expiry, another batch's) or back in its host queue,
+    -- where dispatch will drop it because its result now exists.
+    if redis.call('HDEL', lease, fp) == 1 then
+      in_flight = in_flight - 1
+    else
+      queued = queued - 1
+    end
+  else
+    duplicates = duplicates + 1
+    if redis.call('HDEL', lease, fp) == 1 then in_flight = in_flight - 1 end
+  end
+end
+local handed_back = 0
+if final and is_current then
+  -- URLs this batch did not report (a shutdown) go back to the front of the queue.
+  local rest = redis.call('HVALS', lease)
+  for i = #rest, 1, -1 do redis.call('LPUSH', q, rest[i]) end
+  handed_back = #rest
+  in_flight = in_flight - #rest
+  queued = queued + #rest
+  redis.call('DEL', lease)
+  redis.call('HDEL', lease_batch, host)
+  redis.call('ZREM', leases, host)
+  if redis.call('LLEN', q) > 0 then redis.call('ZADD', ready, next_ready, host) end
+end
+if final then redis.call('ZREM', waiting, batch_id) end
+local finished = done.p + done.f + done.s
+if finished > 0 then
+  redis.call('HINCRBY', stats, 'pages', done.p)
+  redis.call('HINCRBY', stats, 'failed', done.f)
+  redis.call('HINCRBY', stats, 'skipped', done.s)
+  redis.call('HINCRBY', rate, math.floor(now), finished)
+end
+if in_flight ~= 0 then redis.call('HINCRBY', stats, 'in_flight', in_flight) end
+if queued ~= 0 then redis.call('HINCRBY', stats, 'queued', queued) end
+if duplicates > 0 then redis.call('HINCRBY', stats, 'duplicate_results', duplicates) end
+redis.call('XADD', events, '*', 'm', event)
+return {is_current and 1 or 0, finished, duplicates, handed_back}
+"""
+
+PAGE, FAILED, SKIPPED = "p", "f", "s"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    fp: str
+    outcome: str  # PAGE, FAILED or SKIPPED
+    data: bytes  # the encoded PageResult
+
+
+@dataclass(frozen=True, slots=True)
+class ReportOutcome:
+    lease_held: bool
+    stored: int
+    duplicates: int
+    handed_back: int
+
+
+class Store:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._start = redis.register_script(_START)
+        self._report = redis.register_script(_REPORT)
+
+    async def claim(self, batch: HostBatch, *, lease_until: float) -> bool:
+        """Start (or keep) working on a batch; False when its lease is no longer ours."""
+        k = self.keys
+        held = await self._start(
+            keys=[k.lease_batch, k.leases, k.waiting],
+            args=[batch.host, batch.batch_id, lease_until],
+        )
+        return bool(held)
+
+    async def report(
+        self,
+        batch: HostBatch,
+        results: Sequence[StoredResult],
+        discovered: Discovered,
+        *,
+        now: float,
+        next_ready: float,
+    ) -> ReportOutcome:
+        k = self.keys
+        args: list[str | bytes | float] = [
+            k.prefix, now, batch.host, batch.batch_id, "1" if discovered.final else "0",
+            next_ready, encode(discovered),
+        ]
+        for r in results:
+            args += (r.fp, r.outcome, r.data)
+        held, stored, duplicates, handed_back = await self._report(
+            keys=[k.lease_batch, k.leases, k.waiting, k.ready, k.stats, k.results, k.events,
+                  k.rate],
+            args=args,
+        )
+        return ReportOutcome(bool(held), int(stored), int(duplicates), int(handed_back))
