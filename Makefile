@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: venv dev demo test lint clean
+.PHONY: venv install dev demo test lint clean
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -10,8 +10,15 @@ $(VENV)/bin/activate:
 
 venv: $(VENV)/bin/activate
 
+install: venv
+	$(PIP) install -q -e .
+
 dev: venv
 	$(PIP) install -q -e '.[test]'
+
+# Crawl the local test web on the embedded backend: nothing to install or start but this venv.
+demo: install
+	$(VENV)/bin/crawlfleet demo
 
 PACKAGES := common scheduler workers cli testweb
 

@@ -6,6 +6,7 @@
     status     counters of the crawl, --json for machines
     export     results as JSON lines
     crawl      the whole crawl in one process (embedded backend unless CRAWLFLEET_REDIS_URL is set)
+    demo       crawl the local test web on the embedded backend and check the result
     testweb    the local synthetic web for tests, demos and benchmarks
 """
 
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     crawl.add_argument("--fresh", action="store_true",
                        help="on a real Redis, delete the namespace's previous crawl first")
 
+    demo = sub.add_parser("demo", help="crawl the local test web on the embedded backend")
+    from .demo import add_arguments
+
+    add_arguments(demo)
+
     sub.add_parser("testweb", help="serve the local test web (see crawlfleet testweb --help)",
                    add_help=False)
     return parser
@@ -100,6 +106,10 @@ def _run(args: argparse.Namespace) -> int:
         return commands.status(settings_from(args), as_json=args.json)
     if args.command == "export":
         return commands.export(settings_from(args), args.out)
+    if args.command == "demo":
+        from .demo import demo
+
+        return demo(args)
     if args.command == "crawl":
         from .crawl import crawl
 

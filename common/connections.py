@@ -51,13 +51,13 @@ def open_redis(redis_url: str, *, queue_name: str | None = None) -> ArqRedis:
 
 def _embedded_pool(redis_url: str) -> ConnectionPool:
     import fakeredis
-    from fakeredis.aioredis import FakeConnection
+    from fakeredis.aioredis import FakeAsyncRedisConnection
 
     name = redis_url[len(EMBEDDED_SCHEME):] or "default"
     server = _embedded_servers.get(name)
     if server is None:
         server = _embedded_servers[name] = fakeredis.FakeServer()
-    connection_class: Any = FakeConnection
+    connection_class: Any = FakeAsyncRedisConnection
     return ConnectionPool(connection_class=connection_class, server=server)
 
 

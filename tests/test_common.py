@@ -1,0 +1,114 @@
+"""Settings, messages, scope and seed parsing: pure logic, no sockets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from crawlfleet.cli.commands import parse_seed_lines
+from crawlfleet.common.messages import (
+    Discovered,
+    HostBatch,
+    LinkGroup,
+    MessageVersionError,
+    QueuedURL,
+    Seeds,
+    batch_from_job,
+    decode_entry,
+    decode_event,
+    encode,
+    job_deserializer,
+    job_serializer,
+)
+from crawlfleet.common.settings import Settings, SettingsError
+from crawlfleet.scheduler.scope import out_of_scope
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_settings_read_every_type_from_the_environment() -> None:
+    s = Settings.from_env({
+        "CRAWLFLEET_MAX_IN_FLIGHT": "128",
+        "CRAWLFLEET_REQUEST_TIMEOUT": "2.5",
+        "CRAWLFLEET_ALLOW_PRIVATE": "yes",
+        "CRAWLFLEET_DNS_NAMESERVERS": "127.0.0.1:5353, 10.0.0.2",
+        "CRAWLFLEET_MAX_DEPTH": "3",
+        "CRAWLFLEET_MAX_PAGES": "",
+    })
+    assert (s.max_in_flight, s.request_timeout, s.allow_private) == (128, 2.5, True)
+    assert s.dns_nameservers == ("127.0.0.1:5353", "10.0.0.2")
+    assert (s.max_depth, s.max_pages) == (3, None)
+
+
+def test_flags_override_the_environment_and_none_is_ignored() -> None:
+    s = Settings.from_env({"CRAWLFLEET_NAMESPACE": "env"},
+                          overrides={"namespace": "flag", "redis_url": None})
+    assert s.namespace == "flag" and s.redis_url == Settings().redis_url
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("CRAWLFLEET_MAX_IN_FLIGHT", "lots"),
+    ("CRAWLFLEET_MAX_IN_FLIGHT", "0"),
+    ("CRAWLFLEET_ALLOW_PRIVATE", "maybe"),
+    ("CRAWLFLEET_REQUEST_TIMEOUT", "-1"),
+    ("CRAWLFLEET_DNS_NAMESERVERS", "dns.example:53"),
+    ("CRAWLFLEET_DNS_NAMESERVERS", "127.0.0.1:99999"),
+    ("CRAWLFLEET_LOG_FORMAT", "xml"),
+    ("CRAWLFLEET_NAMESPACE", "a:b"),
+])
+def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env({variable: value})
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    documented = set(re.findall(r"`(CRAWLFLEET_[A-Z_]+)`", README.read_text()))
+    variables = {row[0] for row in Settings().describe()}
+    assert variables <= documented, variables - documented
+
+
+def test_messages_round_trip_as_json_with_a_version() -> None:
+    entry = QueuedURL(1, "0123456789abcdef", "http://a.test/", 2, 1)
+    assert decode_entry(encode(entry)) == entry
+    assert encode(entry).startswith(b'[1,"0123456789abcdef"')  # Lua reads fp at index 2
+    event = Discovered(batch_id="b1", host="a.test", worker="w",
+                       groups=[LinkGroup(1, ["http://a.test/x"])], pages=1, failed=0, final=True)
+    assert decode_event(encode(event)) == event
+    assert decode_event(encode(Seeds(urls=["http://a.test/"]))) == Seeds(urls=["http://a.test/"])
+
+
+def test_a_newer_message_version_is_refused() -> None:
+    with pytest.raises(MessageVersionError):
+        decode_event(b'{"type":"seeds","v":2,"urls":[]}')
+    with pytest.raises(msgspec.ValidationError):
+        decode_event(b'{"type":"seeds","v":1}')
+
+
+def test_arq_jobs_are_json_not_pickle() -> None:
+    batch = HostBatch(batch_id="ns:b1", host="a.test",
+                      urls=[QueuedURL(1, "f" * 16, "http://a.test/", 0)], dispatched_at=1.0)
+    job = {"t": 1, "f": "fetch_batch", "a": [msgspec.to_builtins(batch)], "k": {}, "et": 1}
+    wire = job_serializer(job)
+    assert wire.startswith(b"{") and b"fetch_batch" in wire
+    assert batch_from_job(job_deserializer(wire)["a"][0]) == batch
+
+
+def test_scope() -> None:
+    hosts = {"a.test"}
+    assert out_of_scope("a.test", 5, allowed_hosts=hosts, max_depth=None) is None
+    assert out_of_scope("b.test", 0, allowed_hosts=hosts, max_depth=None) == "host"
+    assert out_of_scope("a.test", 3, allowed_hosts=hosts, max_depth=2) == "depth"
+    assert out_of_scope("a.test", 2, allowed_hosts=hosts, max_depth=2) is None
+
+
+def test_seed_lines_are_canonicalised_and_bad_ones_numbered() -> None:
+    lines = ["https://Example.ORG:443/a#x", "", "# comment", "mailto:x@example.org",
+             "example.org/no-scheme", "http://", "http://b.example/  "]
+    seeds, errors = parse_seed_lines(lines)
+    assert seeds == ["https://example.org/a", "http://b.example/"]
+    assert [(e.line, e.text) for e in errors] == [
+        (4, "mailto:x@example.org"), (5, "example.org/no-scheme"), (6, "http://")]
+    assert all(e.reason for e in errors)
