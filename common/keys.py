@@ -56,6 +56,22 @@ class Keys:
         return self._k("rate")
 
     @property
+    def robots(self) -> str:  # HASH origin -> cached robots.txt (JSON), shared by all workers
+        return self._k("robots")
+
+    @property
+    def sitemaps(self) -> str:  # SET of Sitemap: URLs found in robots.txt files
+        return self._k("sitemaps")
+
+    @property
+    def dead_letter(self) -> str:  # HASH fingerprint -> last failure of a URL out of retries
+        return self._k("dead")
+
+    @property
+    def scheduler_lock(self) -> str:  # the active scheduler's id, with a short expiry
+        return self._k("scheduler:lock")
+
+    @property
     def batch_seq(self) -> str:
         return self._k("batch:seq")
 

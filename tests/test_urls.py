@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from crawlfleet.common.urls import (
     URLError,
     canonicalize,

@@ -71,8 +71,8 @@ def literal_private_host(url: str) -> bool:
     """URLs with an IP literal never reach the resolver, so they are checked here."""
     from yarl import URL
 
-    host = URL(url).host or ""
     try:
+        host = URL(url).host or ""
         return is_private_address(host.strip("[]"))
     except ValueError:
         return False
@@ -85,41 +85,16 @@ async def fetch(
     max_body_bytes: int,
     max_redirects: int = 10,
     allow_private: bool = False,
+    deadline: float | None = None,
 ) -> Fetched:
+    """``deadline`` bounds the whole fetch, every redirect hop included (the session's own
+    timeout applies per request, so a chain of slow redirects could otherwise multiply it)."""
     started = time.monotonic()
     result = Fetched(url=url)
-    current = url
     try:
-        for _hop in range(max_redirects + 1):
-            if not allow_private and literal_private_host(current):
-                result.error = "private_address"
-                return result
-            async with session.get(current, allow_redirects=False) as response:
-                location = response.headers.get("Location")
-                if response.status in REDIRECT_STATUSES and location:
-                    target = resolve(location, current)
-                    try:
-                        next_url = canonicalize(target) if target else None
-                    except URLError:
-                        next_url = None
-                    if next_url is None:
-                        result.status, result.final_url = response.status, current
-                        result.error = "bad_redirect"
-                        return result
-                    result.redirects.append(next_url)
-                    current = next_url
-                    continue
-                result.status = response.status
-                result.final_url = current
-                result.content_type = response.headers.get("Content-Type")
-                result.body = await _read_capped(response, max_body_bytes)
-                if response.status >= 500:
-                    result.error = "http_5xx"
-                elif response.status >= 400:
-                    result.error = "http_4xx"
-                return result
-        result.error = "too_many_redirects"
-        return result
+        async with asyncio.timeout(deadline):
+            return await _follow(session, url, result, max_body_bytes, max_redirects,
+                                 allow_private)
     except BodyTooLarge:
         result.error = "too_large"
         return result
@@ -128,6 +103,47 @@ async def fetch(
         return result
     finally:
         result.elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+
+
+async def _follow(
+    session: aiohttp.ClientSession,
+    url: str,
+    result: Fetched,
+    max_body_bytes: int,
+    max_redirects: int,
+    allow_private: bool,
+) -> Fetched:
+    current = url
+    for _hop in range(max_redirects + 1):
+        if not allow_private and literal_private_host(current):
+            result.error = "private_address"
+            return result
+        async with session.get(current, allow_redirects=False) as response:
+            location = response.headers.get("Location")
+            if response.status in REDIRECT_STATUSES and location:
+                target = resolve(location, current)
+                try:
+                    next_url = canonicalize(target) if target else None
+                except URLError:
+                    next_url = None
+                if next_url is None:
+                    result.status, result.final_url = response.status, current
+                    result.error = "bad_redirect"
+                    return result
+                result.redirects.append(next_url)
+                current = next_url
+                continue
+            result.status = response.status
+            result.final_url = current
+            result.content_type = response.headers.get("Content-Type")
+            result.body = await _read_capped(response, max_body_bytes)
+            if response.status >= 500:
+                result.error = "http_5xx"
+            elif response.status >= 400:
+                result.error = "http_4xx"
+            return result
+    result.error = "too_many_redirects"
+    return result
 
 
 class BodyTooLarge(Exception):

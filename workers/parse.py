@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from selectolax.lexbor import LexborHTMLParser
 from w3lib.encoding import html_to_unicode, http_content_type_encoding, read_bom, to_unicode
 
-if TYPE_CHECKING:
-    # mypy (mypy_path=".") sees the source folders as top-level packages and cannot follow the
-    # editable install's import hook that maps them under `crawlfleet`; same module either way.
-    from common.urls import resolve, resolve_and_canonicalize
-else:
-    from crawlfleet.common.urls import resolve, resolve_and_canonicalize
+from crawlfleet.common.urls import resolve, resolve_and_canonicalize
 
 __all__ = [
     "BodyError",

@@ -143,6 +143,7 @@ class BatchRun:
             fetched = await fetch(
                 self.session, entry.url, max_body_bytes=self.settings.max_body_bytes,
                 allow_private=self.settings.allow_private,
+                deadline=self.settings.request_timeout,
             )
         result, links = build_result(entry, fetched, self.settings)
         if links:
