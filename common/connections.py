@@ -7,7 +7,10 @@ the workers in one process with nothing to install or start.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
@@ -19,6 +22,31 @@ from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 from .messages import job_deserializer, job_serializer
 
 EMBEDDED_SCHEME = "embedded://"
+
+# What a Redis restart looks like to a client. redis-py retries commands on an open connection,
+# but not the first connect of a fresh one, so each loop also rides these out itself.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    ConnectionError, TimeoutError, BusyLoadingError, ConnectionRefusedError,
+)
+
+
+async def retry_while_unavailable(
+    call: Callable[[], Awaitable[T]], *, give_up_after: float = 60.0
+) -> T:
+    """Await ``call()`` again (with backoff) while Redis is unavailable, for at most
+    ``give_up_after`` seconds. Only for idempotent calls: a retried call may have run once."""
+    delay = 0.05
+    deadline = time.monotonic() + give_up_after
+    while True:
+        try:
+            return await call()
+        except REDIS_UNAVAILABLE:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+T = TypeVar("T")
 
 _embedded_servers: dict[str, Any] = {}
 

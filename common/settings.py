@@ -45,6 +45,10 @@ class Settings:
     dns_cache_ttl: int = 300
     allow_private: bool = False
 
+    # robots.txt: how long a fetched copy is trusted, and how soon an unreachable one is retried.
+    robots_ttl: float = 86400.0
+    robots_retry: float = 300.0
+
     # Frontier and scheduling.
     batch_size: int = 20
     max_depth: int | None = None
@@ -76,7 +80,8 @@ class Settings:
                 raise SettingsError(
                     f"{env_name(name)} must be at least 1, got {getattr(self, name)}"
                 )
-        for name in ("request_timeout", "connect_timeout", "lease_seconds", "poll_delay"):
+        for name in ("request_timeout", "connect_timeout", "lease_seconds", "poll_delay",
+                     "robots_ttl", "robots_retry"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
         for name in ("max_depth", "max_pages"):

@@ -2,19 +2,24 @@
 
 One loop, all state in Redis: events (seeds, workers' link reports) are read with a consumer
 group and acknowledged inside the same Lua script that admits their URLs, so a scheduler killed
-at any instant loses nothing (its pending events are read again on restart).
+at any instant loses nothing (its pending events are read again by whoever leads next).
+
+Several schedulers may run: one holds a lock with a short expiry and works; the others wait and
+take over within ``LOCK_TTL`` seconds of its death. A Redis outage pauses the loop (with
+backoff) instead of ending the process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
 import msgspec
 from arq.connections import ArqRedis
 
-from crawlfleet.common.connections import is_embedded
+from crawlfleet.common.connections import REDIS_UNAVAILABLE, is_embedded
 from crawlfleet.common.keys import CONSUMER_GROUP, Keys
 from crawlfleet.common.logs import get_logger
 from crawlfleet.common.messages import (
@@ -33,13 +38,36 @@ from crawlfleet.common.urls import URLError, canonicalize, fingerprint, host_key
 from .frontier import Admission, Frontier
 from .scope import out_of_scope
 
-CONSUMER = "scheduler"
+CONSUMER = "scheduler"  # one name for every leader, so a new one reads the old one's pending
 READ_COUNT = 256
+LOCK_TTL = 5.0
+STANDBY_POLL = 0.5
 HOUSEKEEPING_INTERVAL = 0.5
 PROGRESS_INTERVAL = 5.0
 JOB_FUNCTION = "fetch_batch"
 
 log = get_logger("crawlfleet.scheduler")
+
+
+# Take the lock if it is free or already ours (after a Redis blip the leader keeps leading).
+_ACQUIRE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+# Renew the lock only if it is still ours: a paused process must not extend a successor's lock.
+_RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class Scheduler:
@@ -52,13 +80,47 @@ class Scheduler:
         self.allowed_hosts: set[str] = set()
         # fakeredis does not block on XREADGROUP; the embedded backend polls instead.
         self._blocking = not is_embedded(settings.redis_url)
+        self.instance = settings.worker_id
+        self._acquire_lock = redis.register_script(_ACQUIRE_LOCK)
+        self._renew_lock = redis.register_script(_RENEW_LOCK)
+        self._release_lock = redis.register_script(_RELEASE_LOCK)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Lead when the lock is free, stand by otherwise, until ``stop`` is set."""
+        backoff = 0.1
+        standby_logged = False
+        while not stop.is_set():
+            try:
+                if await self.acquire_lock():
+                    standby_logged = False
+                    await self.lead(stop)
+                elif not standby_logged:
+                    log.info("scheduler_standby", leader=_text(
+                        await self.redis.get(self.keys.scheduler_lock) or b"?"))
+                    standby_logged = True
+                backoff = 0.1
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("redis_unavailable", error=str(exc), retry_in=backoff)
+                backoff = min(backoff * 2, 5.0)
+                await _sleep_or_stop(stop, backoff)
+                continue
+            await _sleep_or_stop(stop, STANDBY_POLL)
+        # If Redis is down, the lock expires by itself.
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await self._release_lock(keys=[self.keys.scheduler_lock], args=[self.instance])
+        log.info("scheduler_stopped")
+
+    async def acquire_lock(self) -> bool:
+        return bool(await self._acquire_lock(keys=[self.keys.scheduler_lock],
+                                             args=[self.instance, int(LOCK_TTL * 1000)]))
+
+    async def lead(self, stop: asyncio.Event) -> None:
+        """Work while the lock stays ours."""
         await self.frontier.ensure_group()
         self.allowed_hosts = {_text(h) for h in await self.redis.smembers(self.keys.scope_hosts)}
-        log.info("scheduler_started", namespace=self.settings.namespace,
+        log.info("scheduler_leading", instance=self.instance, namespace=self.settings.namespace,
                  scope_hosts=len(self.allowed_hosts))
-        # Events this consumer read but had not acknowledged when it last stopped come first.
+        # Events a leader read but had not acknowledged when it stopped come first.
         while await self.read_events(pending=True):
             pass
         next_housekeeping = next_progress = 0.0
@@ -67,6 +129,10 @@ class Scheduler:
             dispatched = await self.dispatch()
             now = time.time()
             if now >= next_housekeeping:
+                if not await self._renew_lock(keys=[self.keys.scheduler_lock],
+                                              args=[self.instance, int(LOCK_TTL * 1000)]):
+                    log.warning("scheduler_lock_lost", instance=self.instance)
+                    return
                 await self.housekeeping(now)
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
             if now >= next_progress:
@@ -74,7 +140,6 @@ class Scheduler:
                 next_progress = now + PROGRESS_INTERVAL
             if not read and not dispatched and not self._blocking:
                 await asyncio.sleep(0.005)
-        log.info("scheduler_stopped")
 
     async def read_events(self, *, block_ms: int | None = None, pending: bool = False) -> int:
         """Read and ingest one slice of events; returns how many were read."""
@@ -188,3 +253,8 @@ class Scheduler:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from crawlfleet.common.connections import retry_while_unavailable
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.messages import Discovered, HostBatch, encode
 
@@ -108,10 +109,10 @@ class Store:
     async def claim(self, batch: HostBatch, *, lease_until: float) -> bool:
         """Start (or keep) working on a batch; False when its lease is no longer ours."""
         k = self.keys
-        held = await self._start(
+        held = await retry_while_unavailable(lambda: self._start(
             keys=[k.lease_batch, k.leases, k.waiting],
             args=[batch.host, batch.batch_id, lease_until],
-        )
+        ))
         return bool(held)
 
     async def report(
@@ -130,9 +131,13 @@ class Store:
         ]
         for r in results:
             args += (r.fp, r.outcome, r.data)
-        held, stored, duplicates, handed_back = await self._report(
-            keys=[k.lease_batch, k.leases, k.waiting, k.ready, k.stats, k.results, k.events,
-                  k.rate],
-            args=args,
+        # Safe to repeat after a Redis outage: results are HSETNX, the lease is released once,
+        # and a repeated links event only meets the seen set again.
+        held, stored, duplicates, handed_back = await retry_while_unavailable(
+            lambda: self._report(
+                keys=[k.lease_batch, k.leases, k.waiting, k.ready, k.stats, k.results, k.events,
+                      k.rate],
+                args=args,
+            )
         )
         return ReportOutcome(bool(held), int(stored), int(duplicates), int(handed_back))

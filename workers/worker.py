@@ -20,7 +20,7 @@ import aiohttp
 from arq import func
 from arq.worker import Worker
 
-from crawlfleet.common.connections import open_redis
+from crawlfleet.common.connections import REDIS_UNAVAILABLE, open_redis
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging, get_logger
 from crawlfleet.common.messages import (
@@ -38,7 +38,7 @@ from crawlfleet.common.settings import Settings
 
 from .fetch import Fetched, GuardedResolver, fetch
 from .parse import BodyError, ParsedPage, is_html, parse_page, sniff_html
-from .store import FAILED, PAGE, Store, StoredResult
+from .store import FAILED, PAGE, ReportOutcome, Store, StoredResult
 
 JOB_FUNCTION = "fetch_batch"
 FLUSH_EVERY_S = 1.0  # report finished pages at least this often, so a kill loses little
@@ -126,14 +126,16 @@ class BatchRun:
         except asyncio.CancelledError:
             # Shutdown: store what is done and hand the rest back to the host queue now,
             # instead of leaving it to wait for the lease to expire.
-            await asyncio.shield(self.flush(final=True))
+            outcome = await asyncio.shield(self.flush(final=True))
+            self.log.warning("batch_interrupted", pages=self.pages, failed=self.failed,
+                             handed_back=outcome.handed_back)
             raise
         finally:
             renew.cancel()
         outcome = await self.flush(final=True)
         elapsed = round((time.monotonic() - started) * 1000, 1)
         self.log.info("batch_done", urls=len(self.batch.urls), pages=self.pages,
-                      failed=self.failed, elapsed_ms=elapsed, lease_held=outcome)
+                      failed=self.failed, elapsed_ms=elapsed, lease_held=outcome.lease_held)
         return {"pages": self.pages, "failed": self.failed}
 
     async def _crawl_one(self, entry: QueuedURL) -> None:
@@ -160,14 +162,14 @@ class BatchRun:
         if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
             await self.flush(final=False)
 
-    async def flush(self, *, final: bool) -> bool:
+    async def flush(self, *, final: bool) -> ReportOutcome:
         """Report buffered results and their links; the final report releases the lease."""
         async with self.flush_lock:
             results, self.pending = self.pending, []
             links, self.links = self.links, defaultdict(set)
             self.last_flush = time.monotonic()
             if not results and not final:
-                return True
+                return ReportOutcome(True, 0, 0, 0)
             now = time.time()
             discovered = Discovered(
                 batch_id=self.batch.batch_id, host=self.batch.host,
@@ -180,7 +182,7 @@ class BatchRun:
                                               next_ready=now)
             if outcome.duplicates:
                 self.log.info("duplicate_results_dropped", count=outcome.duplicates)
-            return outcome.lease_held
+            return outcome
 
     async def _renew_lease(self) -> None:
         interval = self.settings.lease_seconds / 3
@@ -253,6 +255,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "max_jobs": settings.jobs_per_worker,
         "poll_delay": settings.poll_delay,
         "keep_result": 0,
+        # SIGTERM: stop taking jobs, let running batches finish for this long, then cancel
+        # them, which stores what is done and hands the rest back to the frontier.
+        "job_completion_wait": int(settings.shutdown_grace),
         "job_serializer": job_serializer,
         "job_deserializer": job_deserializer,
         "health_check_key": f"{keys.arq_queue}:health-check:{settings.worker_id}",
@@ -260,8 +265,31 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+class CrawlWorker(Worker):
+    """arq's worker, riding out Redis outages: a failed poll waits and polls again instead of
+    ending the process (and, under Kubernetes, starting a crash loop)."""
+
+    _backoff = 0.1
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("redis_unavailable", error=str(exc), retry_in=self._backoff)
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 5.0)
+        else:
+            self._backoff = 0.1
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        except REDIS_UNAVAILABLE as exc:  # the health-check key expires by itself
+            log.warning("redis_unavailable_at_shutdown", error=str(exc))
+
+
 def make_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
-    return Worker(
+    return CrawlWorker(
         **worker_options(settings),
         redis_pool=open_redis(settings.redis_url, queue_name=Keys(settings.namespace).arq_queue),
         handle_signals=handle_signals,
