@@ -55,6 +55,7 @@ class Settings:
     max_pages: int | None = None
     sort_query: bool = False
     lease_seconds: float = 60.0
+    max_worker_losses: int = 3
     dispatch_ahead: int = 32
 
     # arq worker loop.
@@ -73,7 +74,7 @@ class Settings:
     def __post_init__(self) -> None:
         positive = (
             "max_in_flight", "per_host_concurrency", "batch_size", "jobs_per_worker",
-            "max_body_bytes", "dispatch_ahead",
+            "max_body_bytes", "dispatch_ahead", "max_worker_losses",
         )
         for name in positive:
             if getattr(self, name) < 1:

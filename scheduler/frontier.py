@@ -97,19 +97,32 @@ return out
 """
 
 _EXPIRE = """
-local leases, lease_batch, waiting, ready, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local leases, lease_batch, waiting, ready, stats, results, dead =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_losses = tonumber(ARGV[4])
 local hosts = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit)
-local moved = 0
+local moved, lost = 0, 0
 for _, host in ipairs(hosts) do
   local lease, q = prefix .. 'lease:' .. host, prefix .. 'q:' .. host
   local entries = redis.call('HVALS', lease)
   for i = #entries, 1, -1 do
     local e = cjson.decode(entries[i])
     e[5] = (e[5] or 0) + 1
-    redis.call('LPUSH', q, cjson.encode(e))
+    if e[5] >= max_losses then
+      -- A page whose batch keeps losing its worker may be what kills them: give up on it.
+      local result = cjson.encode({v = 1, url = e[3], final_url = cjson.null,
+        status = cjson.null, content_type = cjson.null, depth = e[4], title = cjson.null,
+        links = 0, bytes = 0, elapsed_ms = 0, fetched_at = now, error = 'worker_lost'})
+      if redis.call('HSETNX', results, e[2], result) == 1 then
+        redis.call('HSET', dead, e[2], result)
+        lost = lost + 1
+      end
+    else
+      redis.call('LPUSH', q, cjson.encode(e))
+      moved = moved + 1
+    end
   end
-  moved = moved + #entries
   redis.call('DEL', lease)
   local id = redis.call('HGET', lease_batch, host)
   if id then redis.call('ZREM', waiting, id) end
@@ -118,11 +131,12 @@ for _, host in ipairs(hosts) do
   if redis.call('LLEN', q) > 0 then redis.call('ZADD', ready, now, host) end
 end
 if #hosts > 0 then
-  redis.call('HINCRBY', stats, 'in_flight', -moved)
+  redis.call('HINCRBY', stats, 'in_flight', -(moved + lost))
   redis.call('HINCRBY', stats, 'queued', moved)
+  redis.call('HINCRBY', stats, 'failed', lost)
   redis.call('HINCRBY', stats, 'leases_expired', #hosts)
 end
-return {#hosts, moved}
+return {#hosts, moved, lost}
 """
 
 _CHECK_FINISHED = """
@@ -212,13 +226,17 @@ class Frontier:
             for host, batch_id, entries in raw
         ]
 
-    async def expire_leases(self, *, now: float, limit: int = 100) -> tuple[int, int]:
-        """Return expired leases' URLs to the front of their host queues: (hosts, urls)."""
+    async def expire_leases(
+        self, *, now: float, max_losses: int, limit: int = 100
+    ) -> tuple[int, int, int]:
+        """Return expired leases' URLs to the front of their host queues, except those whose
+        batches have lost their worker ``max_losses`` times: (hosts, requeued, given up)."""
         k = self.keys
-        hosts, urls = await self._expire(
-            keys=[k.leases, k.lease_batch, k.waiting, k.ready, k.stats], args=[k.prefix, now, limit]
+        hosts, urls, lost = await self._expire(
+            keys=[k.leases, k.lease_batch, k.waiting, k.ready, k.stats, k.results, k.dead_letter],
+            args=[k.prefix, now, limit, max_losses],
         )
-        return int(hosts), int(urls)
+        return int(hosts), int(urls), int(lost)
 
     async def check_finished(self, *, now: float) -> bool:
         """Nothing queued, nothing leased, nothing unread: record the crawl as finished."""

@@ -234,9 +234,11 @@ class Scheduler:
         return len(batches)
 
     async def housekeeping(self, now: float) -> None:
-        hosts, urls = await self.frontier.expire_leases(now=now)
+        hosts, urls, lost = await self.frontier.expire_leases(
+            now=now, max_losses=self.settings.max_worker_losses
+        )
         if hosts:
-            log.warning("leases_expired", hosts=hosts, urls=urls)
+            log.warning("leases_expired", hosts=hosts, urls=urls, given_up=lost)
         await self.frontier.check_finished(now=now)
         old = [b for b in await self.redis.hkeys(self.keys.rate) if int(b) < now - 120]
         if old:

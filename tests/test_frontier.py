@@ -105,10 +105,8 @@ async def test_dispatch_respects_max_batches(env: dict[str, Any]) -> None:
 async def test_expired_lease_returns_urls_to_the_front(env: dict[str, Any]) -> None:
     await admit(env, [f"http://a.test/{i}" for i in range(4)])
     [first] = await dispatch(env, lease_seconds=10)
-    hosts, urls = await env["frontier"].expire_leases(now=NOW + 5)
-    assert (hosts, urls) == (0, 0)
-    hosts, urls = await env["frontier"].expire_leases(now=NOW + 11)
-    assert (hosts, urls) == (1, 3)
+    assert await env["frontier"].expire_leases(now=NOW + 5, max_losses=3) == (0, 0, 0)
+    assert await env["frontier"].expire_leases(now=NOW + 11, max_losses=3) == (1, 3, 0)
     s = await status(env)
     assert (s["queued"], s["in_flight"], s["leases_expired"]) == (4, 0, 1)
     [again] = await dispatch(env, now=NOW + 11)
@@ -119,7 +117,7 @@ async def test_expired_lease_returns_urls_to_the_front(env: dict[str, Any]) -> N
 async def test_stale_report_is_accepted_without_duplicates(env: dict[str, Any]) -> None:
     await admit(env, [f"http://a.test/{i}" for i in range(3)])
     [old] = await dispatch(env, lease_seconds=10)
-    await env["frontier"].expire_leases(now=NOW + 11)
+    await env["frontier"].expire_leases(now=NOW + 11, max_losses=3)
     [new] = await dispatch(env, now=NOW + 11)
 
     # The old holder wakes up and reports one page: stored once, counted once.
@@ -139,7 +137,7 @@ async def test_stale_report_is_accepted_without_duplicates(env: dict[str, Any]) 
 async def test_stale_report_for_a_requeued_url(env: dict[str, Any]) -> None:
     await admit(env, ["http://a.test/1", "http://a.test/2"])
     [old] = await dispatch(env, lease_seconds=10)
-    await env["frontier"].expire_leases(now=NOW + 11)  # both back in the queue
+    await env["frontier"].expire_leases(now=NOW + 11, max_losses=3)  # both back in the queue
     await report(env, old)  # the old holder stores both while they wait in the queue
     s = await status(env)
     assert (s["pages"], s["queued"], s["in_flight"]) == (2, 0, 0)
@@ -244,3 +242,21 @@ async def test_scheduler_rereads_its_pending_events_after_a_crash(env: dict[str,
     assert await env["scheduler"].read_events() == 0  # nothing new...
     assert await env["scheduler"].read_events(pending=True) == 1  # ...but it is pending
     assert (await status(env))["seen"] == 1
+
+
+async def test_a_url_that_keeps_losing_its_worker_is_given_up(env: dict[str, Any]) -> None:
+    from crawlfleet.common.messages import decode_result
+
+    await admit(env, ["http://a.test/poison"])
+    for loss in range(1, 4):
+        [batch] = await dispatch(env, now=NOW + 100 * loss, lease_seconds=10)
+        assert batch.urls[0].tries == loss - 1
+        hosts, requeued, lost = await env["frontier"].expire_leases(now=NOW + 100 * loss + 11,
+                                                                     max_losses=3)
+        assert (hosts, requeued, lost) == ((1, 1, 0) if loss < 3 else (1, 0, 1))
+    s = await status(env)
+    assert (s["failed"], s["queued"], s["in_flight"]) == (1, 0, 0)
+    [stored] = await env["redis"].hvals(env["keys"].results)
+    result = decode_result(stored)
+    assert result.error == "worker_lost" and result.url == "http://a.test/poison"
+    assert await env["redis"].hlen(env["keys"].dead_letter) == 1
