@@ -60,6 +60,7 @@ async def _crawl_testweb(
                 "namespace": "demo",
                 "dns_nameservers": (f"127.0.0.1:{dns.port}",),
                 "allow_private": True,  # the test web is on loopback: an explicit opt-in
+                "crawl_delay": 0.0,  # and it is ours: no need to be polite to it
                 "log_level": "warning",
             })
             configure_logging(settings.log_format, settings.log_level, role="demo")

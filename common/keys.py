@@ -56,6 +56,14 @@ class Keys:
         return self._k("rate")
 
     @property
+    def host_pages(self) -> str:  # HASH host -> URLs admitted (the per-host page budget)
+        return self._k("host:pages")
+
+    @property
+    def query_variants(self) -> str:  # HASH fingerprint of URL-without-query -> URLs admitted
+        return self._k("query:variants")
+
+    @property
     def robots(self) -> str:  # HASH origin -> cached robots.txt (JSON), shared by all workers
         return self._k("robots")
 

@@ -16,15 +16,16 @@ VERSION = 1
 class QueuedURL(msgspec.Struct, array_like=True, frozen=True):
     """One URL waiting in a host queue or out in a batch.
 
-    Array-encoded (``[v, fp, url, depth, tries]``) because there is one per queued URL and the
-    frontier's Lua scripts read ``fp`` by position.
+    Array-encoded (``[v, fp, url, depth, tries, retries]``) because there is one per queued
+    URL and the frontier's Lua scripts read ``fp`` by position.
     """
 
     v: int
     fp: str
     url: str
     depth: int
-    tries: int = 0
+    tries: int = 0  # batches of this URL that lost their worker
+    retries: int = 0  # transient failures so far (timeouts, 5xx, 429 ...)
 
 
 class HostBatch(msgspec.Struct, kw_only=True, frozen=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import types
 import typing
@@ -36,7 +37,17 @@ class Settings:
 
     # Fetching (per worker process).
     max_in_flight: int = 64
+    # Politeness, per host across the whole fleet: requests in flight, and seconds between the
+    # starts of two requests (robots.txt Crawl-delay raises it, up to max_crawl_delay).
     per_host_concurrency: int = 2
+    crawl_delay: float = 0.5
+    max_crawl_delay: float = 30.0
+    max_redirects: int = 10
+    # Retries of timeouts, connection errors, 429 and 5xx: exponential backoff with jitter from
+    # retry_base seconds, capped at retry_max, and never sooner than a Retry-After.
+    max_retries: int = 3
+    retry_base: float = 2.0
+    retry_max: float = 300.0
     request_timeout: float = 30.0
     connect_timeout: float = 10.0
     max_body_bytes: int = 10 * 1024 * 1024
@@ -54,6 +65,17 @@ class Settings:
     max_depth: int | None = None
     max_pages: int | None = None
     sort_query: bool = False
+
+    # Scope: the seeds' hosts, plus allowed_domains, plus their subdomains if asked; URL
+    # patterns (one regular expression each, searched in the canonical URL); trap defences.
+    allowed_domains: tuple[str, ...] = ()
+    include_subdomains: bool = False
+    allow_pattern: str | None = None
+    deny_pattern: str | None = None
+    max_pages_per_host: int | None = None
+    max_query_variants: int = 100
+    max_repeated_segments: int = 3
+    max_url_length: int = 2048
     lease_seconds: float = 60.0
     max_worker_losses: int = 3
     dispatch_ahead: int = 32
@@ -74,7 +96,8 @@ class Settings:
     def __post_init__(self) -> None:
         positive = (
             "max_in_flight", "per_host_concurrency", "batch_size", "jobs_per_worker",
-            "max_body_bytes", "dispatch_ahead", "max_worker_losses",
+            "max_body_bytes", "dispatch_ahead", "max_worker_losses", "max_query_variants",
+            "max_repeated_segments", "max_url_length",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -85,7 +108,22 @@ class Settings:
                      "robots_ttl", "robots_retry"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
-        for name in ("max_depth", "max_pages"):
+        for name in ("crawl_delay", "max_crawl_delay", "max_retries", "max_redirects",
+                     "retry_base", "retry_max"):
+            if getattr(self, name) < 0:
+                raise SettingsError(
+                    f"{env_name(name)} must be 0 or more, got {getattr(self, name)}"
+                )
+        for name in ("allow_pattern", "deny_pattern"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise SettingsError(
+                        f"{env_name(name)} is not a valid regular expression: {exc}"
+                    ) from None
+        for name in ("max_depth", "max_pages", "max_pages_per_host"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SettingsError(f"{env_name(name)} must be 0 or more, got {value}")

@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 from .keys import Keys
 
 COUNTERS = ("seen", "pages", "failed", "skipped", "queued", "in_flight")
-DISCARDS = ("discarded_scope", "discarded_invalid", "discarded_max_pages")
+DISCARDS = ("discarded_scope", "discarded_invalid", "discarded_max_pages",
+            "discarded_host_budget", "discarded_query_variants")
 
 
 async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> dict[str, Any]:

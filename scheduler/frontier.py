@@ -23,15 +23,27 @@ from crawlfleet.common.keys import CONSUMER_GROUP, Keys
 from crawlfleet.common.messages import QueuedURL, decode_entry
 
 _INGEST = """
-local seen, stats, ready, lease_batch, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local seen, stats, ready, lease_batch, events, host_pages, variants =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local prefix, now, max_pages = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_per_host, max_variants = tonumber(ARGV[8]), tonumber(ARGV[9])
 local n_seen = tonumber(redis.call('HGET', stats, 'seen') or '0')
-local admitted, over = 0, 0
-for i = 9, #ARGV, 3 do
-  local fp, host, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if max_pages >= 0 and n_seen >= max_pages then
-    if redis.call('SISMEMBER', seen, fp) == 0 then over = over + 1 end
-  elseif redis.call('SADD', seen, fp) == 1 then
+local admitted, over, over_host, over_variants = 0, 0, 0, 0
+local function count(hash, field) return tonumber(redis.call('HGET', hash, field) or '0') end
+for i = 10, #ARGV, 4 do
+  local fp, host, entry, variant = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if redis.call('SISMEMBER', seen, fp) == 1 then
+    -- already in the crawl: nothing to do
+  elseif max_pages >= 0 and n_seen >= max_pages then
+    over = over + 1
+  elseif max_per_host >= 0 and count(host_pages, host) >= max_per_host then
+    over_host = over_host + 1
+  elseif variant ~= '' and count(variants, variant) >= max_variants then
+    over_variants = over_variants + 1
+  else
+    redis.call('SADD', seen, fp)
+    redis.call('HINCRBY', host_pages, host, 1)
+    if variant ~= '' then redis.call('HINCRBY', variants, variant, 1) end
     n_seen = n_seen + 1
     admitted = admitted + 1
     redis.call('RPUSH', prefix .. 'q:' .. host, entry)
@@ -46,6 +58,10 @@ if admitted > 0 then
   redis.call('HINCRBY', stats, 'queued', admitted)
 end
 if over > 0 then redis.call('HINCRBY', stats, 'discarded_max_pages', over) end
+if over_host > 0 then redis.call('HINCRBY', stats, 'discarded_host_budget', over_host) end
+if over_variants > 0 then
+  redis.call('HINCRBY', stats, 'discarded_query_variants', over_variants)
+end
 if ARGV[6] ~= '0' then redis.call('HINCRBY', stats, 'discarded_scope', ARGV[6]) end
 if ARGV[7] ~= '0' then redis.call('HINCRBY', stats, 'discarded_invalid', ARGV[7]) end
 if ARGV[5] ~= '' then
@@ -159,6 +175,7 @@ class Admission:
     fp: str
     host: str
     entry: bytes
+    variant: str = ""  # fingerprint of the URL without its query, when it has one
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,15 +206,19 @@ class Frontier:
         message_id: str = "",
         discarded_scope: int = 0,
         discarded_invalid: int = 0,
+        max_pages_per_host: int | None = None,
+        max_query_variants: int = 100,
     ) -> tuple[list[str], list[Any]]:
         k = self.keys
-        keys = [k.seen, k.stats, k.ready, k.lease_batch, k.events]
+        keys = [k.seen, k.stats, k.ready, k.lease_batch, k.events, k.host_pages,
+                k.query_variants]
         args: list[Any] = [
             k.prefix, now, -1 if max_pages is None else max_pages, CONSUMER_GROUP, message_id,
-            discarded_scope, discarded_invalid, "",
+            discarded_scope, discarded_invalid,
+            -1 if max_pages_per_host is None else max_pages_per_host, max_query_variants,
         ]
         for a in admissions:
-            args += (a.fp, a.host, a.entry)
+            args += (a.fp, a.host, a.entry, a.variant)
         return keys, args
 
     async def ingest(self, admissions: Sequence[Admission], **kw: Any) -> int:

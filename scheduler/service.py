@@ -36,7 +36,7 @@ from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import URLError, canonicalize, fingerprint, host_key
 
 from .frontier import Admission, Frontier
-from .scope import out_of_scope
+from .scope import ScopeRules, out_of_scope, query_variant_key
 
 CONSUMER = "scheduler"  # one name for every leader, so a new one reads the old one's pending
 READ_COUNT = 256
@@ -78,6 +78,7 @@ class Scheduler:
         self.keys = Keys(settings.namespace)
         self.frontier = Frontier(redis, self.keys)
         self.allowed_hosts: set[str] = set()
+        self.rules = ScopeRules.from_settings(settings)
         # fakeredis does not block on XREADGROUP; the embedded backend polls instead.
         self._blocking = not is_embedded(settings.redis_url)
         self.instance = settings.worker_id
@@ -165,8 +166,8 @@ class Scheduler:
         except (msgspec.DecodeError, msgspec.ValidationError, MessageVersionError) as exc:
             # Acknowledge it all the same: a message nobody can read must not block the stream.
             log.error("event_unreadable", message_id=message_id, error=str(exc))
-            await self.frontier.ingest_in(pipe, [], now=now, max_pages=None, message_id=message_id,
-                                    discarded_invalid=1)
+            await self.frontier.ingest_in(pipe, [], now=now, max_pages=None,
+                                          message_id=message_id, discarded_invalid=1)
             return
         if isinstance(event, Seeds):
             groups = [(0, event.urls)]
@@ -187,6 +188,8 @@ class Scheduler:
         await self.frontier.ingest_in(
             pipe, admissions, now=now, max_pages=self.settings.max_pages, message_id=message_id,
             discarded_scope=discarded_scope, discarded_invalid=discarded_invalid,
+            max_pages_per_host=self.settings.max_pages_per_host,
+            max_query_variants=self.settings.max_query_variants,
         )
 
     def admissions(self, groups: list[tuple[int, list[str]]]) -> tuple[list[Admission], int, int]:
@@ -202,8 +205,8 @@ class Scheduler:
                     invalid += 1
                     continue
                 host = host_key(canonical)
-                if out_of_scope(host, depth, allowed_hosts=self.allowed_hosts,
-                                max_depth=self.settings.max_depth):
+                if out_of_scope(canonical, host, depth, allowed_hosts=self.allowed_hosts,
+                                rules=self.rules):
                     scope_refused += 1
                     continue
                 fp = fingerprint(canonical)
@@ -211,7 +214,9 @@ class Scheduler:
                     continue
                 batch_seen.add(fp)
                 entry = encode(QueuedURL(VERSION, fp, canonical, depth))
-                admissions.append(Admission(fp, host, entry))
+                variant = query_variant_key(canonical)
+                admissions.append(Admission(fp, host, entry,
+                                            fingerprint(variant) if variant else ""))
         return admissions, scope_refused, invalid
 
     async def dispatch(self) -> int:

@@ -247,6 +247,8 @@ def fleet_factory(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
             "CRAWLFLEET_DNS_NAMESERVERS": web.dns,
             "CRAWLFLEET_ALLOW_PRIVATE": "1",  # the test web lives on loopback
             "CRAWLFLEET_LOG_FORMAT": "json",
+            # The test web is ours; politeness tests set their own delay.
+            "CRAWLFLEET_CRAWL_DELAY": "0",
             **env,
         })
         logdir = tmp_path / f"fleet{len(fleets)}"

@@ -24,7 +24,13 @@ from crawlfleet.common.messages import (
     job_serializer,
 )
 from crawlfleet.common.settings import Settings, SettingsError
-from crawlfleet.scheduler.scope import out_of_scope
+from crawlfleet.scheduler.scope import (
+    ScopeRules,
+    host_allowed,
+    out_of_scope,
+    query_variant_key,
+    repeated_segments,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -96,12 +102,44 @@ def test_arq_jobs_are_json_not_pickle() -> None:
     assert batch_from_job(job_deserializer(wire)["a"][0]) == batch
 
 
-def test_scope() -> None:
+def test_scope_host_and_depth() -> None:
     hosts = {"a.test"}
-    assert out_of_scope("a.test", 5, allowed_hosts=hosts, max_depth=None) is None
-    assert out_of_scope("b.test", 0, allowed_hosts=hosts, max_depth=None) == "host"
-    assert out_of_scope("a.test", 3, allowed_hosts=hosts, max_depth=2) == "depth"
-    assert out_of_scope("a.test", 2, allowed_hosts=hosts, max_depth=2) is None
+    rules = ScopeRules(max_depth=2)
+    assert out_of_scope("http://a.test/", "a.test", 2, allowed_hosts=hosts, rules=rules) is None
+    assert out_of_scope("http://b.test/", "b.test", 0, allowed_hosts=hosts, rules=rules) == "host"
+    assert out_of_scope("http://a.test/", "a.test", 3, allowed_hosts=hosts, rules=rules) == "depth"
+
+
+def test_scope_subdomains_and_allowed_domains() -> None:
+    seeds = {"example.org"}
+    strict = ScopeRules.from_settings(Settings(allowed_domains=("other.net",)))
+    loose = ScopeRules.from_settings(Settings(include_subdomains=True))
+    assert host_allowed("other.net", seeds, strict)
+    assert not host_allowed("docs.example.org", seeds, strict)
+    assert host_allowed("docs.example.org", seeds, loose)
+    assert not host_allowed("badexample.org", seeds, loose)  # a suffix, not a subdomain
+
+
+def test_scope_patterns_length_and_repeated_segments() -> None:
+    rules = ScopeRules.from_settings(Settings(deny_pattern=r"/logout|\.zip$",
+                                              allow_pattern=r"^https?://a\.test/",
+                                              max_url_length=40, max_repeated_segments=2))
+    def check(url: str) -> str | None:
+        return out_of_scope(url, "a.test", 0, allowed_hosts={"a.test"}, rules=rules)
+    assert check("http://a.test/docs/page") is None
+    assert check("http://a.test/logout") == "pattern"
+    assert check("http://a.test/files/x.zip") == "pattern"
+    assert check("http://a.test/" + "x" * 40) == "too_long"
+    assert check("http://a.test/a/b/a/b/a") == "repeated_segments"
+    assert check("http://a.test/a/b/a/b") is None
+    assert repeated_segments("http://a.test/") == 0
+    assert query_variant_key("http://a.test/s?id=1") == "http://a.test/s"
+    assert query_variant_key("http://a.test/s") is None
+
+
+def test_a_bad_pattern_names_its_variable() -> None:
+    with pytest.raises(SettingsError, match="CRAWLFLEET_DENY_PATTERN"):
+        Settings.from_env({"CRAWLFLEET_DENY_PATTERN": "(unclosed"})
 
 
 def test_seed_lines_are_canonicalised_and_bad_ones_numbered() -> None:

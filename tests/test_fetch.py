@@ -722,7 +722,7 @@ def _fetched(url: str, body: bytes, content_type: str | None) -> Fetched:
 async def test_build_result_for_fetched_html(site: Site, session: aiohttp.ClientSession) -> None:
     url = site.url("/page")
     fetched, _ = await timed_fetch(session, url)
-    result, links = build_result(_entry(url, depth=1), fetched, _settings())
+    result, links, _aliases = build_result(_entry(url, depth=1), fetched, _settings())
     assert result.error is None
     assert result.status == 200
     assert result.title == "Hello \u2014 world"
@@ -741,7 +741,7 @@ async def test_build_result_for_pdf(site: Site, session: aiohttp.ClientSession) 
     url = site.url("/doc.pdf")
     fetched, _ = await timed_fetch(session, url)
     assert fetched.content_type == "application/pdf"
-    result, links = build_result(_entry(url), fetched, _settings())
+    result, links, _aliases = build_result(_entry(url), fetched, _settings())
     assert result.error is None
     assert result.title is None
     assert result.links == 0
@@ -757,7 +757,7 @@ async def test_build_result_binary_served_as_html(
     fetched, _ = await timed_fetch(session, url)
     assert fetched.error is None
     assert fetched.content_type == "text/html"
-    result, links = build_result(_entry(url), fetched, _settings())
+    result, links, _aliases = build_result(_entry(url), fetched, _settings())
     assert result.error == "binary"
     assert result.title is None
     assert links == []
@@ -766,7 +766,7 @@ async def test_build_result_binary_served_as_html(
 def test_build_result_unknown_charset_label_still_decodes() -> None:
     url = "http://example.com/"
     body = '<html><title>caf\u00e9</title><a href="/x">x</a></html>'.encode()
-    result, links = build_result(
+    result, links, _aliases = build_result(
         _entry(url), _fetched(url, body, "text/html; charset=utf-99"), _settings()
     )
     assert result.error is None
@@ -781,7 +781,8 @@ def test_build_result_meta_robots_nofollow() -> None:
         b'<html><head><meta name="ROBOTS" content="noindex, nofollow"></head>'
         b'<a href="/one">1</a><a href="/two">2</a></html>'
     )
-    result, links = build_result(_entry(url), _fetched(url, body, "text/html"), _settings())
+    fetched = _fetched(url, body, "text/html")
+    result, links, _aliases = build_result(_entry(url), fetched, _settings())
     assert result.error is None
     assert links == []  # nothing to follow...
     assert result.links == 2  # ...but the page's outlinks are still counted
@@ -793,7 +794,7 @@ def test_build_result_meta_robots_nofollow() -> None:
 def test_build_result_respects_max_depth(depth: int, follows: bool) -> None:
     url = "http://example.com/"
     body = b'<html><a href="/one">1</a><a href="/two">2</a></html>'
-    result, links = build_result(
+    result, links, _aliases = build_result(
         _entry(url, depth=depth), _fetched(url, body, "text/html"), _settings(max_depth=2)
     )
     assert result.error is None
@@ -812,7 +813,7 @@ def test_build_result_keeps_fetch_error_and_skips_parsing() -> None:
         body=b'<html><title>Not found</title><a href="/x">x</a></html>',
         error="http_4xx",
     )
-    result, links = build_result(_entry(url), fetched, _settings())
+    result, links, _aliases = build_result(_entry(url), fetched, _settings())
     assert result.error == "http_4xx"
     assert result.status == 404
     assert result.title is None

@@ -37,7 +37,10 @@ async def admit(env: dict[str, Any], urls: list[str], depth: int = 0) -> int:
     scheduler.allowed_hosts |= {u.split("/")[2].split(":")[0] for u in urls}
     admissions, _, _ = scheduler.admissions([(depth, urls)])
     frontier: Frontier = env["frontier"]
-    return await frontier.ingest(admissions, now=NOW, max_pages=env["settings"].max_pages)
+    settings: Settings = env["settings"]
+    return await frontier.ingest(admissions, now=NOW, max_pages=settings.max_pages,
+                                 max_pages_per_host=settings.max_pages_per_host,
+                                 max_query_variants=settings.max_query_variants)
 
 
 async def status(env: dict[str, Any]) -> dict[str, Any]:
@@ -260,3 +263,14 @@ async def test_a_url_that_keeps_losing_its_worker_is_given_up(env: dict[str, Any
     result = decode_result(stored)
     assert result.error == "worker_lost" and result.url == "http://a.test/poison"
     assert await env["redis"].hlen(env["keys"].dead_letter) == 1
+
+
+async def test_per_host_budget_and_query_variants(env: dict[str, Any]) -> None:
+    env["settings"] = env["settings"].replace(max_pages_per_host=3, max_query_variants=2)
+    scheduler: Scheduler = env["scheduler"]
+    scheduler.rules = scheduler.rules  # rules are URL-only; the budgets are the script's
+    assert await admit(env, [f"http://a.test/{i}" for i in range(5)]) == 3
+    assert await admit(env, [f"http://b.test/cal?sid={i}" for i in range(4)]) == 2
+    s = await status(env)
+    assert (s["discarded_host_budget"], s["discarded_query_variants"]) == (2, 2)
+    assert s["seen"] == 5

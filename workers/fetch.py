@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,10 @@ class Fetched:
     elapsed_ms: float = 0.0
     error: str | None = None
     redirects: list[str] = field(default_factory=list)
+    # The last redirect was not followed (another host, or a URL already in the crawl): the
+    # result is the redirect itself, and its target is a link for the frontier.
+    redirect_stopped: bool = False
+    retry_after: str | None = None
 
 
 class PrivateAddressError(OSError):
@@ -86,15 +91,17 @@ async def fetch(
     max_redirects: int = 10,
     allow_private: bool = False,
     deadline: float | None = None,
+    may_follow: Callable[[str], Awaitable[bool]] | None = None,
 ) -> Fetched:
     """``deadline`` bounds the whole fetch, every redirect hop included (the session's own
-    timeout applies per request, so a chain of slow redirects could otherwise multiply it)."""
+    timeout applies per request, so a chain of slow redirects could otherwise multiply it).
+    ``may_follow(target)`` is asked before each redirect hop; False stops there."""
     started = time.monotonic()
     result = Fetched(url=url)
     try:
         async with asyncio.timeout(deadline):
             return await _follow(session, url, result, max_body_bytes, max_redirects,
-                                 allow_private)
+                                 allow_private, may_follow)
     except BodyTooLarge:
         result.error = "too_large"
         return result
@@ -112,6 +119,7 @@ async def _follow(
     max_body_bytes: int,
     max_redirects: int,
     allow_private: bool,
+    may_follow: Callable[[str], Awaitable[bool]] | None,
 ) -> Fetched:
     current = url
     for _hop in range(max_redirects + 1):
@@ -131,13 +139,21 @@ async def _follow(
                     result.error = "bad_redirect"
                     return result
                 result.redirects.append(next_url)
+                if may_follow is not None and not await may_follow(next_url):
+                    result.status, result.final_url = response.status, current
+                    result.content_type = response.headers.get("Content-Type")
+                    result.redirect_stopped = True
+                    return result
                 current = next_url
                 continue
             result.status = response.status
             result.final_url = current
             result.content_type = response.headers.get("Content-Type")
             result.body = await _read_capped(response, max_body_bytes)
-            if response.status >= 500:
+            result.retry_after = response.headers.get("Retry-After")
+            if response.status == 429:
+                result.error = "http_429"
+            elif response.status >= 500:
                 result.error = "http_5xx"
             elif response.status >= 400:
                 result.error = "http_4xx"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -259,14 +259,18 @@ class RobotsCache:
         # One load per origin at a time in this process; every caller awaits the same task.
         self._loading: dict[str, asyncio.Task[RobotsPolicy]] = {}
 
-    async def policy(self, url: str) -> RobotsPolicy:
+    async def policy(
+        self, url: str, *, before_fetch: Callable[[], Awaitable[None]] | None = None
+    ) -> RobotsPolicy:
+        """``before_fetch`` is awaited just before robots.txt is requested from the origin
+        (not when a cached copy serves), so the caller can pace it like any request."""
         origin = origin_of(url)
         remembered = self._memory.get(origin)
         if remembered is not None and remembered.is_fresh(self._now()):
             return remembered
         task = self._loading.get(origin)
         if task is None:
-            task = asyncio.create_task(self._load(origin))
+            task = asyncio.create_task(self._load(origin, before_fetch))
             self._loading[origin] = task
             task.add_done_callback(lambda done: self._loaded(origin, done))
         # Shielded: one caller being cancelled (its batch shut down) must not cancel the load
@@ -282,7 +286,9 @@ class RobotsCache:
         if not task.cancelled():
             task.exception()  # retrieved here, so a load nobody awaits any more logs nothing
 
-    async def _load(self, origin: str) -> RobotsPolicy:
+    async def _load(
+        self, origin: str, before_fetch: Callable[[], Awaitable[None]] | None = None
+    ) -> RobotsPolicy:
         raw = await self.redis.hget(self.keys.robots, origin)
         if raw is not None:
             try:
@@ -292,6 +298,8 @@ class RobotsCache:
             else:
                 if shared.is_fresh(self._now()):
                     return self._remember(shared)
+        if before_fetch is not None:
+            await before_fetch()
         policy = await self._fetch(origin)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.robots, origin, encode_policy(policy))

@@ -29,17 +29,38 @@ return 1
 """
 
 _REPORT = """
-local lease_batch, leases, waiting, ready, stats, results, events, rate =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local lease_batch, leases, waiting, ready, stats, results, events, rate, seen, dead =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local prefix, now, host, batch_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local final, next_ready, event = ARGV[5] == '1', ARGV[6], ARGV[7]
 local is_current = redis.call('HGET', lease_batch, host) == batch_id
 local lease, q = prefix .. 'lease:' .. host, prefix .. 'q:' .. host
 local done = {p = 0, f = 0, s = 0}
-local in_flight, queued, duplicates = 0, 0, 0
+local in_flight, queued, duplicates, added, retried = 0, 0, 0, 0, 0
 for i = 8, #ARGV, 3 do
   local fp, outcome, result = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if redis.call('HSETNX', results, fp, result) == 1 then
+  if outcome == 'r' then
+    -- A retry: 'result' is the URL's next queue entry; it waits at the end of the host queue.
+    -- Not in our lease any more (we are stale): whoever holds it now decides.
+    if redis.call('HDEL', lease, fp) == 1 then
+      redis.call('RPUSH', q, result)
+      in_flight = in_flight - 1
+      queued = queued + 1
+      retried = retried + 1
+    end
+  elseif outcome == 'a' then
+    -- An alias: a redirect target fetched on another URL's behalf. New to the crawl, it is done
+    -- already; known, it is left to its own fetch.
+    if redis.call('SADD', seen, fp) == 1 then
+      redis.call('HSET', results, fp, result)
+      added = added + 1
+      done.p = done.p + 1
+    end
+  elseif redis.call('HSETNX', results, fp, result) == 1 then
+    if outcome == 'd' then
+      redis.call('HSET', dead, fp, result)  -- out of retries: failed, and dead-lettered
+      outcome = 'f'
+    end
     done[outcome] = done[outcome] + 1
     -- In a lease (ours or, after an expiry, another batch's) or back in its host queue,
     -- where dispatch will drop it because its result now exists.
@@ -74,6 +95,8 @@ if finished > 0 then
   redis.call('HINCRBY', stats, 'skipped', done.s)
   redis.call('HINCRBY', rate, math.floor(now), finished)
 end
+if added > 0 then redis.call('HINCRBY', stats, 'seen', added) end
+if retried > 0 then redis.call('HINCRBY', stats, 'retries', retried) end
 if in_flight ~= 0 then redis.call('HINCRBY', stats, 'in_flight', in_flight) end
 if queued ~= 0 then redis.call('HINCRBY', stats, 'queued', queued) end
 if duplicates > 0 then redis.call('HINCRBY', stats, 'duplicate_results', duplicates) end
@@ -81,7 +104,10 @@ redis.call('XADD', events, '*', 'm', event)
 return {is_current and 1 or 0, finished, duplicates, handed_back}
 """
 
-PAGE, FAILED, SKIPPED = "p", "f", "s"
+# What a report says of each URL: done as a page, failed, skipped (robots), failed for good after
+# its retries (dead-lettered too), to be retried (data: its next queue entry), or an alias (a
+# redirect target fetched on another URL's behalf, data: its result).
+PAGE, FAILED, SKIPPED, DEAD, RETRY, ALIAS = "p", "f", "s", "d", "r", "a"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +162,7 @@ class Store:
         held, stored, duplicates, handed_back = await retry_while_unavailable(
             lambda: self._report(
                 keys=[k.lease_batch, k.leases, k.waiting, k.ready, k.stats, k.results, k.events,
-                      k.rate],
+                      k.rate, k.seen, k.dead_letter],
                 args=args,
             )
         )

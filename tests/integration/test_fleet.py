@@ -40,7 +40,11 @@ def test_fleet_fetches_the_reachable_set_each_url_once(
         assert result.keys() >= RESULT_FIELDS
     by_status = Counter(r["status"] for r in results)
     assert by_status[200] > 0 and by_status[404] > 0  # the test web links to missing pages
-    assert status["pages"] + status["failed"] == len(results)
+    assert status["pages"] + status["failed"] + status["skipped"] == len(results)
+    # robots.txt disallows /private/: those URLs are recorded as skipped, never fetched.
+    private = [r for r in results if "/private/" in r["url"]]
+    assert private and all(r["error"] == "robots" and r["status"] is None for r in private)
+    assert status["skipped"] == len(private)
     assert status["queued"] == status["in_flight"] == 0
 
     # SIGTERM: every process stops cleanly.
@@ -56,7 +60,7 @@ def test_fleet_fetches_the_reachable_set_each_url_once(
                 assert record.keys() >= LOG_FIELDS
                 assert record["worker_id"] == name
                 pages_logged += 1
-    assert pages_logged == len(results)
+    assert pages_logged == len(results) - len(private)
 
 
 def test_seed_reports_bad_lines_and_enqueues_the_rest(
