@@ -143,29 +143,33 @@ def format_status(s: dict[str, Any]) -> str:
         ("skipped", s["skipped"]),
         ("queued", s["queued"]),
         ("in flight", f"{s['in_flight']} (hosts leased: {s['hosts_leased']})"),
+        ("retries", f"{s['retries']} (dead-lettered: {s['dead']})"),
         ("pages/s (last minute)", s["pages_per_s"]),
         ("links discarded", f"scope {s['discarded_scope']}, invalid {s['discarded_invalid']}, "
-                            f"over max pages {s['discarded_max_pages']}"),
+                            f"over max pages {s['discarded_max_pages']}, over host budget "
+                            f"{s['discarded_host_budget']}, query variants "
+                            f"{s['discarded_query_variants']}"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-async def write_results(redis: Any, keys: Keys, out: IO[bytes]) -> int:
-    """Stream every stored result as one JSON line; returns the count."""
+async def write_results(redis: Any, keys: Keys, out: IO[bytes], *, dead: bool = False) -> int:
+    """Stream every stored result (or only the dead-lettered ones) as JSON lines; the count."""
     count = 0
-    async for _fp, data in redis.hscan_iter(keys.results, count=1000):
+    async for _fp, data in redis.hscan_iter(keys.dead_letter if dead else keys.results,
+                                            count=1000):
         decode_result(data)  # refuse to export what this version cannot read
         out.write(data + b"\n")
         count += 1
     return count
 
 
-def export(settings: Settings, out_path: str | None) -> int:
+def export(settings: Settings, out_path: str | None, *, dead: bool = False) -> int:
     async def go(out: IO[bytes]) -> int:
         redis = open_redis(settings.redis_url)
         try:
-            return await write_results(redis, Keys(settings.namespace), out)
+            return await write_results(redis, Keys(settings.namespace), out, dead=dead)
         finally:
             await redis.aclose()
 

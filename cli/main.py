@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write results as JSON lines")
     _common(export)
     export.add_argument("--out", "-o", help="output file (default: stdout)")
+    export.add_argument("--dead", action="store_true",
+                        help="only the URLs that ran out of retries, with their last error")
 
     crawl = sub.add_parser("crawl", help="crawl in one process and exit when done")
     _common(crawl)
@@ -105,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "status":
         return commands.status(settings_from(args), as_json=args.json)
     if args.command == "export":
-        return commands.export(settings_from(args), args.out)
+        return commands.export(settings_from(args), args.out, dead=args.dead)
     if args.command == "demo":
         from .demo import demo
 

@@ -32,6 +32,10 @@ class Keys:
         return self._k("ready")
 
     @property
+    def not_before(self) -> str:  # HASH host -> earliest next request (crawl delay, backoff)
+        return self._k("host:not-before")
+
+    @property
     def leases(self) -> str:  # ZSET host -> lease expiry
         return self._k("leases")
 

@@ -26,7 +26,8 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
         pipe.xlen(keys.events)
         pipe.hgetall(keys.rate)
         pipe.zcard(keys.waiting)
-        stats_raw, leased, backlog, rate_raw, waiting = await pipe.execute()
+        pipe.hlen(keys.dead_letter)
+        stats_raw, leased, backlog, rate_raw, waiting, dead = await pipe.execute()
     stats = {_text(k): _text(v) for k, v in stats_raw.items()}
     status: dict[str, Any] = {name: int(stats.get(name, 0)) for name in COUNTERS}
     status.update({name: int(stats.get(name, 0)) for name in DISCARDS})
@@ -34,6 +35,8 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
     status["batches_waiting"] = int(waiting)
     status["events_unread"] = int(backlog)
     status["leases_expired"] = int(stats.get("leases_expired", 0))
+    status["retries"] = int(stats.get("retries", 0))
+    status["dead"] = int(dead)  # URLs out of retries (part of 'failed'); `export --dead` lists them
     last_minute = sum(int(v) for k, v in rate_raw.items() if now - 60 <= int(k) < now)
     status["pages_per_s"] = round(last_minute / 60.0, 2)
     status["finished"] = (

@@ -23,8 +23,8 @@ from crawlfleet.common.keys import CONSUMER_GROUP, Keys
 from crawlfleet.common.messages import QueuedURL, decode_entry
 
 _INGEST = """
-local seen, stats, ready, lease_batch, events, host_pages, variants =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local seen, stats, ready, lease_batch, events, host_pages, variants, not_before =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local prefix, now, max_pages = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_per_host, max_variants = tonumber(ARGV[8]), tonumber(ARGV[9])
 local n_seen = tonumber(redis.call('HGET', stats, 'seen') or '0')
@@ -48,8 +48,10 @@ for i = 10, #ARGV, 4 do
     admitted = admitted + 1
     redis.call('RPUSH', prefix .. 'q:' .. host, entry)
     if redis.call('HEXISTS', lease_batch, host) == 0 then
-      -- NX keeps a later not-before time (a crawl delay) that is already set
-      redis.call('ZADD', ready, 'NX', now, host)
+      -- Not before the host's last batch allows (its crawl delay or backoff); NX keeps a
+      -- later time that is already set.
+      local nb = tonumber(redis.call('HGET', not_before, host) or '0')
+      redis.call('ZADD', ready, 'NX', math.max(now, nb), host)
     end
   end
 end
@@ -113,8 +115,8 @@ return out
 """
 
 _EXPIRE = """
-local leases, lease_batch, waiting, ready, stats, results, dead =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local leases, lease_batch, waiting, ready, stats, results, dead, not_before =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_losses = tonumber(ARGV[4])
 local hosts = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit)
@@ -144,7 +146,10 @@ for _, host in ipairs(hosts) do
   if id then redis.call('ZREM', waiting, id) end
   redis.call('HDEL', lease_batch, host)
   redis.call('ZREM', leases, host)
-  if redis.call('LLEN', q) > 0 then redis.call('ZADD', ready, now, host) end
+  if redis.call('LLEN', q) > 0 then
+    local nb = tonumber(redis.call('HGET', not_before, host) or '0')
+    redis.call('ZADD', ready, math.max(now, nb), host)
+  end
 end
 if #hosts > 0 then
   redis.call('HINCRBY', stats, 'in_flight', -(moved + lost))
@@ -211,7 +216,7 @@ class Frontier:
     ) -> tuple[list[str], list[Any]]:
         k = self.keys
         keys = [k.seen, k.stats, k.ready, k.lease_batch, k.events, k.host_pages,
-                k.query_variants]
+                k.query_variants, k.not_before]
         args: list[Any] = [
             k.prefix, now, -1 if max_pages is None else max_pages, CONSUMER_GROUP, message_id,
             discarded_scope, discarded_invalid,
@@ -254,7 +259,8 @@ class Frontier:
         batches have lost their worker ``max_losses`` times: (hosts, requeued, given up)."""
         k = self.keys
         hosts, urls, lost = await self._expire(
-            keys=[k.leases, k.lease_batch, k.waiting, k.ready, k.stats, k.results, k.dead_letter],
+            keys=[k.leases, k.lease_batch, k.waiting, k.ready, k.stats, k.results, k.dead_letter,
+                  k.not_before],
             args=[k.prefix, now, limit, max_losses],
         )
         return int(hosts), int(urls), int(lost)

@@ -274,3 +274,19 @@ async def test_per_host_budget_and_query_variants(env: dict[str, Any]) -> None:
     s = await status(env)
     assert (s["discarded_host_budget"], s["discarded_query_variants"]) == (2, 2)
     assert s["seen"] == 5
+
+
+async def test_the_crawl_delay_survives_an_empty_queue(env: dict[str, Any]) -> None:
+    """A host's next batch waits for its delay even when its new links arrive after the
+    previous batch reported (the queue was empty when the lease was released)."""
+    await admit(env, ["http://a.test/"])
+    [batch] = await dispatch(env)
+    job = HostBatch(batch_id=batch.batch_id, host=batch.host, urls=batch.urls, dispatched_at=NOW)
+    url = batch.urls[0]
+    await env["store"].report(
+        job, [StoredResult(url.fp, PAGE, encode(result_for(url.url)))],
+        Discovered(batch_id=batch.batch_id, host="a.test", worker="w", groups=[], pages=1,
+                   failed=0, final=True), now=NOW, next_ready=NOW + 30)
+    await admit(env, ["http://a.test/next"])  # the link comes in later
+    assert await dispatch(env, now=NOW + 29) == []
+    assert len(await dispatch(env, now=NOW + 30)) == 1

@@ -7,32 +7,44 @@ with a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from html.parser import HTMLParser
+from itertools import pairwise
 from typing import Any, cast
-from urllib.parse import urldefrag, urljoin
+from urllib.parse import parse_qs, urldefrag, urljoin, urlsplit
+from xml.etree import ElementTree
 
 import aiodns
 import aiohttp
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
+from protego import Protego
 
+from crawlfleet.testweb import server as server_module
 from crawlfleet.testweb.cli import main
 from crawlfleet.testweb.dns import DnsServer
-from crawlfleet.testweb.server import RESET_PATH, STATS_PATH, WebServer
+from crawlfleet.testweb.server import RESET_PATH, STATS_PATH, StatsRecorder, WebServer
 from crawlfleet.testweb.site import (
     HTML,
     PDF,
     PNG,
+    TEXT,
+    XML,
+    Page,
     WebSpec,
     canonical_url,
+    extra_paths,
     html_page,
     page_path,
     reachable,
@@ -68,6 +80,9 @@ class _Links(HTMLParser):
         super().__init__()
         self.base: str | None = None
         self.hrefs: list[str] = []
+        self.rels: list[str | None] = []
+        self.robots: str | None = None  # <meta name="robots" content>
+        self.canonical: str | None = None
         self.title = ""
         self._in_title = False
         self.charset = False
@@ -78,8 +93,13 @@ class _Links(HTMLParser):
             self.base = a["href"]
         elif tag == "a":
             self.hrefs.append(a["href"] or "")
+            self.rels.append(a.get("rel"))
         elif tag == "meta" and a.get("charset") == "utf-8":
             self.charset = True
+        elif tag == "meta" and a.get("name") == "robots":
+            self.robots = a["content"]
+        elif tag == "link" and a.get("rel") == "canonical":
+            self.canonical = a["href"]
         self._in_title = tag == "title"
 
     def handle_endtag(self, tag: str) -> None:
@@ -275,6 +295,554 @@ def test_reachable_max_depth() -> None:
     assert reachable(SPEC, ["http://SITE0.test:8123/#x"], max_depth=0) == {SPEC.roots[0]: 0}
 
 
+# --- site.py: opt-in knobs (robots variants, extras, trap_limit) ------------------------
+
+# sha256 of _default_web_digest(), computed with the test web as it was BEFORE the robots /
+# extras / trap_limit knobs existed (same function, old code) and hard-coded here. Every knob
+# is off by default, so a default web must keep producing exactly these bytes and this ground
+# truth. Do not update this value to make the test pass: a mismatch means a default changed.
+DEFAULT_WEB_SHA256 = "0edfc9daef3d38fcb9693c55478db71c20a57769e98d2186d86f077d810da94f"
+
+# Paths the knobs give a meaning to: on a default web they must stay 404s.
+KNOB_PATHS = (
+    "/sitemap.xml",
+    "/agent-only/1",
+    "/redirect/1",
+    "/redirect/1/1",
+    "/redirect/1/2",
+    "/redirected/1",
+    "/redirected/1/landed",
+    "/redirect-loop/1",
+    "/redirect-out/1",
+    "/flaky/1",
+    "/ratelimited/1",
+    "/broken/1",
+    "/calendar/2000/01",
+    "/session",
+    "/nofollow-page",
+    "/only-via-nofollow/1",
+    "/relnofollow",
+    "/only-via-relnofollow/1",
+    "/noindex-page",
+    "/only-via-noindex/1",
+    "/canonical-alias",
+    "/canonical-target",
+)
+
+
+def _default_web_digest() -> str:
+    h = hashlib.sha256()
+    specs = (
+        WebSpec(),
+        WebSpec(hosts=3, pages=40, links=8, seed=7, port=8123),
+        WebSpec(hosts=1, pages=12, links=5, seed=3, port=80),
+        WebSpec(hosts=4, pages=30, links=0, seed=11, port=9),
+        WebSpec(hosts=2, pages=1, links=20, seed=5, port=65535),
+    )
+    for spec in specs:
+        for host in (*spec.host_names, f"site{spec.hosts}.test"):
+            paths = ["/robots.txt", *KNOB_PATHS]
+            for n in range(spec.pages + 1):
+                paths += [page_path(n), f"/private/{n}", f"/files/{n}.pdf", f"/img/{n}.png"]
+                paths.append(f"/missing/{n}")
+            for path in paths:
+                status, ctype, body, headers = render(spec, host, path)
+                h.update(repr((host, path, status, ctype, sorted(headers.items()))).encode())
+                h.update(body)
+        seed_lists = (spec.roots, spec.roots[-1:], [spec.url(spec.host_names[0], "/p/1")])
+        results = [reachable(spec, seeds) for seeds in seed_lists]
+        results += [reachable(spec, seeds, obey_robots=True) for seeds in seed_lists]
+        results += [reachable(spec, seeds, max_depth=2) for seeds in seed_lists]
+        everywhere = set(spec.host_names)
+        results += [reachable(spec, seeds, allowed_hosts=everywhere) for seeds in seed_lists]
+        for found in results:
+            h.update(repr(sorted(found.items())).encode())
+    return h.hexdigest()
+
+
+def test_default_web_is_unchanged_by_the_new_knobs() -> None:
+    assert _default_web_digest() == DEFAULT_WEB_SHA256
+    assert WebSpec() == WebSpec(robots=(), extras=False)
+    # The new render() arguments (query string, hit count) change nothing on a default web.
+    for path in ("/", "/p/3", "/private/2", "/robots.txt", *KNOB_PATHS):
+        plain = render(SPEC, "site0.test", path)
+        assert render(SPEC, "site0.test", path, "sid=x&i=3", hit=3) == plain, path
+        if path in KNOB_PATHS:
+            assert plain[0] == 404, path
+    assert extra_paths(SPEC, "site0.test") == ()
+    found = reachable(SPEC, SPEC.roots, trap_limit=5)
+    assert found == reachable(SPEC, SPEC.roots)
+    assert (found.redirects, found.redirect_loops, found.retried) == ({}, set(), {})
+    assert found.robots_unreachable == set()
+
+
+ROBOTS_SPEC = WebSpec(
+    hosts=5,
+    pages=24,
+    seed=7,
+    port=8123,
+    robots=(
+        ("site0.test", "agent"),
+        ("site1.test", "status:404"),
+        ("site2.test", "status:503"),
+        ("site3.test", "sitemap"),
+        ("site4.test", "delay:1.5"),
+    ),
+)
+ROBOTS_PLAIN = replace(ROBOTS_SPEC, robots=())
+CRAWLFLEET_UA = "crawlfleet/0.1 (+https://github.com/crawlfleet/crawlfleet)"
+
+
+def _on(found: dict[str, int], host: str, prefix: str = "/") -> set[str]:
+    return {u for u in found if _host_path(u)[0] == host and _host_path(u)[1].startswith(prefix)}
+
+
+def test_robots_knob_is_normalised_and_validated() -> None:
+    a = WebSpec(robots=(("SITE1.test.", "agent"), ("site0.test", " delay:2 ")))
+    b = WebSpec(robots=cast(Any, {"site0.test": "delay:2", "site1.test": "agent"}))
+    assert a == b and hash(a) == hash(b)
+    assert a.robots == (("site0.test", "delay:2"), ("site1.test", "agent"))
+    assert a.robots_variant("Site1.Test") == "agent"
+    assert a.robots_variant("site2.test") == "default"
+    for ok in ("default", "sitemap", "delay:0", "delay:0.25", "status:400", "status:599"):
+        assert WebSpec(robots=(("site0.test", ok),)).robots_variant("site0.test") == ok
+    bad = ("nope", "delay", "delay:", "delay:-1", "delay:1e3", "delay:.5", "status:200")
+    bad += ("status:600", "status:5xx", "status:0500", "agent:1", "sitemap:x")
+    for variant in bad:
+        with pytest.raises(ValueError, match="robots variant"):
+            WebSpec(robots=(("site0.test", variant),))
+
+
+def test_robots_variants_render() -> None:
+    spec = ROBOTS_SPEC
+
+    def robots(host: str) -> tuple[int, str, bytes]:
+        status, ctype, body, _ = render(spec, host, "/robots.txt")
+        return status, ctype, body
+
+    assert robots("site0.test") == (
+        200,
+        TEXT,
+        b"User-agent: crawlfleet\nDisallow: /agent-only/\nAllow: /\n\n"
+        b"User-agent: *\nDisallow: /private/\n",
+    )
+    assert robots("site1.test")[0] == 404
+    assert robots("site2.test")[0] == 503
+    assert robots("site3.test") == (
+        200,
+        TEXT,
+        b"User-agent: *\nDisallow: /private/\n\nSitemap: http://site3.test:8123/sitemap.xml\n",
+    )
+    assert robots("site4.test") == (
+        200,
+        TEXT,
+        b"User-agent: *\nDisallow: /private/\nCrawl-delay: 1.5\n",
+    )
+    port80 = WebSpec(hosts=1, port=80, robots=(("site0.test", "sitemap"),))
+    assert (
+        b"Sitemap: http://site0.test/sitemap.xml\n"
+        in render(port80, "site0.test", "/robots.txt")[2]
+    )
+    # What a real robots.txt parser makes of them, as crawlfleet (token "crawlfleet").
+    agent = Protego.parse(robots("site0.test")[2].decode())
+    assert not agent.can_fetch("http://site0.test:8123/agent-only/0", CRAWLFLEET_UA)
+    assert agent.can_fetch("http://site0.test:8123/private/0", CRAWLFLEET_UA)
+    assert not agent.can_fetch("http://site0.test:8123/private/0", "otherbot/1.0")
+    assert Protego.parse(robots("site4.test")[2].decode()).crawl_delay(CRAWLFLEET_UA) == 1.5
+    assert list(Protego.parse(robots("site3.test")[2].decode()).sitemaps) == [
+        "http://site3.test:8123/sitemap.xml"
+    ]
+
+    # The sitemap exists only where robots.txt points at it, and lists the public pages.
+    status, ctype, body, _ = render(spec, "site3.test", "/sitemap.xml")
+    assert (status, ctype) == (200, XML)
+    ns = "{http://www.sitemaps.org/schemas/sitemap/0.9}"
+    locs = [e.text for e in ElementTree.fromstring(body).iter(f"{ns}loc")]
+    assert locs == [spec.url("site3.test", page_path(n)) for n in range(spec.pages)]
+    assert render(spec, "site4.test", "/sitemap.xml")[0] == 404
+
+    # /agent-only/N exists on the "agent" host only; its pages link to some of them and are
+    # otherwise the same; every other host serves exactly the pages of a default web.
+    assert render(spec, "site0.test", "/agent-only/10")[:2] == (200, HTML)
+    assert render(spec, "site0.test", f"/agent-only/{spec.pages}")[0] == 404
+    assert render(spec, "site1.test", "/agent-only/10")[0] == 404
+    for host in spec.host_names:
+        for n in range(spec.pages):
+            path = page_path(n)
+            if host == "site0.test" and n % 10 == 0:
+                page, plain = html_page(spec, host, path), html_page(ROBOTS_PLAIN, host, path)
+                assert page is not None and plain is not None
+                assert page.links[:-1] == plain.links
+                assert page.links[-1].target == spec.url(host, f"/agent-only/{n}")
+                assert replace(page, links=plain.links) == plain
+            else:
+                assert render(spec, host, path) == render(ROBOTS_PLAIN, host, path)
+            assert render(spec, host, f"/private/{n}") == render(
+                ROBOTS_PLAIN, host, f"/private/{n}"
+            )
+
+
+def test_reachable_obeys_each_robots_variant() -> None:
+    spec = ROBOTS_SPEC
+    free = reachable(spec, spec.roots)
+    polite = reachable(spec, spec.roots, obey_robots=True)
+    agent_only = {spec.url("site0.test", f"/agent-only/{n}") for n in (0, 10, 20)}
+    assert _on(free, "site0.test", "/agent-only/") == agent_only
+    # agent: crawlfleet's own group applies, so /agent-only/ is skipped and /private/ is not.
+    assert _on(polite, "site0.test") == _on(free, "site0.test") - agent_only
+    assert _on(polite, "site0.test", "/private/") != set()
+    # 4xx robots.txt: everything allowed. 5xx: nothing at all, and the host is noted.
+    assert _on(polite, "site1.test") == _on(free, "site1.test")
+    assert _on(polite, "site2.test") == set() != _on(free, "site2.test")
+    assert polite.robots_unreachable == {"site2.test"}
+    assert free.robots_unreachable == set()
+    # sitemap / delay: today's rules.
+    for host in ("site3.test", "site4.test"):
+        assert _on(polite, host) == _on(free, host) - _on(free, host, "/private/")
+    # The ground truth agrees with a real robots.txt parser on every URL of the rule hosts.
+    for host in ("site0.test", "site3.test", "site4.test"):
+        rules = Protego.parse(render(spec, host, "/robots.txt")[2].decode())
+        for url in _on(free, host):
+            assert rules.can_fetch(url, CRAWLFLEET_UA) == (url in polite), url
+    # A 5xx host that the crawl never enters is not noted.
+    alone = reachable(spec, spec.roots[:1], obey_robots=True)
+    assert alone.robots_unreachable == set()
+    assert reachable(spec, spec.roots[2:3], obey_robots=True) == {}
+
+
+XSPEC = WebSpec(hosts=3, pages=24, links=8, seed=7, port=8123, extras=True)
+XPLAIN = replace(XSPEC, extras=False)
+
+
+def _get(spec: WebSpec, url: str, hit: int = 1) -> tuple[int, str, bytes, dict[str, str]]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    return render(spec, parts.hostname, parts.path, parts.query, hit=hit)
+
+
+def test_extras_only_add_links_to_the_roots() -> None:
+    for host in XSPEC.host_names:
+        for n in range(XSPEC.pages):
+            path = page_path(n)
+            if n == 0:
+                page, plain = html_page(XSPEC, host, path), html_page(XPLAIN, host, path)
+                assert page is not None and plain is not None
+                k = len(plain.links)
+                assert page.links[:k] == plain.links
+                targets = [link.target for link in page.links[k:]]
+                assert targets == [XSPEC.url(host, p) for p in extra_paths(XSPEC, host)]
+                assert replace(page, links=plain.links) == plain
+            else:
+                assert render(XSPEC, host, path) == render(XPLAIN, host, path)
+            for other in (f"/private/{n}", f"/files/{n}.pdf", f"/img/{n}.png", f"/missing/{n}"):
+                assert render(XSPEC, host, other) == render(XPLAIN, host, other)
+        assert render(XSPEC, host, "/robots.txt") == render(XPLAIN, host, "/robots.txt")
+    paths = extra_paths(XSPEC, "site1.test")
+    assert paths[:7] == (
+        "/redirect/1",
+        "/redirect-loop/1",
+        "/redirect-out/1",
+        "/flaky/1",
+        "/ratelimited/1",
+        "/broken/1",
+        "/calendar/2000/01",
+    )
+    assert re.fullmatch(r"/session\?sid=[0-9a-f]{16}", paths[7])
+    assert paths[8:] == ("/nofollow-page", "/relnofollow", "/noindex-page", "/canonical-alias")
+    assert extra_paths(XSPEC, "site0.test")[7] != paths[7]  # tokens differ per host
+    assert extra_paths(XSPEC, "site9.test") == ()
+    assert extra_paths(XPLAIN, "site1.test") == ()
+
+
+def test_extras_redirects() -> None:
+    host = "site1.test"
+    url, locations = XSPEC.url(host, "/redirect/1"), []
+    for _ in range(3):
+        status, _, _, headers = _get(XSPEC, url)
+        assert status == 301
+        locations.append(headers["Location"])
+        url = canonical_url(urljoin(url, headers["Location"]))
+    assert locations == [
+        "/redirect/1/1",
+        "http://site1.test:8123/redirect/1/2",
+        "../../redirected/1",
+    ]
+    assert url == XSPEC.url(host, "/redirected/1")
+    status, ctype, body, _ = _get(XSPEC, url)
+    assert (status, ctype) == (200, HTML)
+    # The final page's relative link lands on a real page only if resolved against the FINAL URL.
+    assert parse(body).hrefs == ["1/landed"]
+    assert _get(XSPEC, urljoin(url, "1/landed"))[:2] == (200, HTML)
+    assert urljoin(url, "1/landed") == XSPEC.url(host, "/redirected/1/landed")
+    assert _get(XSPEC, urljoin(XSPEC.url(host, "/redirect/1"), "1/landed"))[0] == 404
+
+    status, _, _, headers = render(XSPEC, host, "/redirect-loop/1")
+    assert (status, headers["Location"]) == (302, "/redirect-loop/1?i=1")
+    assert render(XSPEC, host, "/redirect-loop/1", "i=41")[3]["Location"] == "/redirect-loop/1?i=42"
+    assert render(XSPEC, host, "/redirect-loop/5", "i=x")[3]["Location"] == "/redirect-loop/5?i=1"
+
+    status, _, _, headers = render(XSPEC, host, "/redirect-out/1")
+    assert (status, headers["Location"]) == (302, "http://site2.test:8123/p/1")
+    assert render(XSPEC, "site2.test", "/redirect-out/7")[3]["Location"] == (
+        "http://site0.test:8123/p/1"
+    )
+    one = WebSpec(hosts=1, pages=1, port=8123, extras=True)
+    assert render(one, "site0.test", "/redirect-out/1")[3]["Location"] == "http://site0.test:8123/"
+    assert render(XSPEC, host, "/redirect/12345")[0] == 301  # any N
+    for path in ("/redirect/1/3", "/redirect/01", "/redirected/1/x", "/redirect-loop/"):
+        assert render(XSPEC, host, path)[0] == 404, path
+    assert render(XSPEC, host, "/redirect/1/2/3")[0] == 404
+
+
+def test_extras_failing_endpoints_answer_by_hit_count() -> None:
+    statuses = [render(XSPEC, "site0.test", "/flaky/3", hit=k)[0] for k in range(1, 6)]
+    assert statuses == [503, 503, 200, 200, 200]
+    status, ctype, body, headers = render(XSPEC, "site0.test", "/ratelimited/1")
+    assert (status, headers["Retry-After"]) == (429, "1")
+    status, ctype, body, headers = render(XSPEC, "site0.test", "/ratelimited/1", hit=2)
+    assert (status, ctype) == (200, HTML) and "Retry-After" not in headers
+    # What they finally serve has no links: the reachable set cannot depend on retry policy.
+    assert parse(body).hrefs == []
+    assert parse(render(XSPEC, "site0.test", "/flaky/1", hit=3)[2]).hrefs == []
+    assert {render(XSPEC, "site0.test", "/broken/1", hit=k)[0] for k in (1, 2, 3, 100)} == {500}
+
+
+def test_extras_traps_go_on_forever() -> None:
+    host = "site0.test"
+    url, months = XSPEC.url(host, "/calendar/2000/01"), []
+    for _ in range(14):
+        page = html_page(XSPEC, *_host_path(url))
+        assert page is not None and len(page.links) == 1
+        months.append(_host_path(url)[1])
+        url = cast(str, page.links[0].target)
+    assert months[:2] == ["/calendar/2000/01", "/calendar/2000/02"]
+    assert months[11:] == ["/calendar/2000/12", "/calendar/2001/01", "/calendar/2001/02"]
+    assert render(XSPEC, host, "/calendar/12345/06")[0] == 200
+    for path in ("/calendar/1999/12", "/calendar/2000/13", "/calendar/2000/1", "/calendar/2000"):
+        assert render(XSPEC, host, path)[0] == 404, path
+
+    url, sids = XSPEC.url(host, extra_paths(XSPEC, host)[7]), []
+    for _ in range(20):
+        sids.append(parse_qs(urlsplit(url).query)["sid"][0])
+        status, ctype, body, _ = _get(XSPEC, url)
+        assert (status, ctype) == (200, HTML)
+        nxt = urljoin(url, parse(body).hrefs[0])
+        page = html_page(XSPEC, host, "/session", urlsplit(url).query)
+        assert page is not None and [link.target for link in page.links] == [nxt]
+        url = nxt
+    assert len(set(sids)) == 20 and all(re.fullmatch("[0-9a-f]{16}", s) for s in sids)
+    # Deterministic from seed, host and previous token; any sid (or none) gets an answer.
+    href = parse(render(XSPEC, host, "/session", f"sid={sids[3]}")[2]).hrefs[0]
+    assert href == f"/session?sid={sids[4]}"
+    assert render(XSPEC, host, "/session")[0] == 200
+    assert extra_paths(replace(XSPEC, seed=8), host)[7] != extra_paths(XSPEC, host)[7]
+
+
+def test_extras_nofollow_noindex_canonical() -> None:
+    host = "site2.test"
+
+    def doc(path: str) -> _Links:
+        status, ctype, body, _ = render(XSPEC, host, path)
+        assert (status, ctype) == (200, HTML), path
+        return parse(body)
+
+    page = doc("/nofollow-page")
+    assert (page.robots, page.hrefs) == ("nofollow", ["/only-via-nofollow/1"])
+    page = doc("/relnofollow")
+    assert page.robots is None
+    assert page.hrefs == ["/only-via-relnofollow/1", "/relnofollow-followed/1"]
+    assert page.rels == ["nofollow", None]
+    page = doc("/noindex-page")
+    assert (page.robots, page.hrefs) == ("noindex", ["/only-via-noindex/1"])
+    page = doc("/canonical-alias")
+    assert page.canonical == XSPEC.url(host, "/canonical-target")
+    assert page.hrefs == ["/canonical-target"]
+    assert doc("/canonical-target").canonical == XSPEC.url(host, "/canonical-target")
+    for path in ("/only-via-nofollow/1", "/only-via-relnofollow/1", "/only-via-noindex/1"):
+        assert doc(path).hrefs == []
+    alias = html_page(XSPEC, host, "/canonical-alias")
+    nofollow = html_page(XSPEC, host, "/nofollow-page")
+    relnofollow = html_page(XSPEC, host, "/relnofollow")
+    assert alias is not None and nofollow is not None and relnofollow is not None
+    assert nofollow.nofollow and not alias.nofollow
+    assert [link.nofollow for link in relnofollow.links] == [True, False]
+
+
+def _assert_hrefs_resolve(spec: WebSpec, page: Page, body: bytes) -> None:
+    doc = parse(body)
+    base = urljoin(page.url, doc.base) if doc.base else page.url
+    assert doc.hrefs == [link.href for link in page.links]
+    assert doc.rels == [link.rel for link in page.links]
+    for href, link in zip(doc.hrefs, page.links, strict=True):
+        if href.startswith(("mailto:", "javascript:")):
+            assert link.target is None
+        else:
+            assert canonical_url(urldefrag(urljoin(base, href))[0]) == link.target, href
+
+
+@pytest.mark.parametrize("port", [8123, 80])
+def test_knob_hrefs_resolve_to_the_generated_targets(port: int) -> None:
+    """Every HTML page the knobs add or change, checked like the default pages."""
+    spec = replace(XSPEC, port=port, robots=(("site1.test", "agent"),))
+    found = reachable(spec, spec.roots, trap_limit=3)
+    urls = [*found, spec.url("site0.test", "/redirected/1"), spec.url("site0.test", "/flaky/1")]
+    urls += [spec.url("site0.test", p) for p in ("/only-via-nofollow/1", "/only-via-relnofollow/1")]
+    checked = 0
+    for url in urls:
+        host, path = _host_path(url)
+        path, _, query = path.partition("?")
+        page = html_page(spec, host, path, query)
+        status, ctype, body, _ = render(spec, host, path, query, hit=10)
+        assert (page is not None) == (status == 200 and ctype == HTML), url
+        if page is not None:
+            assert page.url == url
+            _assert_hrefs_resolve(spec, page, body)
+            checked += 1
+    assert checked > 3 * spec.pages
+
+
+def test_reachable_with_extras() -> None:
+    plain = reachable(XPLAIN, XPLAIN.roots)
+    found = reachable(XSPEC, XSPEC.roots)
+    assert {u: found[u] for u in plain} == plain  # nothing old moves
+    added = {u: d for u, d in found.items() if u not in plain}
+    expected: dict[str, int] = {}
+    redirects: dict[str, tuple[str, ...]] = {}
+    for i, host in enumerate(XSPEC.host_names):
+
+        def url(path: str, host: str = host) -> str:
+            return XSPEC.url(host, path)
+
+        for path in extra_paths(XSPEC, host):
+            if not path.startswith(("/calendar/", "/session")):  # traps: out by default
+                expected[url(path)] = 1
+        for path in ("/redirected/1/landed", "/relnofollow-followed/1", "/only-via-noindex/1"):
+            expected[url(path)] = 2
+        expected[url("/canonical-target")] = 2  # alias and target are both fetched
+        redirects[url("/redirect/1")] = (
+            url("/redirect/1/1"),
+            url("/redirect/1/2"),
+            url("/redirected/1"),
+        )
+        redirects[url("/redirect-out/1")] = (url("/p/1", f"site{(i + 1) % 3}.test"),)
+        # Never fetched on their own: nofollow targets, redirect hops and targets.
+        for path in ("/only-via-nofollow/1", "/only-via-relnofollow/1", "/redirected/1"):
+            assert url(path) not in found
+        assert url("/redirect/1/1") not in found
+    assert added == expected
+    assert found.redirects == redirects
+    assert found.redirect_loops == {XSPEC.url(h, "/redirect-loop/1") for h in XSPEC.host_names}
+    assert found.retried == {
+        **{XSPEC.url(h, "/flaky/1"): (503, 503) for h in XSPEC.host_names},
+        **{XSPEC.url(h, "/ratelimited/1"): (429,) for h in XSPEC.host_names},
+    }
+    assert found.robots_unreachable == set()
+    # Every note is about a URL of the result.
+    assert set(found.redirects) | found.redirect_loops | set(found.retried) <= set(found)
+
+
+def test_reachable_trap_limit() -> None:
+    roots = XSPEC.roots
+    base = reachable(XSPEC, roots)
+    assert not any("/calendar/" in u or "/session" in u for u in base)
+    assert reachable(XSPEC, roots, trap_limit=0) == base
+    four = reachable(XSPEC, roots, trap_limit=4)
+    trap = {u: d for u, d in four.items() if u not in base}
+    for host in XSPEC.host_names:
+        months = {XSPEC.url(host, f"/calendar/2000/{m:02d}"): m for m in range(1, 5)}
+        assert {u: d for u, d in trap.items() if "/calendar/" in u and host in u} == months
+        sessions = sorted((d, u) for u, d in trap.items() if "/session" in u and host in u)
+        assert [d for d, _ in sessions] == [1, 2, 3, 4]
+        assert sessions[0][1] == XSPEC.url(host, extra_paths(XSPEC, host)[7])
+        for (_, a), (_, b) in pairwise(sessions):  # each one links to the next
+            page = html_page(XSPEC, host, "/session", urlsplit(a).query)
+            assert page is not None and page.links[0].target == b
+    assert len(trap) == 2 * 4 * XSPEC.hosts
+    # A depth limit cuts traps too.
+    deep = reachable(XSPEC, roots, trap_limit=1000, max_depth=3)
+    assert {u for u in deep if "/calendar/" in u and "site0" in u} == {
+        XSPEC.url("site0.test", f"/calendar/2000/0{m}") for m in (1, 2, 3)
+    }
+    # A seed inside a trap: the trap counts from there.
+    inside = XSPEC.url("site0.test", "/calendar/2010/11")
+    assert reachable(XSPEC, [inside], trap_limit=3) == {
+        inside: 0,
+        XSPEC.url("site0.test", "/calendar/2010/12"): 1,
+        XSPEC.url("site0.test", "/calendar/2011/01"): 2,
+    }
+    assert reachable(XSPEC, [inside]) == {}
+    with pytest.raises(ValueError):
+        reachable(XSPEC, roots, trap_limit=-1)
+
+
+def test_reachable_extras_seeds_and_allowed_hosts() -> None:
+    def url(path: str, host: str = "site0.test") -> str:
+        return XSPEC.url(host, path)
+
+    found = reachable(XSPEC, [url("/redirect/1")])
+    assert found == {url("/redirect/1"): 0, url("/redirected/1/landed"): 1}
+    assert found.redirects == {
+        url("/redirect/1"): (url("/redirect/1/1"), url("/redirect/1/2"), url("/redirected/1"))
+    }
+    # A cross-host redirect is followed by the fetch, whatever allowed_hosts says; the final
+    # page's links are then filtered like any others.
+    only0 = reachable(XSPEC, [XSPEC.roots[0]])
+    assert url("/redirect-out/1") in only0
+    assert only0.redirects[url("/redirect-out/1")] == (url("/p/1", "site1.test"),)
+    assert {_host_path(u)[0] for u in only0} == {"site0.test"}
+    loop = reachable(XSPEC, [url("/redirect-loop/3")])
+    assert (loop, loop.redirect_loops, loop.redirects) == (
+        {url("/redirect-loop/3"): 0},
+        {url("/redirect-loop/3")},
+        {},
+    )
+    assert reachable(XSPEC, [url("/nofollow-page")]) == {url("/nofollow-page"): 0}
+    assert reachable(XSPEC, [url("/broken/1")]) == {url("/broken/1"): 0}
+    # Redirect notes are kept at the depth limit too: the URL is still fetched.
+    capped = reachable(XSPEC, XSPEC.roots, max_depth=1)
+    assert url("/redirect/1") in capped.redirects and url("/redirected/1/landed") not in capped
+    # obey_robots with extras: nothing of the extras is disallowed by the default rules.
+    assert reachable(XSPEC, XSPEC.roots, obey_robots=True).keys() == {
+        u for u in reachable(XSPEC, XSPEC.roots) if "/private/" not in u
+    }
+
+
+def test_knob_webs_are_deterministic_across_processes() -> None:
+    script = (
+        "import hashlib\n"
+        "from crawlfleet.testweb.site import WebSpec, extra_paths, render, page_path\n"
+        "spec = WebSpec(hosts=2, pages=12, seed=7, port=8123, extras=True,\n"
+        "               robots=(('site1.test', 'agent'), ('site0.test', 'sitemap')))\n"
+        "h = hashlib.sha256()\n"
+        "paths = ['/robots.txt', '/sitemap.xml', '/agent-only/10', '/redirected/3']\n"
+        "paths += [page_path(n) for n in range(spec.pages)]\n"
+        "for host in spec.host_names:\n"
+        "    for p in paths:\n"
+        "        h.update(render(spec, host, p)[2])\n"
+        "    path, _, query = extra_paths(spec, host)[7].partition('?')\n"
+        "    h.update(render(spec, host, path, query)[2])\n"
+        "print(h.hexdigest())\n"
+    )
+    here = io.StringIO()
+    with contextlib.redirect_stdout(here):
+        exec(script, {})
+    outs = {
+        here.getvalue().strip(),
+        *(
+            subprocess.run(
+                [sys.executable, "-c", script],
+                env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout.strip()
+            for hash_seed in ("1", "2")
+        ),
+    }
+    assert len(outs) == 1 and len(outs.pop()) == 64
+
+
 # --- server.py ---------------------------------------------------------------------------
 
 
@@ -324,6 +892,9 @@ async def test_server_serves_virtual_hosts_and_records_stats() -> None:
         await get("site0.test", "/")
         async with http.get(srv.address + STATS_PATH) as r:
             stats = await r.json()
+        assert "paths" not in stats  # per-path counts are only reported with extras
+        starts = stats["hosts"]["site0.test"].pop("request_starts")
+        assert isinstance(starts, list) and len(starts) == 1 and isinstance(starts[0], float)
         assert stats["hosts"] == {
             "site0.test": {
                 "requests": 1,
@@ -333,6 +904,103 @@ async def test_server_serves_virtual_hosts_and_records_stats() -> None:
                 "min_gap_s": None,
             }
         }
+
+
+async def test_server_extras_counters_and_politeness_stats() -> None:
+    spec = WebSpec(
+        hosts=2,
+        pages=5,
+        seed=3,
+        port=0,
+        extras=True,
+        robots=(("site1.test", "status:503"),),
+        slow_hosts=(("site1.test", 200.0),),
+    )
+    async with WebServer(spec) as srv, aiohttp.ClientSession() as http:
+
+        async def get(host: str, path: str) -> tuple[int, dict[str, str], bytes]:
+            headers = {"Host": f"{host}:{srv.port}"}
+            async with http.get(srv.address + path, headers=headers, allow_redirects=False) as r:
+                return r.status, dict(r.headers), await r.read()
+
+        async def stats() -> dict[str, Any]:
+            async with http.get(srv.address + STATS_PATH) as r:
+                return cast(dict[str, Any], await r.json())
+
+        # Stateful endpoints count requests per host and exact path (query string ignored).
+        assert [(await get("site0.test", "/flaky/1"))[0] for _ in range(4)] == [503, 503, 200, 200]
+        assert (await get("site0.test", "/flaky/2"))[0] == 503
+        assert (await get("site1.test", "/flaky/1"))[0] == 503
+        assert (await get("site0.test", "/flaky/2?retry=1"))[0] == 503
+        status, _, body = await get("site0.test", "/flaky/2")
+        assert (status, body) == (200, render(srv.spec, "site0.test", "/flaky/2", hit=3)[2])
+        status, headers, _ = await get("site0.test", "/ratelimited/1")
+        assert (status, headers["Retry-After"]) == (429, "1")
+        status, headers, _ = await get("site0.test", "/ratelimited/1")
+        assert status == 200 and "Retry-After" not in headers
+        assert [(await get("site0.test", "/broken/1"))[0] for _ in range(3)] == [500] * 3
+
+        # Query strings reach the pages; redirects carry their Location.
+        status, headers, _ = await get("site0.test", "/redirect-loop/1?i=7")
+        assert (status, headers["Location"]) == (302, "/redirect-loop/1?i=8")
+        status, headers, _ = await get("site0.test", "/redirect/2")
+        assert (status, headers["Location"]) == (301, "/redirect/2/1")
+        status, headers, _ = await get("site0.test", "/redirect-out/1")
+        assert (status, headers["Location"]) == (302, f"http://site1.test:{srv.port}/p/1")
+        status, _, body = await get("site0.test", "/session?sid=abc")
+        assert (status, body) == (200, render(srv.spec, "site0.test", "/session", "sid=abc")[2])
+        assert (await get("site1.test", "/robots.txt"))[0] == 503
+
+        # Three overlapping requests to the slow host.
+        await asyncio.gather(*(get("site1.test", page_path(n)) for n in range(3)))
+
+        snap = await stats()
+        assert snap["paths"]["site0.test"]["/flaky/1"] == 4
+        assert snap["paths"]["site0.test"]["/flaky/2"] == 3  # /flaky/2?retry=1 included
+        assert snap["paths"]["site0.test"]["/broken/1"] == 3
+        assert snap["paths"]["site1.test"] == {
+            "/": 1,
+            "/flaky/1": 1,
+            "/p/1": 1,
+            "/p/2": 1,
+            "/robots.txt": 1,
+        }
+        s1 = snap["hosts"]["site1.test"]
+        assert s1["peak_concurrency"] == 3 and s1["requests"] == 5
+        for st in snap["hosts"].values():
+            starts = st["request_starts"]
+            assert len(starts) == st["requests"] and starts == sorted(starts)
+            # A test can compute the gaps itself; the smallest is min_gap_s.
+            assert min(b - a for a, b in pairwise(starts)) == st["min_gap_s"]
+
+        # Reset clears the stats and the flaky / rate-limit counters.
+        async with http.post(srv.address + RESET_PATH) as r:
+            assert r.status == 200
+        assert (await get("site0.test", "/flaky/1"))[0] == 503
+        assert (await get("site0.test", "/ratelimited/1"))[0] == 429
+        snap = await stats()
+        assert snap["paths"] == {"site0.test": {"/flaky/1": 1, "/ratelimited/1": 1}}
+        assert snap["total_requests"] == 2
+
+
+def test_stats_recorder_bounds_request_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert server_module.MAX_REQUEST_STARTS == 10_000
+    monkeypatch.setattr(server_module, "MAX_REQUEST_STARTS", 3)
+    rec = StatsRecorder()
+    for path in ("/", "/a", "/"):
+        rec.end(rec.begin("a.test", path))
+    host = rec.snapshot()["hosts"]["a.test"]
+    starts = host["request_starts"]
+    assert starts is not None and len(starts) == 3
+    assert "paths" not in rec.snapshot()
+    rec.end(rec.begin("a.test", "/b"))
+    host = rec.snapshot()["hosts"]["a.test"]
+    assert host["request_starts"] is None and host["requests"] == 4
+    assert host["distinct_paths"] == 3
+    assert rec.snapshot(paths=True)["paths"] == {"a.test": {"/": 2, "/a": 1, "/b": 1}}
+    rec.reset()
+    rec.end(rec.begin("a.test", "/"))
+    assert rec.snapshot()["hosts"]["a.test"]["request_starts"] is not None
 
 
 async def test_server_refuses_non_loopback_bind() -> None:
@@ -474,6 +1142,39 @@ def test_cli_print_reachable(
     ],
 )
 def test_cli_rejects(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "crawlfleet testweb: error:" in capsys.readouterr().err
+
+
+def test_cli_print_reachable_with_knobs(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--print-reachable", "--port", "8123", "--hosts", "3", "--pages", "40", "--seed", "7"]
+    argv += ["--extras", "--robots", "site0.test=agent", "--robots", "SITE2.test=status:503"]
+    argv += ["--obey-robots", "--trap-limit", "3"]
+    assert main(argv) == 0
+    spec = replace(
+        SPEC, extras=True, robots=(("site0.test", "agent"), ("site2.test", "status:503"))
+    )
+    expected = reachable(spec, spec.roots, obey_robots=True, trap_limit=3)
+    out = capsys.readouterr()
+    assert out.out.splitlines() == sorted(expected)
+    assert any("/calendar/2000/03" in u for u in expected)
+    assert "site2.test's robots.txt answers 5xx" in out.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--robots", "site9.test=agent"],
+        ["--robots", "site0.test=bogus"],
+        ["--robots", "site0.test=status:200"],
+        ["--robots", "nonsense"],
+        ["--trap-limit", "3"],
+        ["--print-reachable", "--port", "8123", "--extras", "--trap-limit", "-1"],
+    ],
+)
+def test_cli_rejects_bad_knobs(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2

@@ -15,7 +15,7 @@ from typing import Any
 from .dns import DnsServer
 from .loopback import require_loopback
 from .server import STATS_PATH, WebServer
-from .site import WebSpec, reachable
+from .site import ROBOTS_VARIANTS, WebSpec, reachable
 
 
 def _slow_host(value: str) -> tuple[str, float]:
@@ -26,6 +26,13 @@ def _slow_host(value: str) -> tuple[str, float]:
         return host.strip().lower(), float(ms)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HOST=MS, got {value!r}") from None
+
+
+def _robots(value: str) -> tuple[str, str]:
+    host, sep, variant = value.partition("=")
+    if not sep or not host.strip() or not variant.strip():
+        raise argparse.ArgumentTypeError(f"expected HOST=VARIANT, got {value!r}")
+    return host.strip().lower(), variant.strip()
 
 
 def _loopback(value: str) -> str:
@@ -54,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST=MS",
         help="extra latency for one host (repeatable)",
+    )
+    web.add_argument(
+        "--robots",
+        type=_robots,
+        action="append",
+        default=[],
+        metavar="HOST=VARIANT",
+        help=f"robots.txt variant of one host (repeatable): {', '.join(ROBOTS_VARIANTS)}",
+    )
+    web.add_argument(
+        "--extras",
+        action="store_true",
+        help="link every root to the special endpoints: redirects, flaky/429/500 pages, "
+        "crawler traps, nofollow/noindex/canonical pages",
     )
     net = p.add_argument_group("network")
     net.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
@@ -86,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gt.add_argument("--obey-robots", action="store_true", help="skip what robots.txt disallows")
     gt.add_argument("--max-depth", type=int, default=None, metavar="N", help="link depth limit")
+    gt.add_argument(
+        "--trap-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --extras: include the first N URLs of each crawler trap (default: none)",
+    )
     return p
 
 
@@ -93,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.print_reachable and (
-        args.seed_url or args.allowed_host or args.obey_robots or args.max_depth is not None
+        args.seed_url
+        or args.allowed_host
+        or args.obey_robots
+        or args.max_depth is not None
+        or args.trap_limit is not None
     ):
         parser.error(
-            "--seed-url, --allowed-host, --obey-robots and --max-depth "
+            "--seed-url, --allowed-host, --obey-robots, --max-depth and --trap-limit "
             "only apply to --print-reachable"
         )
     if args.report:
@@ -110,15 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             slow_hosts=tuple(args.slow_host),
             port=args.port,
+            robots=tuple(args.robots),
+            extras=args.extras,
         )
     except ValueError as e:
         parser.error(str(e))
-    unknown = sorted({h for h, _ in spec.slow_hosts} - set(spec.host_names))
-    if unknown:
-        parser.error(
-            f"--slow-host for unknown host(s) {', '.join(unknown)}; "
-            f"hosts are site0.test..site{spec.hosts - 1}.test"
-        )
+    for flag, pairs in (("--slow-host", spec.slow_hosts), ("--robots", spec.robots)):
+        unknown = sorted({h for h, _ in pairs} - set(spec.host_names))
+        if unknown:
+            parser.error(
+                f"{flag} for unknown host(s) {', '.join(unknown)}; "
+                f"hosts are site0.test..site{spec.hosts - 1}.test"
+            )
     if args.print_reachable:
         if spec.port == 0:
             parser.error("--print-reachable needs the real --port the URLs carry, not 0")
@@ -129,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                 allowed_hosts=set(args.allowed_host) if args.allowed_host else None,
                 obey_robots=args.obey_robots,
                 max_depth=args.max_depth,
+                trap_limit=args.trap_limit,
             )
         except ValueError as e:
             parser.error(str(e))
         sys.stdout.write("".join(f"{url}\n" for url in sorted(found)))
+        for host in sorted(found.robots_unreachable):
+            print(f"note: {host}'s robots.txt answers 5xx: nothing fetched there", file=sys.stderr)
         return 0
     try:
         return asyncio.run(_serve(spec, args.bind, args.dns_port, args.log_requests))

@@ -1,8 +1,15 @@
 """The HTTP side of the test web: one aiohttp app serving ``render()`` for every virtual host.
 
 It also watches how it is being crawled. Per host it records the request count, the peak
-number of requests in progress at once, and the shortest gap between two consecutive request
-starts, which is what politeness tests assert on (``GET /__testweb__/stats``).
+number of requests in progress at once, the shortest gap between two consecutive request
+starts, and the start times themselves (``request_starts``, monotonic seconds, kept while the
+host has had at most MAX_REQUEST_STARTS requests, then ``null``), which is what politeness
+tests assert on (``GET /__testweb__/stats``).
+
+It also counts the requests for every host and path (query string ignored). That count is what
+the stateful ``extras`` endpoints (``/flaky/N``, ``/ratelimited/N``) answer by, and with
+``spec.extras`` on the stats carry it as ``"paths": {host: {path: hits}}``.
+``POST /__testweb__/reset`` clears everything, those counters included.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import socket
 import time
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from aiohttp import web
 
@@ -22,6 +29,7 @@ from .site import WebSpec, render
 
 STATS_PATH = "/__testweb__/stats"
 RESET_PATH = "/__testweb__/reset"
+MAX_REQUEST_STARTS = 10_000  # per host; beyond that request_starts is dropped (null)
 
 
 class HostStatsJSON(TypedDict):
@@ -30,11 +38,13 @@ class HostStatsJSON(TypedDict):
     in_flight: int
     peak_concurrency: int
     min_gap_s: float | None
+    request_starts: list[float] | None  # None once the host has had > MAX_REQUEST_STARTS
 
 
 class StatsJSON(TypedDict):
     total_requests: int
     hosts: dict[str, HostStatsJSON]
+    paths: NotRequired[dict[str, dict[str, int]]]  # host -> path -> hits; only with extras
 
 
 @dataclass
@@ -44,7 +54,8 @@ class HostStats:
     peak_concurrency: int = 0
     min_gap_s: float | None = None  # None until a second request arrives
     last_start: float | None = None
-    paths: set[str] = field(default_factory=set)
+    paths: dict[str, int] = field(default_factory=dict)  # path -> requests (hits)
+    request_starts: list[float] | None = field(default_factory=list)
 
     def as_json(self) -> HostStatsJSON:
         return {
@@ -53,6 +64,7 @@ class HostStats:
             "in_flight": self.in_flight,
             "peak_concurrency": self.peak_concurrency,
             "min_gap_s": self.min_gap_s,
+            "request_starts": None if self.request_starts is None else list(self.request_starts),
         }
 
 
@@ -63,11 +75,19 @@ class StatsRecorder:
         self.hosts: dict[str, HostStats] = {}
 
     def begin(self, host: str, path: str) -> HostStats:
-        """Record a request start; pass the result to ``end`` when it finishes."""
+        """Record a request start; pass the result to ``end`` when it finishes.
+
+        ``result.paths[path]`` is then the number of this request among those for ``path``.
+        """
         now = time.monotonic()
         st = self.hosts.setdefault(host, HostStats())
         st.requests += 1
-        st.paths.add(path)
+        st.paths[path] = st.paths.get(path, 0) + 1
+        if st.request_starts is not None:
+            if st.requests > MAX_REQUEST_STARTS:
+                st.request_starts = None  # bounded memory for long runs
+            else:
+                st.request_starts.append(now)
         st.in_flight += 1
         st.peak_concurrency = max(st.peak_concurrency, st.in_flight)
         if st.last_start is not None:
@@ -84,11 +104,17 @@ class StatsRecorder:
     def reset(self) -> None:
         self.hosts = {}
 
-    def snapshot(self) -> StatsJSON:
-        return {
+    def snapshot(self, *, paths: bool = False) -> StatsJSON:
+        """The stats as JSON; ``paths=True`` adds the per-host, per-path request counts."""
+        snap: StatsJSON = {
             "total_requests": sum(s.requests for s in self.hosts.values()),
             "hosts": {h: s.as_json() for h, s in sorted(self.hosts.items())},
         }
+        if paths:
+            snap["paths"] = {
+                h: dict(sorted(s.paths.items())) for h, s in sorted(self.hosts.items())
+            }
+        return snap
 
 
 def vhost(host_header: str) -> str:
@@ -187,12 +213,13 @@ class WebServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         if path == STATS_PATH and request.method == "GET":
-            return web.json_response(self.stats.snapshot())
+            return web.json_response(self.stats.snapshot(paths=self.spec.extras))
         if path == RESET_PATH and request.method == "POST":
             self.stats.reset()
             return web.json_response({"ok": True})
         host = vhost(request.headers.get("Host", ""))
         st = self.stats.begin(host, path)
+        hit = st.paths[path]
         try:
             if request.method not in ("GET", "HEAD"):
                 allow = {"Allow": "GET, HEAD"}
@@ -200,7 +227,9 @@ class WebServer:
             delay_ms = self.spec.delay_ms(host)
             if delay_ms > 0:
                 await asyncio.sleep(delay_ms / 1000)
-            status, content_type, body, headers = render(self.spec, host, path)
+            status, content_type, body, headers = render(
+                self.spec, host, path, request.query_string, hit=hit
+            )
         finally:
             self.stats.end(st)
         # Set Content-Type verbatim: aiohttp's content_type= argument rejects a charset in it.

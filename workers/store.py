@@ -29,8 +29,9 @@ return 1
 """
 
 _REPORT = """
-local lease_batch, leases, waiting, ready, stats, results, events, rate, seen, dead =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local lease_batch, leases, waiting, ready, stats, results, events, rate, seen, dead, not_before =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10],
+  KEYS[11]
 local prefix, now, host, batch_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local final, next_ready, event = ARGV[5] == '1', ARGV[6], ARGV[7]
 local is_current = redis.call('HGET', lease_batch, host) == batch_id
@@ -85,6 +86,8 @@ if final and is_current then
   redis.call('DEL', lease)
   redis.call('HDEL', lease_batch, host)
   redis.call('ZREM', leases, host)
+  -- Remembered apart from the ready set: links for this host may arrive after this report.
+  redis.call('HSET', not_before, host, next_ready)
   if redis.call('LLEN', q) > 0 then redis.call('ZADD', ready, next_ready, host) end
 end
 if final then redis.call('ZREM', waiting, batch_id) end
@@ -162,7 +165,7 @@ class Store:
         held, stored, duplicates, handed_back = await retry_while_unavailable(
             lambda: self._report(
                 keys=[k.lease_batch, k.leases, k.waiting, k.ready, k.stats, k.results, k.events,
-                      k.rate, k.seen, k.dead_letter],
+                      k.rate, k.seen, k.dead_letter, k.not_before],
                 args=args,
             )
         )

@@ -20,6 +20,7 @@ import aiohttp
 import msgspec
 from arq import func
 from arq.worker import Worker
+from redis.exceptions import WatchError
 
 from crawlfleet.common.connections import REDIS_UNAVAILABLE, open_redis
 from crawlfleet.common.keys import Keys
@@ -134,6 +135,7 @@ class BatchRun:
         self.pace_lock = asyncio.Lock()
         self.next_start = 0.0
         self.last_start = 0.0
+        self.last_start_mono = 0.0
         # When set, no new fetch starts: the lease is lost, the host keeps failing, or its
         # robots.txt is unavailable. Unstarted URLs go back to the host queue.
         self.halted: str | None = None
@@ -180,6 +182,7 @@ class BatchRun:
                 now = time.monotonic()
             self.next_start = now + self.delay
             self.last_start = time.time()
+            self.last_start_mono = now
 
     async def _prepare_robots(self) -> None:
         """robots.txt of each origin in the batch (one, almost always) before any page."""
@@ -193,6 +196,9 @@ class BatchRun:
             elif policy.crawl_delay:
                 self.delay = max(self.delay,
                                  min(policy.crawl_delay, self.settings.max_crawl_delay))
+                # robots.txt itself was a request: the first page waits the new delay after it.
+                if self.last_start_mono:
+                    self.next_start = max(self.next_start, self.last_start_mono + self.delay)
 
     async def _crawl_one(self, entry: QueuedURL) -> None:
         if self.halted:
@@ -356,8 +362,11 @@ def build_result(
         worker=settings.worker_id,
         redirects=fetched.redirects,
     )
+    # The targets on the way got the same content; a failed fetch vouches for none of them.
     followed = fetched.redirects[:-1] if fetched.redirect_stopped else fetched.redirects
-    aliases = [msgspec.structs.replace(result, url=url, redirects=[]) for url in followed]
+    aliases = [] if result.error else [
+        msgspec.structs.replace(result, url=url, redirects=[]) for url in followed
+    ]
     return result, links, aliases
 
 
@@ -387,16 +396,32 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+# redis-py reports a connection lost during WATCH as a WatchError; arq's poll WATCHes.
+POLL_FAILURES: tuple[type[Exception], ...] = (*REDIS_UNAVAILABLE, WatchError)
+
+
 class CrawlWorker(Worker):
     """arq's worker, riding out Redis outages: a failed poll waits and polls again instead of
     ending the process (and, under Kubernetes, starting a crash loop)."""
 
     _backoff = 0.1
 
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # arq 0.28 takes a job slot (semaphore and counter) before its WATCH and does not give
+        # it back when Redis drops the connection there, so each outage would cost the worker
+        # a slot for good. Start one job at a time and return the slot on that path.
+        for job_id in job_ids:
+            try:
+                await super().start_jobs([job_id])
+            except POLL_FAILURES:
+                self.job_counter -= 1
+                self.sem.release()
+                raise
+
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
-        except REDIS_UNAVAILABLE as exc:
+        except POLL_FAILURES as exc:
             log.warning("redis_unavailable", error=str(exc), retry_in=self._backoff)
             await asyncio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, 5.0)

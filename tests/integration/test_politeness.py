@@ -1,0 +1,196 @@
+"""Politeness that holds across the whole fleet, measured by the test web itself."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import pytest
+
+from ..conftest import Fleet, RedisServer, WebUnderTest
+
+pytestmark = pytest.mark.integration
+
+# The test web sees a request when its handler starts, the crawler when it sends it: allow a
+# little jitter between the two clocks' view of the same gap.
+JITTER_S = 0.03
+
+
+def test_per_host_limits_hold_across_four_workers_and_a_slow_host_does_not_stall_the_rest(
+    redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    web = testweb_factory("--hosts", "4", "--pages", "25", "--slow-host", "site0.test=1000")
+    concurrency, delay = 2, 0.2
+    fleet = fleet_factory(
+        redis_server.url, web,
+        CRAWLFLEET_PER_HOST_CONCURRENCY=str(concurrency),
+        CRAWLFLEET_CRAWL_DELAY=str(delay),
+        CRAWLFLEET_BATCH_SIZE="4",  # many batches, so a host passes between workers often
+        CRAWLFLEET_JOBS_PER_WORKER="4",
+    )
+    fleet.spawn("scheduler", "scheduler")
+    for i in range(4):
+        fleet.spawn(f"worker-{i}", "worker", CRAWLFLEET_WORKER_ID=f"worker-{i}")
+    fleet.run("seed", *web.seeds)
+    fleet.wait_finished(timeout=120)
+
+    stats = web.stats()["hosts"]
+    for host, host_stats in stats.items():
+        assert host_stats["peak_concurrency"] <= concurrency, (host, host_stats)
+        assert host_stats["min_gap_s"] >= delay - JITTER_S, (host, host_stats)
+
+    # Batches of every host really did pass between workers, so the limits held fleet-wide.
+    results = fleet.export()
+    workers_per_host: dict[str, set[str]] = defaultdict(set)
+    fetched_at: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        host = r["url"].split("/")[2].split(":")[0]
+        if r["worker"]:
+            workers_per_host[host].add(r["worker"])
+        fetched_at[host].append(r["fetched_at"])
+    assert all(len(w) >= 2 for w in workers_per_host.values()), workers_per_host
+
+    # The slow host takes far longer, and meanwhile the others run at their delay-bound pace.
+    def span(host: str) -> float:
+        return max(fetched_at[host]) - min(fetched_at[host])
+
+    slow = span("site0.test")
+    for host in ("site1.test", "site2.test", "site3.test"):
+        pages = len(fetched_at[host])
+        assert span(host) < slow, (host, span(host), slow)
+        # Delay-bound ideal: (pages - 1) x delay; allow for hand-overs and a busy machine.
+        assert span(host) < (pages - 1) * delay * 2.5 + 2, (host, span(host), pages)
+
+
+def _host(url: str) -> str:
+    return url.split("/")[2].split(":")[0]
+
+
+def _path(url: str) -> str:
+    return "/" + url.split("/", 3)[3] if url.count("/") >= 3 else "/"
+
+
+def test_robots_links_retries_redirects_and_patterns(
+    redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    """One crawl of the test web's special endpoints, then each rule checked on its results."""
+    import redis as redis_sync
+
+    from crawlfleet.testweb.site import WebSpec, reachable
+
+    robots = {"site1.test": "agent", "site2.test": "delay:0.3", "site3.test": "sitemap",
+              "site4.test": "status:404"}
+    web = testweb_factory("--hosts", "5", "--pages", "12", "--extras",
+                          *[f"--robots={h}={v}" for h, v in robots.items()])
+    max_retries = 2
+    fleet = fleet_factory(
+        redis_server.url, web,
+        CRAWLFLEET_MAX_RETRIES=str(max_retries), CRAWLFLEET_RETRY_BASE="0.1",
+        CRAWLFLEET_RETRY_MAX="2", CRAWLFLEET_DENY_PATTERN="/calendar/|/session",
+    )
+    fleet.spawn("scheduler", "scheduler")
+    fleet.spawn("worker-a", "worker")
+    fleet.spawn("worker-b", "worker")
+    fleet.run("seed", *web.seeds)
+    status = fleet.wait_finished(timeout=120)
+
+    spec = WebSpec(hosts=5, pages=12, port=web.port, extras=True, robots=tuple(robots.items()))
+    polite = reachable(spec, spec.roots, obey_robots=True)
+    everything = reachable(spec, spec.roots, obey_robots=False)
+    results = {r["url"]: r for r in fleet.export()}
+    fetched = {u for u, r in results.items() if r["error"] != "robots"}
+    skipped = {u for u, r in results.items() if r["error"] == "robots"}
+
+    # robots.txt: each host's rules for our agent; a 404 robots.txt allows everything. Followed
+    # redirect hops get results of their own (so they are never fetched again).
+    hops = {hop for chain in polite.redirects.values() for hop in chain}
+    assert fetched == set(polite) | hops
+    assert skipped == set(everything) - set(polite)
+    assert {_path(u).split("/")[1] for u in skipped} == {"private", "agent-only"}
+    assert not any("/agent-only/" in u for u in fetched)
+    assert any("/private/" in u and _host(u) == "site1.test" for u in fetched)  # agent rules
+    assert any("/private/" in u and _host(u) == "site4.test" for u in fetched)  # 404 robots
+    hits = web.stats()["paths"]
+    assert all(paths.get("/robots.txt") == 1 for paths in hits.values()), "robots once per host"
+    assert web.stats()["hosts"]["site2.test"]["min_gap_s"] >= 0.3 - JITTER_S  # Crawl-delay
+    with redis_sync.Redis.from_url(redis_server.url) as r:
+        sitemaps = {s.decode() for s in r.smembers(f"{fleet.env['CRAWLFLEET_NAMESPACE']}:sitemaps")}
+    assert f"http://site3.test:{web.port}/sitemap.xml" in sitemaps
+
+    for host in spec.host_names:
+        origin = f"http://{host}:{web.port}"
+        # Retries: 503 twice, then 200; 429 with Retry-After, then 200; 500 forever.
+        assert results[f"{origin}/flaky/1"]["status"] == 200
+        assert results[f"{origin}/ratelimited/1"]["status"] == 200
+        broken = results[f"{origin}/broken/1"]
+        assert broken["error"] == "http_5xx"
+        assert hits[host]["/broken/1"] == max_retries + 1
+        # Redirects: a same-host chain is followed and recorded; a loop fails; a hop to
+        # another host is not followed inline but handed to the frontier as a link.
+        chain = results[f"{origin}/redirect/1"]
+        assert chain["status"] == 200 and chain["final_url"] == f"{origin}/redirected/1"
+        assert len(chain["redirects"]) == 3
+        assert f"{origin}/redirected/1/landed" in fetched  # resolved against the final URL
+        assert results[f"{origin}/redirect-loop/1"]["error"] == "too_many_redirects"
+        out = results[f"{origin}/redirect-out/1"]
+        assert out["status"] == 302 and out["error"] is None
+        assert out["redirects"][0] in results and _host(out["redirects"][0]) != host
+        # Links: meta nofollow and rel=nofollow are not followed; noindex pages are.
+        assert hits[host].get("/only-via-nofollow/1", 0) == 0
+        assert hits[host].get("/only-via-relnofollow/1", 0) == 0
+        assert results[f"{origin}/noindex-page"]["noindex"] is True
+        assert f"{origin}/only-via-noindex/1" in fetched
+        assert f"{origin}/canonical-target" in fetched
+
+    dead = fleet.run("export", "--dead").stdout.splitlines()
+    assert len(dead) == 5 and all('"http_5xx"' in line for line in dead)
+    assert status["dead"] == 5
+    assert status["retries"] >= 5 * (2 + 1 + max_retries)
+    assert status["discarded_scope"] > 0  # the deny pattern kept the traps out
+    assert not any("/calendar/" in u or "/session" in u for u in results)
+
+
+def test_traps_are_bounded_by_the_host_budget_and_query_variants(
+    redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    web = testweb_factory("--hosts", "1", "--pages", "10", "--extras")
+    budget, variants = 60, 5
+    fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_MAX_PAGES_PER_HOST=str(budget),
+                          CRAWLFLEET_MAX_QUERY_VARIANTS=str(variants),
+                          CRAWLFLEET_MAX_RETRIES="0")
+    fleet.spawn("scheduler", "scheduler")
+    fleet.spawn("worker", "worker")
+    fleet.run("seed", *web.seeds)
+    status = fleet.wait_finished(timeout=90)  # the endless calendar and session ids end
+    urls = [r["url"] for r in fleet.export()]
+    assert len([u for u in urls if "/session?" in u]) <= variants
+    assert any("/calendar/" in u for u in urls)
+    assert status["discarded_host_budget"] > 0 and status["discarded_query_variants"] > 0
+    # Admitted through the frontier: exactly the budget (redirect targets come on top).
+    assert status["seen"] - len([u for u in urls if "/redirect" in u and "/1/" in u]) <= budget
+
+
+def test_an_unavailable_robots_txt_holds_its_host_and_is_retried(
+    redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    from ..conftest import wait_for
+
+    web = testweb_factory("--hosts", "2", "--pages", "8", "--robots", "site1.test=status:503")
+    fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_ROBOTS_RETRY="1")
+    fleet.spawn("scheduler", "scheduler")
+    fleet.spawn("worker", "worker")
+    fleet.run("seed", *web.seeds)
+    site0 = [u for u in web.reachable() if _host(u) == "site0.test"]
+    wait_for(lambda: fleet.status()["pages"] + fleet.status()["failed"]
+             + fleet.status()["skipped"] >= len(site0), timeout=60, what="site0 to be crawled")
+    wait_for(lambda: web.stats()["hosts"]["site1.test"]["requests"] >= 3, timeout=30,
+             what="site1's robots.txt to be retried")
+    status = fleet.status()
+    assert not status["finished"] and status["queued"] + status["in_flight"] >= 1
+    assert not [u for u in (r["url"] for r in fleet.export()) if _host(u) == "site1.test"]
+    hosts = web.stats()["hosts"]
+    assert hosts["site1.test"]["distinct_paths"] == 1  # only robots.txt, asked again and again
