@@ -97,6 +97,11 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 async def fetch_batch(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     batch = batch_from_job(payload)
     settings: Settings = ctx["settings"]
+    # arq keeps a running job in its queue until it ends, so every worker with a free slot
+    # re-checks every running job on every poll (WATCH, EXISTS, ZSCORE): a cost that grows with
+    # the fleet. The frontier's lease, not arq's retry, brings a lost batch back, so the job
+    # can leave arq's queue as soon as it starts.
+    await ctx["redis"].zrem(Keys(settings.namespace).arq_queue, ctx["job_id"])
     run = BatchRun(ctx, batch)
     if not await run.store.claim(batch, lease_until=time.time() + settings.lease_seconds):
         run.log.warning("batch_stale", reason="lease no longer held")
