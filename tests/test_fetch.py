@@ -31,6 +31,7 @@ from dnslib.server import BaseResolver, DNSServer
 
 from crawlfleet.common.messages import QueuedURL
 from crawlfleet.common.settings import Settings
+from crawlfleet.workers.batch import build_result
 from crawlfleet.workers.fetch import (
     Fetched,
     GuardedResolver,
@@ -40,7 +41,7 @@ from crawlfleet.workers.fetch import (
     is_private_address,
     literal_private_host,
 )
-from crawlfleet.workers.worker import build_result, build_session
+from crawlfleet.workers.worker import build_session
 
 HOST = "127.0.0.1"
 MB = 1024 * 1024
