@@ -36,10 +36,18 @@ JOB_FUNCTION = "fetch_batch"
 log = get_logger("crawlfleet.worker")
 
 
-def build_session(settings: Settings) -> aiohttp.ClientSession:
-    resolver = GuardedResolver(
+def build_resolver(settings: Settings) -> GuardedResolver:
+    return GuardedResolver(
         allow_private=settings.allow_private, nameservers=list(settings.dns_nameservers)
     )
+
+
+def build_session(
+    settings: Settings, resolver: GuardedResolver | None = None
+) -> aiohttp.ClientSession:
+    """The worker's one session. aiohttp does not close a resolver it was handed: whoever
+    passes ``resolver`` closes it after the session."""
+    resolver = resolver or build_resolver(settings)
     connector = aiohttp.TCPConnector(
         limit=settings.max_in_flight,
         limit_per_host=settings.per_host_concurrency,
@@ -63,7 +71,8 @@ def build_session(settings: Settings) -> aiohttp.ClientSession:
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    ctx["session"] = build_session(settings)
+    ctx["resolver"] = build_resolver(settings)
+    ctx["session"] = build_session(settings, ctx["resolver"])
     ctx["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
     ctx["store"] = Store(ctx["redis"], Keys(settings.namespace))
     ctx["robots"] = RobotsCache(ctx["redis"], Keys(settings.namespace), ctx["session"], settings)
@@ -75,6 +84,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     session: aiohttp.ClientSession | None = ctx.get("session")
     if session is not None:
         await session.close()
+    resolver: GuardedResolver | None = ctx.get("resolver")
+    if resolver is not None:
+        await resolver.close()  # its aiodns channel, with any lookup still pending
     log.info("worker_stopped", worker_id=ctx["settings"].worker_id)
 
 

@@ -37,8 +37,10 @@ def test_sigterm_hands_back_the_batch_and_exits_cleanly(
     redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
     fleet_factory: Callable[..., Fleet],
 ) -> None:
-    # One slow host, one URL at a time: a batch takes seconds, so SIGTERM lands mid-batch.
-    web = testweb_factory("--hosts", "1", "--pages", "30", "--latency-ms", "300")
+    # One slow host, one URL at a time, 20 links a page: the second batch takes ~6 s, far
+    # longer than the 1 s grace, so SIGTERM always lands mid-batch and leaves URLs to hand back.
+    web = testweb_factory("--hosts", "1", "--pages", "12", "--links", "20",
+                          "--latency-ms", "300")
     fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_PER_HOST_CONCURRENCY="1",
                           CRAWLFLEET_SHUTDOWN_GRACE="1", CRAWLFLEET_LEASE_SECONDS="600")
     fleet.spawn("scheduler", "scheduler")
