@@ -28,6 +28,7 @@ from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import fingerprint, host_key
 
 from .fetch import Fetched, fetch
+from .pacing import Pacer
 from .parse import BodyError, ParsedPage, is_html, parse_page, sniff_html
 from .retry import backoff_delay, is_retryable, parse_retry_after
 from .robots import DISALLOW_ALL, RobotsCache, origin_of
@@ -35,9 +36,8 @@ from .store import ALIAS, DEAD, FAILED, PAGE, RETRY, SKIPPED, ReportOutcome, Sto
 
 FLUSH_EVERY_S = 1.0  # report finished pages at least this often, so a kill loses little
 TRANSIENT_FAILURES_TO_HALT = 3  # in one batch: the host is failing, back it off as a whole
-# Requests are spaced 10% wider than the delay: one that opens a new connection reaches the
-# server later than one on a kept-alive connection, so the gap the server sees can be a few
-# milliseconds shorter than the gap between sends. The margin keeps the server's view >= delay.
+# A request's start is taken when its headers are sent (see pacing.py); 10% more on top covers
+# what is left between that and the server's own view (its event loop, the network).
 PACING_MARGIN = 1.1
 
 log = get_logger("crawlfleet.worker")
@@ -68,13 +68,9 @@ class BatchRun:
         self.pages = self.failed = self.skipped = self.retried = 0
         self.last_flush = time.monotonic()
         self.flush_lock = asyncio.Lock()
-        # Politeness state: seconds between request starts, the next allowed start
-        # (monotonic), the latest start (wall clock, for the host's next batch).
+        # Seconds between request starts to this host (robots.txt may raise it).
         self.delay = self.settings.crawl_delay
-        self.pace_lock = asyncio.Lock()
-        self.next_start = 0.0
-        self.last_start = 0.0
-        self.last_start_mono = 0.0
+        self.pacer = Pacer(self.delay * PACING_MARGIN)
         # When set, no new fetch starts: the lease is lost, the host keeps failing, or its
         # robots.txt is unavailable. Unstarted URLs go back to the host queue.
         self.halted: str | None = None
@@ -106,34 +102,18 @@ class BatchRun:
                       delay=self.delay, elapsed_ms=elapsed, lease_held=outcome.lease_held)
         return {"pages": self.pages, "failed": self.failed, "skipped": self.skipped}
 
-    @property
-    def spacing(self) -> float:
-        """Seconds between two request starts to this host, as the crawler keeps them."""
-        return self.delay * PACING_MARGIN
-
     def halt(self, reason: str, *, until: float = 0.0) -> None:
         if self.halted is None:
             self.log.warning("batch_halted", reason=reason, resume_at=until or None)
         self.halted = self.halted or reason
         self.host_not_before = max(self.host_not_before, until)
 
-    async def _pace(self) -> None:
-        """Wait for this host's next allowed request start, and claim it."""
-        async with self.pace_lock:
-            now = time.monotonic()
-            if self.next_start > now:
-                await asyncio.sleep(self.next_start - now)
-                now = time.monotonic()
-            self.next_start = now + self.spacing
-            self.last_start = time.time()
-            self.last_start_mono = now
-
     async def _prepare_robots(self) -> None:
         """robots.txt of each origin in the batch (one, almost always) before any page."""
         origins = {origin_of(entry.url): entry.url for entry in self.batch.urls}
         for url in origins.values():
             async with self.host_slots, self.global_slots:
-                policy = await self.robots.policy(url, before_fetch=self._pace)
+                policy = await self.robots.policy(url, pace=self.pacer.turn)
             if policy.state == DISALLOW_ALL:
                 # 5xx or unreachable: nothing may be fetched until it is tried again.
                 self.halt("robots_unavailable", until=policy.expires_at)
@@ -141,8 +121,7 @@ class BatchRun:
                 self.delay = max(self.delay,
                                  min(policy.crawl_delay, self.settings.max_crawl_delay))
                 # robots.txt itself was a request: the first page waits the new delay after it.
-                if self.last_start_mono:
-                    self.next_start = max(self.next_start, self.last_start_mono + self.spacing)
+                self.pacer.set_spacing(self.delay * PACING_MARGIN)
 
     async def _crawl_one(self, entry: QueuedURL) -> None:
         if self.halted:
@@ -154,12 +133,12 @@ class BatchRun:
         async with self.host_slots, self.global_slots:
             if self.halted:
                 return
-            await self._pace()
             fetched = await fetch(
                 self.session, entry.url, max_body_bytes=self.settings.max_body_bytes,
                 max_redirects=self.settings.max_redirects,
                 allow_private=self.settings.allow_private,
                 deadline=self.settings.request_timeout, may_follow=self._may_follow,
+                pace=self.pacer.turn,
             )
         if is_retryable(fetched.error):
             self._handle_transient(entry, fetched)
@@ -216,7 +195,6 @@ class BatchRun:
             return False
         if not (await self.robots.policy(target)).allows(target):
             return False
-        await self._pace()  # each hop is a request to this host
         return not await self.redis.sismember(self.keys.seen, fingerprint(target))
 
     async def flush(self, *, final: bool) -> ReportOutcome:
@@ -237,7 +215,9 @@ class BatchRun:
             )
             # The host's next batch may start one delay after this batch's last request, and
             # not before any backoff this batch ran into.
-            next_ready = max(now, self.last_start + self.spacing, self.host_not_before)
+            last = self.pacer.last_sent
+            next_ready = max(now, last + self.pacer.spacing if last else now,
+                             self.host_not_before)
             outcome = await self.store.report(self.batch, results, discovered, now=now,
                                               next_ready=next_ready)
             if outcome.duplicates:

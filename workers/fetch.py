@@ -20,6 +20,8 @@ from aiohttp.abc import ResolveResult
 
 from crawlfleet.common.urls import URLError, canonicalize, resolve
 
+from .pacing import Turn
+
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK = 64 * 1024
 
@@ -92,16 +94,18 @@ async def fetch(
     allow_private: bool = False,
     deadline: float | None = None,
     may_follow: Callable[[str], Awaitable[bool]] | None = None,
+    pace: Callable[[], Awaitable[Turn]] | None = None,
 ) -> Fetched:
     """``deadline`` bounds the whole fetch, every redirect hop included (the session's own
     timeout applies per request, so a chain of slow redirects could otherwise multiply it).
-    ``may_follow(target)`` is asked before each redirect hop; False stops there."""
+    ``may_follow(target)`` is asked before each redirect hop; False stops there.
+    ``pace()`` is awaited before each request (every hop is one) for the host's turn."""
     started = time.monotonic()
     result = Fetched(url=url)
     try:
         async with asyncio.timeout(deadline):
             return await _follow(session, url, result, max_body_bytes, max_redirects,
-                                 allow_private, may_follow)
+                                 allow_private, may_follow, pace)
     except BodyTooLarge:
         result.error = "too_large"
         return result
@@ -120,13 +124,20 @@ async def _follow(
     max_redirects: int,
     allow_private: bool,
     may_follow: Callable[[str], Awaitable[bool]] | None,
+    pace: Callable[[], Awaitable[Turn]] | None,
 ) -> Fetched:
     current = url
     for _hop in range(max_redirects + 1):
         if not allow_private and literal_private_host(current):
             result.error = "private_address"
             return result
-        async with session.get(current, allow_redirects=False) as response:
+        turn = await pace() if pace is not None else None
+        try:
+            response = await session.get(current, allow_redirects=False, trace_request_ctx=turn)
+        finally:
+            if turn is not None:
+                turn.done()  # sent already, or failed before anything was sent
+        async with response:
             location = response.headers.get("Location")
             if response.status in REDIRECT_STATUSES and location:
                 target = resolve(location, current)

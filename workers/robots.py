@@ -36,6 +36,7 @@ from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import URLError, resolve_and_canonicalize
 
 from .fetch import READ_CHUNK, Fetched, classify_error, fetch, literal_private_host
+from .pacing import Turn
 
 __all__ = [
     "ALLOW_ALL",
@@ -260,17 +261,17 @@ class RobotsCache:
         self._loading: dict[str, asyncio.Task[RobotsPolicy]] = {}
 
     async def policy(
-        self, url: str, *, before_fetch: Callable[[], Awaitable[None]] | None = None
+        self, url: str, *, pace: Callable[[], Awaitable[Turn]] | None = None
     ) -> RobotsPolicy:
-        """``before_fetch`` is awaited just before robots.txt is requested from the origin
-        (not when a cached copy serves), so the caller can pace it like any request."""
+        """``pace`` paces the robots.txt request like any other to the host (it is only
+        called when robots.txt is really requested, not when a cached copy serves)."""
         origin = origin_of(url)
         remembered = self._memory.get(origin)
         if remembered is not None and remembered.is_fresh(self._now()):
             return remembered
         task = self._loading.get(origin)
         if task is None:
-            task = asyncio.create_task(self._load(origin, before_fetch))
+            task = asyncio.create_task(self._load(origin, pace))
             self._loading[origin] = task
             task.add_done_callback(lambda done: self._loaded(origin, done))
         # Shielded: one caller being cancelled (its batch shut down) must not cancel the load
@@ -287,7 +288,7 @@ class RobotsCache:
             task.exception()  # retrieved here, so a load nobody awaits any more logs nothing
 
     async def _load(
-        self, origin: str, before_fetch: Callable[[], Awaitable[None]] | None = None
+        self, origin: str, pace: Callable[[], Awaitable[Turn]] | None = None
     ) -> RobotsPolicy:
         raw = await self.redis.hget(self.keys.robots, origin)
         if raw is not None:
@@ -298,9 +299,7 @@ class RobotsCache:
             else:
                 if shared.is_fresh(self._now()):
                     return self._remember(shared)
-        if before_fetch is not None:
-            await before_fetch()
-        policy = await self._fetch(origin)
+        policy = await self._fetch(origin, pace)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.robots, origin, encode_policy(policy))
             if policy.sitemaps:
@@ -308,11 +307,14 @@ class RobotsCache:
             await pipe.execute()
         return self._remember(policy)
 
-    async def _fetch(self, origin: str) -> RobotsPolicy:
+    async def _fetch(
+        self, origin: str, pace: Callable[[], Awaitable[Turn]] | None = None
+    ) -> RobotsPolicy:
         url = f"{origin}/robots.txt"
         fetched = await fetch(
             self.session, url, max_body_bytes=ROBOTS_MAX_BYTES,
             max_redirects=ROBOTS_MAX_REDIRECTS, allow_private=self.settings.allow_private,
+            pace=pace,
         )
         ok_status = fetched.status is not None and 200 <= fetched.status < 300
         if fetched.error == "too_large" and ok_status and fetched.final_url is not None:

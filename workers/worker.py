@@ -28,6 +28,7 @@ from crawlfleet.common.settings import Settings
 
 from .batch import BatchRun
 from .fetch import GuardedResolver
+from .pacing import pacing_trace
 from .robots import RobotsCache
 from .store import Store
 
@@ -66,6 +67,7 @@ def build_session(
         headers={"User-Agent": settings.user_agent},
         cookie_jar=aiohttp.DummyCookieJar(),  # no cross-page state: every fetch is independent
         raise_for_status=False,
+        trace_configs=[pacing_trace()],
     )
 
 

@@ -1,0 +1,86 @@
+"""Request starts to one host, at least ``spacing`` seconds apart as the server sees them.
+
+A request's start is taken when its headers are on the wire (an aiohttp trace hook), not when
+the crawler decides to send it: a request that waits for a new connection, or for a busy event
+loop, reaches the server late and would crowd the one after it. So each request takes a turn,
+and the next turn begins ``spacing`` after the previous request was really sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+
+
+class Turn:
+    """One request's turn; ``sent`` or ``done`` ends it (whichever comes first, once)."""
+
+    def __init__(self, pacer: Pacer | None) -> None:
+        self._pacer = pacer
+
+    def sent(self) -> None:
+        """The request's headers are on the wire."""
+        self._finish()
+
+    def done(self) -> None:
+        """The request is over (it may have failed before anything was sent)."""
+        self._finish()
+
+    def _finish(self) -> None:
+        pacer, self._pacer = self._pacer, None
+        if pacer is not None:
+            pacer.release()
+
+
+class Pacer:
+    def __init__(self, spacing: float) -> None:
+        self.spacing = spacing
+        self.last_sent = 0.0  # wall clock of the latest start, for the host's next batch
+        self._last_sent_mono: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def turn(self) -> Turn:
+        """Wait for this host's next allowed start and hold it until the request is sent."""
+        if self.spacing <= 0:
+            self._mark()  # nothing to wait for, but a later, larger spacing counts from here
+            return Turn(None)
+        await self._lock.acquire()
+        # A loop: the spacing may be raised (robots.txt Crawl-delay) while this turn waits.
+        while self._last_sent_mono is not None:
+            wait = self._last_sent_mono + self.spacing - time.monotonic()
+            if wait <= 0:
+                break
+            await asyncio.sleep(wait)
+        return Turn(self)
+
+    def set_spacing(self, spacing: float) -> None:
+        """A new spacing (a Crawl-delay learnt from robots.txt) counts from the last request
+        already sent, like any other."""
+        self.spacing = spacing
+
+    def release(self) -> None:
+        self._mark()
+        self._lock.release()
+
+    def _mark(self) -> None:
+        self.last_sent = time.time()
+        self._last_sent_mono = time.monotonic()
+
+
+async def _on_headers_sent(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: Any
+) -> None:
+    turn = context.trace_request_ctx
+    if isinstance(turn, Turn):
+        turn.sent()
+
+
+def pacing_trace() -> aiohttp.TraceConfig:
+    """The session's hook that ends a request's turn when its headers are sent."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_on_headers_sent)
+    return trace
