@@ -195,3 +195,32 @@ def test_an_unavailable_robots_txt_holds_its_host_and_is_retried(
     assert not [u for u in (r["url"] for r in fleet.export()) if _host(u) == "site1.test"]
     hosts = web.stats()["hosts"]
     assert hosts["site1.test"]["distinct_paths"] == 1  # only robots.txt, asked again and again
+
+
+def test_scope_allowed_domains_depth_and_page_budgets(
+    redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    from crawlfleet.testweb.site import WebSpec, reachable
+
+    web = testweb_factory("--hosts", "3", "--pages", "30")
+    fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_ALLOWED_DOMAINS="site1.test",
+                          CRAWLFLEET_MAX_DEPTH="3")
+    fleet.spawn("scheduler", "scheduler")
+    fleet.spawn("worker", "worker")
+    site0 = web.seeds[0]
+    fleet.run("seed", site0)  # only site0 is seeded; site1 is allowed, site2 is not
+    status = fleet.wait_finished()
+    spec = WebSpec(hosts=3, pages=30, port=web.port)
+    expected = reachable(spec, [site0], allowed_hosts={"site0.test", "site1.test"}, max_depth=3)
+    urls = sorted(r["url"] for r in fleet.export())
+    assert urls == sorted(expected)
+    assert {_host(u) for u in urls} == {"site0.test", "site1.test"}
+    assert status["discarded_scope"] > 0  # links to site2 and beyond depth 3
+
+    # A total page budget: exactly that many URLs enter the crawl, each with a result.
+    out = fleet.logdir / "budget.jsonl"
+    result = fleet.run("crawl", *web.seeds, "--max-pages", "25", "--out", str(out),
+                       CRAWLFLEET_REDIS_URL="", CRAWLFLEET_NAMESPACE="budget")
+    assert "crawl finished" in result.stderr
+    assert len(out.read_text().splitlines()) == 25
