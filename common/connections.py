@@ -22,6 +22,7 @@ from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 from .messages import job_deserializer, job_serializer
 
 EMBEDDED_SCHEME = "embedded://"
+T = TypeVar("T")
 
 # What a Redis restart looks like to a client. redis-py retries commands on an open connection,
 # but not the first connect of a fresh one, so each loop also rides these out itself.
@@ -46,7 +47,10 @@ async def retry_while_unavailable(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-T = TypeVar("T")
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (clients here do not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 _embedded_servers: dict[str, Any] = {}
 

@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONSUMER_GROUP = "frontier"  # the scheduler's consumer group on the events stream
+HOST_QUEUE = "q:"  # + host: LIST of the host's queued URL entries
+HOST_LEASE = "lease:"  # + host: HASH fingerprint -> entry, the host's URLs out in a batch
+
+# The same names for the Lua scripts, which derive per-host keys from ``Keys.prefix``.
+LUA_HOST_KEYS = f"""
+local function host_queue(prefix, host) return prefix .. '{HOST_QUEUE}' .. host end
+local function host_lease(prefix, host) return prefix .. '{HOST_LEASE}' .. host end
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +99,11 @@ class Keys:
     def arq_queue(self) -> str:
         return self._k("arq:queue")
 
-    def host_queue(self, host: str) -> str:  # LIST of queued URL entries of one host
-        return self._k(f"q:{host}")
+    def host_queue(self, host: str) -> str:
+        return self._k(HOST_QUEUE + host)
 
-    def host_lease(self, host: str) -> str:  # HASH fingerprint -> entry, the URLs out in a batch
-        return self._k(f"lease:{host}")
+    def host_lease(self, host: str) -> str:
+        return self._k(HOST_LEASE + host)
 
     @property
     def prefix(self) -> str:

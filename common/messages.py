@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 VERSION = 1
+FETCH_BATCH_JOB = "fetch_batch"  # the arq function the scheduler enqueues and workers run
 
 
 class QueuedURL(msgspec.Struct, array_like=True, frozen=True):

@@ -11,6 +11,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from .connections import as_text
 from .keys import Keys
 
 COUNTERS = ("seen", "pages", "failed", "skipped", "queued", "in_flight")
@@ -28,7 +29,7 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
         pipe.zcard(keys.waiting)
         pipe.hlen(keys.dead_letter)
         stats_raw, leased, backlog, rate_raw, waiting, dead = await pipe.execute()
-    stats = {_text(k): _text(v) for k, v in stats_raw.items()}
+    stats = {as_text(k): as_text(v) for k, v in stats_raw.items()}
     status: dict[str, Any] = {name: int(stats.get(name, 0)) for name in COUNTERS}
     status.update({name: int(stats.get(name, 0)) for name in DISCARDS})
     status["hosts_leased"] = int(leased)
@@ -51,6 +52,3 @@ def accounted(status: dict[str, Any]) -> bool:
     """True when every admitted URL is in exactly one state."""
     return bool(status["seen"] == sum(status[k] for k in COUNTERS[1:]))
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -19,10 +19,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from crawlfleet.common.keys import CONSUMER_GROUP, Keys
+from crawlfleet.common.connections import as_text
+from crawlfleet.common.keys import CONSUMER_GROUP, LUA_HOST_KEYS, Keys
 from crawlfleet.common.messages import QueuedURL, decode_entry
 
-_INGEST = """
+_INGEST = LUA_HOST_KEYS + """
 local seen, stats, ready, lease_batch, events, host_pages, variants, not_before =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local prefix, now, max_pages = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -46,7 +47,7 @@ for i = 10, #ARGV, 4 do
     if variant ~= '' then redis.call('HINCRBY', variants, variant, 1) end
     n_seen = n_seen + 1
     admitted = admitted + 1
-    redis.call('RPUSH', prefix .. 'q:' .. host, entry)
+    redis.call('RPUSH', host_queue(prefix, host), entry)
     if redis.call('HEXISTS', lease_batch, host) == 0 then
       -- Not before the host's last batch allows (its crawl delay or backoff); NX keeps a
       -- later time that is already set.
@@ -73,7 +74,7 @@ end
 return admitted
 """
 
-_DISPATCH = """
+_DISPATCH = LUA_HOST_KEYS + """
 local ready, leases, lease_batch, waiting, stats, results, seq =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local prefix, now, lease_until = ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -82,10 +83,10 @@ local hosts = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, max_ba
 local out, moved = {}, 0
 for _, host in ipairs(hosts) do
   redis.call('ZREM', ready, host)
-  local q = prefix .. 'q:' .. host
+  local q = host_queue(prefix, host)
   local entries = redis.call('LPOP', q, batch_size)
   if entries then
-    local lease = prefix .. 'lease:' .. host
+    local lease = host_lease(prefix, host)
     local batch = {}
     for _, e in ipairs(entries) do
       local fp = cjson.decode(e)[2]
@@ -114,7 +115,7 @@ end
 return out
 """
 
-_EXPIRE = """
+_EXPIRE = LUA_HOST_KEYS + """
 local leases, lease_batch, waiting, ready, stats, results, dead, not_before =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -122,7 +123,7 @@ local max_losses = tonumber(ARGV[4])
 local hosts = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit)
 local moved, lost = 0, 0
 for _, host in ipairs(hosts) do
-  local lease, q = prefix .. 'lease:' .. host, prefix .. 'q:' .. host
+  local lease, q = host_lease(prefix, host), host_queue(prefix, host)
   local entries = redis.call('HVALS', lease)
   for i = #entries, 1, -1 do
     local e = cjson.decode(entries[i])
@@ -248,7 +249,7 @@ class Frontier:
             args=[k.prefix, now, now + lease_seconds, batch_size, max_batches, f"{k.namespace}:b"],
         )
         return [
-            DispatchedBatch(_text(host), _text(batch_id), [decode_entry(e) for e in entries])
+            DispatchedBatch(as_text(host), as_text(batch_id), [decode_entry(e) for e in entries])
             for host, batch_id, entries in raw
         ]
 
@@ -273,9 +274,6 @@ class Frontier:
     async def waiting_batches(self) -> int:
         return int(await self.redis.zcard(self.keys.waiting))
 
-    async def next_ready_at(self) -> float | None:
-        first = await self.redis.zrange(self.keys.ready, 0, 0, withscores=True)
-        return float(first[0][1]) if first else None
 
 
 async def ensure_events_group(redis: Redis, keys: Keys) -> None:
@@ -289,6 +287,3 @@ async def ensure_events_group(redis: Redis, keys: Keys) -> None:
         if "BUSYGROUP" not in str(exc):
             raise
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -19,10 +19,11 @@ from typing import Any
 import msgspec
 from arq.connections import ArqRedis
 
-from crawlfleet.common.connections import REDIS_UNAVAILABLE, is_embedded
+from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedded
 from crawlfleet.common.keys import CONSUMER_GROUP, Keys
 from crawlfleet.common.logs import get_logger
 from crawlfleet.common.messages import (
+    FETCH_BATCH_JOB,
     VERSION,
     Discovered,
     HostBatch,
@@ -44,7 +45,6 @@ LOCK_TTL = 5.0
 STANDBY_POLL = 0.5
 HOUSEKEEPING_INTERVAL = 0.5
 PROGRESS_INTERVAL = 5.0
-JOB_FUNCTION = "fetch_batch"
 
 log = get_logger("crawlfleet.scheduler")
 
@@ -96,7 +96,7 @@ class Scheduler:
                     standby_logged = False
                     await self.lead(stop)
                 elif not standby_logged:
-                    log.info("scheduler_standby", leader=_text(
+                    log.info("scheduler_standby", leader=as_text(
                         await self.redis.get(self.keys.scheduler_lock) or b"?"))
                     standby_logged = True
                 backoff = 0.1
@@ -118,7 +118,7 @@ class Scheduler:
     async def lead(self, stop: asyncio.Event) -> None:
         """Work while the lock stays ours."""
         await self.frontier.ensure_group()
-        self.allowed_hosts = {_text(h) for h in await self.redis.smembers(self.keys.scope_hosts)}
+        self.allowed_hosts = {as_text(h) for h in await self.redis.smembers(self.keys.scope_hosts)}
         log.info("scheduler_leading", instance=self.instance, namespace=self.settings.namespace,
                  scope_hosts=len(self.allowed_hosts))
         # Events a leader read but had not acknowledged when it stopped come first.
@@ -154,7 +154,7 @@ class Scheduler:
         now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
             for message_id, fields in messages:
-                await self._ingest_event(pipe, _text(message_id), fields, now)
+                await self._ingest_event(pipe, as_text(message_id), fields, now)
             await pipe.execute()
         return len(messages)
 
@@ -233,7 +233,7 @@ class Scheduler:
             # If this process dies before the job is written, the lease expires and the URLs
             # go back to their host queue: the lease, not arq, is the source of truth.
             await self.redis.enqueue_job(
-                JOB_FUNCTION, msgspec.to_builtins(job), _job_id=batch.batch_id,
+                FETCH_BATCH_JOB, msgspec.to_builtins(job), _job_id=batch.batch_id,
                 _queue_name=self.keys.arq_queue,
             )
         return len(batches)
@@ -257,9 +257,6 @@ class Scheduler:
                   "finished")
         log.info("progress", **{k: status[k] for k in fields})
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -79,6 +79,8 @@ async def test_ingest_deduplicates_and_counts(env: dict[str, Any]) -> None:
     assert await admit(env, ["http://a.test/2", "http://a.test/3"]) == 1
     s = await status(env)
     assert (s["seen"], s["queued"], s["in_flight"]) == (3, 3, 0)
+    # The scripts name per-host keys as keys.py does.
+    assert await env["redis"].llen(env["keys"].host_queue("a.test")) == 3
 
 
 async def test_one_batch_per_host_until_it_reports(env: dict[str, Any]) -> None:
@@ -88,6 +90,7 @@ async def test_one_batch_per_host_until_it_reports(env: dict[str, Any]) -> None:
     assert await dispatch(env) == []  # a.test still has 2 queued, but its lease is out
     s = await status(env)
     assert (s["queued"], s["in_flight"], s["hosts_leased"]) == (2, 4, 2)
+    assert await env["redis"].hlen(env["keys"].host_lease("a.test")) == 3
 
     a = next(b for b in batches if b.host == "a.test")
     outcome = await report(env, a)

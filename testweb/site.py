@@ -120,9 +120,6 @@ class WebSpec:
         """The root URL of every host: the natural crawl seeds."""
         return [self.url(h, "/") for h in self.host_names]
 
-    def has_host(self, host: str) -> bool:
-        return _host_index(self, host) is not None
-
     def origin(self, host: str) -> str:
         return f"http://{host}" if self.port == 80 else f"http://{host}:{self.port}"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from crawlfleet.common.connections import retry_while_unavailable
-from crawlfleet.common.keys import Keys
+from crawlfleet.common.keys import LUA_HOST_KEYS, Keys
 from crawlfleet.common.messages import Discovered, HostBatch, encode
 
 # Claim the batch at the start of the job, and renew it while working. 0: the lease is gone
@@ -28,14 +28,14 @@ redis.call('ZREM', KEYS[3], ARGV[2])
 return 1
 """
 
-_REPORT = """
+_REPORT = LUA_HOST_KEYS + """
 local lease_batch, leases, waiting, ready, stats, results, events, rate, seen, dead, not_before =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10],
   KEYS[11]
 local prefix, now, host, batch_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local final, next_ready, event = ARGV[5] == '1', ARGV[6], ARGV[7]
 local is_current = redis.call('HGET', lease_batch, host) == batch_id
-local lease, q = prefix .. 'lease:' .. host, prefix .. 'q:' .. host
+local lease, q = host_lease(prefix, host), host_queue(prefix, host)
 local done = {p = 0, f = 0, s = 0}
 local in_flight, queued, duplicates, added, retried = 0, 0, 0, 0, 0
 for i = 8, #ARGV, 3 do

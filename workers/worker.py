@@ -23,7 +23,12 @@ from redis.exceptions import WatchError
 from crawlfleet.common.connections import REDIS_UNAVAILABLE, open_redis
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging, get_logger
-from crawlfleet.common.messages import batch_from_job, job_deserializer, job_serializer
+from crawlfleet.common.messages import (
+    FETCH_BATCH_JOB,
+    batch_from_job,
+    job_deserializer,
+    job_serializer,
+)
 from crawlfleet.common.settings import Settings
 
 from .batch import BatchRun
@@ -31,8 +36,6 @@ from .fetch import GuardedResolver
 from .pacing import pacing_trace
 from .robots import RobotsCache
 from .store import Store
-
-JOB_FUNCTION = "fetch_batch"
 
 log = get_logger("crawlfleet.worker")
 
@@ -115,7 +118,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "functions": [
             # max_tries=1: arq must not re-run a batch whose worker vanished; the frontier's
             # lease brings those URLs back instead, and never to two workers at once.
-            func(fetch_batch, name=JOB_FUNCTION, max_tries=1, timeout=job_timeout),
+            func(fetch_batch, name=FETCH_BATCH_JOB, max_tries=1, timeout=job_timeout),
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,
