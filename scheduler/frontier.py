@@ -78,8 +78,11 @@ _DISPATCH = LUA_HOST_KEYS + """
 local ready, leases, lease_batch, waiting, stats, results, seq =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local prefix, now, lease_until = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local batch_size, max_batches, id_prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local hosts = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, max_batches)
+local batch_size, max_waiting, id_prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+-- Only as many batches as may wait for a worker: the backlog stays here, where it is cheap.
+local room = max_waiting - redis.call('ZCARD', waiting)
+if room <= 0 then return {} end
+local hosts = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, room)
 local out, moved = {}, 0
 for _, host in ipairs(hosts) do
   redis.call('ZREM', ready, host)
@@ -238,15 +241,14 @@ class Frontier:
         await self._ingest(keys=keys, args=args, client=pipe)
 
     async def dispatch(
-        self, *, now: float, lease_seconds: float, batch_size: int, max_batches: int
+        self, *, now: float, lease_seconds: float, batch_size: int, max_waiting: int
     ) -> list[DispatchedBatch]:
-        """Lease up to ``max_batches`` ready hosts, taking up to ``batch_size`` URLs from each."""
-        if max_batches <= 0:
-            return []
+        """Lease ready hosts, up to ``batch_size`` URLs from each, while fewer than
+        ``max_waiting`` batches wait for a worker to start them."""
         k = self.keys
         raw = await self._dispatch(
             keys=[k.ready, k.leases, k.lease_batch, k.waiting, k.stats, k.results, k.batch_seq],
-            args=[k.prefix, now, now + lease_seconds, batch_size, max_batches, f"{k.namespace}:b"],
+            args=[k.prefix, now, now + lease_seconds, batch_size, max_waiting, f"{k.namespace}:b"],
         )
         return [
             DispatchedBatch(as_text(host), as_text(batch_id), [decode_entry(e) for e in entries])
@@ -270,9 +272,6 @@ class Frontier:
         """Nothing queued, nothing leased, nothing unread: record the crawl as finished."""
         k = self.keys
         return bool(await self._check_finished(keys=[k.stats, k.events], args=[now]))
-
-    async def waiting_batches(self) -> int:
-        return int(await self.redis.zcard(self.keys.waiting))
 
 
 

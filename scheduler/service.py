@@ -49,19 +49,13 @@ PROGRESS_INTERVAL = 5.0
 log = get_logger("crawlfleet.scheduler")
 
 
-# Take the lock if it is free or already ours (after a Redis blip the leader keeps leading).
+# Take the lock if it is free, or keep it if it is ours; 0 when another scheduler holds it.
+# Renewing with it is safe: a lock that expired and was not taken has no other leader.
 _ACQUIRE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
-# Renew the lock only if it is still ours: a paused process must not extend a successor's lock.
-_RENEW_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
 return 0
 """
 _RELEASE_LOCK = """
@@ -83,7 +77,6 @@ class Scheduler:
         self._blocking = not is_embedded(settings.redis_url)
         self.instance = settings.worker_id
         self._acquire_lock = redis.register_script(_ACQUIRE_LOCK)
-        self._renew_lock = redis.register_script(_RENEW_LOCK)
         self._release_lock = redis.register_script(_RELEASE_LOCK)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -130,8 +123,7 @@ class Scheduler:
             dispatched = await self.dispatch()
             now = time.time()
             if now >= next_housekeeping:
-                if not await self._renew_lock(keys=[self.keys.scheduler_lock],
-                                              args=[self.instance, int(LOCK_TTL * 1000)]):
+                if not await self.acquire_lock():
                     log.warning("scheduler_lock_lost", instance=self.instance)
                     return
                 await self.housekeeping(now)
@@ -221,11 +213,10 @@ class Scheduler:
 
     async def dispatch(self) -> int:
         """Lease ready hosts while fewer than ``dispatch_ahead`` batches wait for a worker."""
-        room = self.settings.dispatch_ahead - await self.frontier.waiting_batches()
         now = time.time()
         batches = await self.frontier.dispatch(
             now=now, lease_seconds=self.settings.lease_seconds,
-            batch_size=self.settings.batch_size, max_batches=room,
+            batch_size=self.settings.batch_size, max_waiting=self.settings.dispatch_ahead,
         )
         for batch in batches:
             job = HostBatch(batch_id=batch.batch_id, host=batch.host, urls=batch.urls,

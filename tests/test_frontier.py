@@ -49,10 +49,10 @@ async def status(env: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-async def dispatch(env: dict[str, Any], now: float = NOW, max_batches: int = 10,
+async def dispatch(env: dict[str, Any], now: float = NOW, max_waiting: int = 10,
                    lease_seconds: float = 60) -> list[DispatchedBatch]:
     return list(await env["frontier"].dispatch(now=now, lease_seconds=lease_seconds,
-                                               batch_size=3, max_batches=max_batches))
+                                               batch_size=3, max_waiting=max_waiting))
 
 
 def result_for(url: str, error: str | None = None) -> PageResult:
@@ -101,11 +101,12 @@ async def test_one_batch_per_host_until_it_reports(env: dict[str, Any]) -> None:
     assert (s["pages"], s["queued"], s["in_flight"]) == (3, 0, 3)
 
 
-async def test_dispatch_respects_max_batches(env: dict[str, Any]) -> None:
+async def test_dispatch_keeps_at_most_max_waiting_batches_waiting(env: dict[str, Any]) -> None:
     await admit(env, [f"http://h{i}.test/" for i in range(5)])
-    assert len(await dispatch(env, max_batches=2)) == 2
-    assert len(await dispatch(env, max_batches=0)) == 0
-    assert len(await dispatch(env, max_batches=10)) == 3
+    assert len(await dispatch(env, max_waiting=2)) == 2
+    assert len(await dispatch(env, max_waiting=2)) == 0  # two are waiting already
+    assert len(await dispatch(env, max_waiting=0)) == 0
+    assert len(await dispatch(env, max_waiting=10)) == 3
 
 
 async def test_expired_lease_returns_urls_to_the_front(env: dict[str, Any]) -> None:
