@@ -372,6 +372,15 @@ async def test_chunked_body_over_cap_is_too_large_and_connection_dropped(
     assert CAP <= site.sent["big_chunked"] < 64 * MB
 
 
+async def test_truncate_keeps_the_first_bytes_of_an_oversized_body(
+    site: Site, session: aiohttp.ClientSession
+) -> None:
+    result, elapsed = await timed_fetch(session, site.url("/big-chunked"), truncate=True)
+    assert result.error is None and result.status == 200
+    assert len(result.body) == CAP  # cut at the cap, not refused
+    assert elapsed < 3
+
+
 async def test_gzip_bomb_is_too_large_fast_and_bounded(
     site: Site, session: aiohttp.ClientSession
 ) -> None:

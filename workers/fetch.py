@@ -95,8 +95,11 @@ async def fetch(
     deadline: float | None = None,
     may_follow: Callable[[str], Awaitable[bool]] | None = None,
     pace: Callable[[], Awaitable[Turn]] | None = None,
+    truncate: bool = False,
 ) -> Fetched:
-    """``deadline`` bounds the whole fetch, every redirect hop included (the session's own
+    """``max_body_bytes`` caps the body: a larger one is the error ``too_large``, or with
+    ``truncate`` is cut to its first ``max_body_bytes`` (robots.txt wants its first part).
+    ``deadline`` bounds the whole fetch, every redirect hop included (the session's own
     timeout applies per request, so a chain of slow redirects could otherwise multiply it).
     ``may_follow(target)`` is asked before each redirect hop; False stops there.
     ``pace()`` is awaited before each request (every hop is one) for the host's turn."""
@@ -105,7 +108,7 @@ async def fetch(
     try:
         async with asyncio.timeout(deadline):
             return await _follow(session, url, result, max_body_bytes, max_redirects,
-                                 allow_private, may_follow, pace)
+                                 allow_private, may_follow, pace, truncate)
     except BodyTooLarge:
         result.error = "too_large"
         return result
@@ -125,6 +128,7 @@ async def _follow(
     allow_private: bool,
     may_follow: Callable[[str], Awaitable[bool]] | None,
     pace: Callable[[], Awaitable[Turn]] | None,
+    truncate: bool,
 ) -> Fetched:
     current = url
     for _hop in range(max_redirects + 1):
@@ -160,7 +164,7 @@ async def _follow(
             result.status = response.status
             result.final_url = current
             result.content_type = response.headers.get("Content-Type")
-            result.body = await _read_capped(response, max_body_bytes)
+            result.body = await _read_capped(response, max_body_bytes, truncate)
             result.retry_after = response.headers.get("Retry-After")
             if response.status == 429:
                 result.error = "http_429"
@@ -177,9 +181,9 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse, limit: int, truncate: bool) -> bytes:
     declared = response.content_length
-    if declared is not None and declared > limit:
+    if declared is not None and declared > limit and not truncate:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
@@ -187,9 +191,12 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     async for chunk in response.content.iter_chunked(READ_CHUNK):
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge
+            if not truncate:
+                raise BodyTooLarge
+            chunks.append(chunk)
+            break  # leaving the response drops the connection and the rest of the body
         chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks)[:limit]
 
 
 def classify_error(exc: BaseException) -> str:

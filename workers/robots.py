@@ -35,7 +35,7 @@ from crawlfleet.common.messages import MessageVersionError
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import URLError, resolve_and_canonicalize
 
-from .fetch import READ_CHUNK, Fetched, classify_error, fetch, literal_private_host
+from .fetch import fetch
 from .pacing import Turn
 
 __all__ = [
@@ -311,18 +311,13 @@ class RobotsCache:
         self, origin: str, pace: Callable[[], Awaitable[Turn]] | None = None
     ) -> RobotsPolicy:
         url = f"{origin}/robots.txt"
+        # RFC 9309 2.5: an oversized file's first part is parsed, so it is truncated rather
+        # than refused; one byte over the limit tells policy_from_response it was cut.
         fetched = await fetch(
-            self.session, url, max_body_bytes=ROBOTS_MAX_BYTES,
+            self.session, url, max_body_bytes=ROBOTS_MAX_BYTES + 1, truncate=True,
             max_redirects=ROBOTS_MAX_REDIRECTS, allow_private=self.settings.allow_private,
             pace=pace,
         )
-        ok_status = fetched.status is not None and 200 <= fetched.status < 300
-        if fetched.error == "too_large" and ok_status and fetched.final_url is not None:
-            # fetch() drops an oversized body whole; RFC 9309 2.5 wants its first part parsed.
-            # One byte over the limit tells policy_from_response the file was cut.
-            fetched = await _fetch_prefix(self.session, fetched.final_url,
-                                          limit=ROBOTS_MAX_BYTES + 1,
-                                          allow_private=self.settings.allow_private)
         if self.session.closed:
             # The worker is shutting down under us: the error says nothing about the origin and
             # must not be shared as a disallow_all with every worker.
@@ -349,28 +344,3 @@ class RobotsCache:
             self._memory_chars -= len(self._memory.pop(oldest).body)
         return policy
 
-
-async def _fetch_prefix(
-    session: aiohttp.ClientSession, url: str, *, limit: int, allow_private: bool
-) -> Fetched:
-    """GET ``url`` (no redirects: it is where they led) and keep its first ``limit`` bytes."""
-    result = Fetched(url=url, final_url=url)
-    if not allow_private and literal_private_host(url):
-        result.error = "private_address"
-        return result
-    started = time.monotonic()
-    try:
-        async with session.get(url, allow_redirects=False) as response:
-            result.status = response.status
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.content.iter_chunked(READ_CHUNK):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size >= limit:
-                    break  # leaving the block drops the connection and the rest of the body
-            result.body = b"".join(chunks)[:limit]
-    except Exception as exc:  # as in fetch(): a hostile server costs this origin, not the worker
-        result.error = classify_error(exc)
-    result.elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-    return result
