@@ -16,7 +16,7 @@ without a request and are not counted.
 
 floor
     The bare fetch-and-parse loop in ONE process: no Redis, no scheduler, no arq. One aiohttp
-    session made by ``crawlfleet.workers.worker.build_session`` (the worker's resolver,
+    session made by ``crawlfleet.workers.worker.worker_session`` (the worker's resolver,
     connector limits and timeouts), the same per-host concurrency and global in-flight cap (one
     ``asyncio.Semaphore`` per host, one for the process), the same start-to-start delay per host
     (``--crawl-delay``), and every HTML body parsed with ``crawlfleet.workers.parse.parse_page``.
@@ -87,8 +87,10 @@ from redis.asyncio import Redis
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.stats import read_status
+from crawlfleet.workers.batch import PACING_MARGIN
+from crawlfleet.workers.pacing import Pacer
 from crawlfleet.workers.parse import BodyError, is_html, parse_page
-from crawlfleet.workers.worker import build_session
+from crawlfleet.workers.worker import worker_session
 
 BIN = Path(sys.executable).parent
 CRAWLFLEET = str(BIN / "crawlfleet") if (BIN / "crawlfleet").exists() else "crawlfleet"
@@ -370,29 +372,19 @@ class Run:
 
 
 class HostPace:
-    """At most ``concurrency`` requests in flight to a host, starts ``delay`` s apart."""
+    """At most ``concurrency`` requests in flight to a host, started by the crawler's own
+    pacer (workers/pacing.py), so the floor paces exactly as a worker does."""
 
     def __init__(self, concurrency: int, delay: float) -> None:
         self.slots = asyncio.Semaphore(concurrency)
-        self.delay = delay
-        self.lock = asyncio.Lock()
-        self.next_start = 0.0
-
-    async def wait_turn(self) -> None:
-        if self.delay <= 0:
-            return
-        async with self.lock:
-            now = time.monotonic()
-            if self.next_start > now:
-                await asyncio.sleep(self.next_start - now)
-                now = time.monotonic()
-            self.next_start = now + self.delay
+        self.pacer = Pacer(delay * PACING_MARGIN)
 
 
 async def _floor(
     urls: list[str], settings: Settings, delay: float
 ) -> tuple[int, float, list[tuple[float, int]]]:
-    session = build_session(settings)
+    resources = contextlib.AsyncExitStack()
+    session = await resources.enter_async_context(worker_session(settings))
     global_slots = asyncio.Semaphore(settings.max_in_flight)
     hosts: dict[str, HostPace] = {}
     errors: Counter[str] = Counter()
@@ -402,14 +394,17 @@ async def _floor(
         host = hosts.setdefault(urlsplit(url).netloc,
                                 HostPace(settings.per_host_concurrency, delay))
         async with host.slots, global_slots:
-            await host.wait_turn()
+            turn = await host.pacer.turn()
             try:
-                async with session.get(url, allow_redirects=False) as response:
+                async with session.get(url, allow_redirects=False,
+                                       trace_request_ctx=turn) as response:
                     body = await response.read()
                     status, content_type = response.status, response.headers.get("Content-Type")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 errors[type(exc).__name__] += 1
                 return
+            finally:
+                turn.done()
         if status < 400 and is_html(content_type):
             try:
                 parse_page(body, content_type, url)
@@ -424,7 +419,7 @@ async def _floor(
                 tasks.create_task(one(url))
         elapsed = time.perf_counter() - started
     finally:
-        await session.close()
+        await resources.aclose()
     if errors:
         raise BenchError(f"floor: fetch errors {dict(errors)} (the floor must fetch every URL)")
     return len(urls), elapsed, [(t - started, i) for i, t in enumerate(finished, 1)]

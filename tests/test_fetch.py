@@ -41,7 +41,7 @@ from crawlfleet.workers.fetch import (
     is_private_address,
     literal_private_host,
 )
-from crawlfleet.workers.worker import build_resolver, build_session
+from crawlfleet.workers.worker import worker_session
 
 HOST = "127.0.0.1"
 MB = 1024 * 1024
@@ -53,23 +53,6 @@ FETCH_DEADLINE = 5.0  # a fetch that takes longer than this is a hang, not a slo
 BOMB_SIZE = 32 * MB
 
 
-
-def _session(settings: Settings) -> aiohttp.ClientSession:
-    """A worker session whose resolver is closed with it (aiohttp leaves a given one open)."""
-    resolver = build_resolver(settings)
-    session = build_session(settings, resolver)
-    _resolvers[id(session)] = resolver
-    return session
-
-
-_resolvers: dict[int, GuardedResolver] = {}
-
-
-async def _close(session: aiohttp.ClientSession) -> None:
-    await session.close()
-    resolver = _resolvers.pop(id(session), None)
-    if resolver is not None:
-        await resolver.close()
 
 def _gzip(data: bytes) -> bytes:
     compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
@@ -248,11 +231,8 @@ def _settings(**changes: Any) -> Settings:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = _session(_settings())
-    try:
+    async with worker_session(_settings()) as s:
         yield s
-    finally:
-        await _close(s)
 
 
 async def timed_fetch(
@@ -563,11 +543,8 @@ class _QuietLogger:
 
 
 async def test_nxdomain_is_dns(dns: Dns) -> None:
-    session = _session(_settings(dns_nameservers=(dns.nameserver,)))
-    try:
+    async with worker_session(_settings(dns_nameservers=(dns.nameserver,))) as session:
         result, elapsed = await timed_fetch(session, f"http://nonexistent.test:{_closed_port()}/")
-    finally:
-        await _close(session)
     assert result.error == "dns"
     assert elapsed < 2
     assert any(q.startswith("nonexistent.test.") for q in dns.resolver.questions)
@@ -575,11 +552,9 @@ async def test_nxdomain_is_dns(dns: Dns) -> None:
 
 async def test_unreachable_nameserver_is_dns() -> None:
     # Nothing listens on the port: the query is refused (ICMP), c-ares gives up at once.
-    session = _session(_settings(dns_nameservers=(f"{HOST}:{_closed_udp_port()}",)))
-    try:
+    settings = _settings(dns_nameservers=(f"{HOST}:{_closed_udp_port()}",))
+    async with worker_session(settings) as session:
         result, elapsed = await timed_fetch(session, f"http://nonexistent.test:{_closed_port()}/")
-    finally:
-        await _close(session)
     assert result.error == "dns"
     assert elapsed < 2
 
@@ -590,11 +565,9 @@ async def test_silent_nameserver_is_bounded_by_request_timeout() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind((HOST, 0))
         port = silent.getsockname()[1]
-        session = _session(_settings(request_timeout=0.5, dns_nameservers=(f"{HOST}:{port}",)))
-        try:
+        settings = _settings(request_timeout=0.5, dns_nameservers=(f"{HOST}:{port}",))
+        async with worker_session(settings) as session:
             result, elapsed = await timed_fetch(session, f"http://silent.test:{_closed_port()}/")
-        finally:
-            await _close(session)
     assert result.error == "timeout"
     assert 0.4 <= elapsed < 2
 
@@ -617,13 +590,11 @@ async def test_redirect_to_private_literal_is_refused_at_the_hop(site: Site, dns
     http://127.0.0.1:PORT/page must be refused before it is requested.
     """
     port = site.base.rsplit(":", 1)[1]
-    session = _session(_settings(allow_private=True, dns_nameservers=(dns.nameserver,)))
-    try:
+    settings = _settings(allow_private=True, dns_nameservers=(dns.nameserver,))
+    async with worker_session(settings) as session:
         result, _ = await timed_fetch(
             session, f"http://loop.test:{port}/to-literal", allow_private=False
         )
-    finally:
-        await _close(session)
     assert result.error == "private_address"
     assert result.redirects == [site.url("/page")]
     assert site.hits["/to-literal"] == 1
@@ -632,13 +603,11 @@ async def test_redirect_to_private_literal_is_refused_at_the_hop(site: Site, dns
 
 async def test_hostname_resolving_to_loopback_is_private_address(site: Site, dns: Dns) -> None:
     port = site.base.rsplit(":", 1)[1]
-    session = _session(_settings(allow_private=False, dns_nameservers=(dns.nameserver,)))
-    try:
+    settings = _settings(allow_private=False, dns_nameservers=(dns.nameserver,))
+    async with worker_session(settings) as session:
         result, elapsed = await timed_fetch(
             session, f"http://loop.test:{port}/page", allow_private=False
         )
-    finally:
-        await _close(session)
     assert result.error == "private_address"
     assert result.status is None
     assert sum(site.hits.values()) == 0  # refused in the resolver, before any connection
@@ -651,11 +620,9 @@ async def test_hostname_resolving_to_loopback_allowed_when_private_allowed(
 ) -> None:
     port = site.base.rsplit(":", 1)[1]
     url = f"http://loop.test:{port}/page"
-    session = _session(_settings(allow_private=True, dns_nameservers=(dns.nameserver,)))
-    try:
+    settings = _settings(allow_private=True, dns_nameservers=(dns.nameserver,))
+    async with worker_session(settings) as session:
         result, _ = await timed_fetch(session, url, allow_private=True)
-    finally:
-        await _close(session)
     assert result.error is None
     assert result.status == 200
     assert result.final_url == url

@@ -36,7 +36,7 @@ from crawlfleet.workers.robots import (
     origin_of,
     policy_from_response,
 )
-from crawlfleet.workers.worker import build_session
+from crawlfleet.workers.worker import worker_session
 
 UA = "crawlfleet/0.1 (+https://github.com/crawlfleet/crawlfleet)"
 ORIGIN = "http://site0.test:8080"
@@ -381,11 +381,10 @@ async def env() -> AsyncIterator[Env]:
     settings = Settings(allow_private=True, request_timeout=2.0, connect_timeout=1.0,
                         namespace="t", redis_url=f"embedded://{uuid.uuid4().hex}")
     redis = open_redis(settings.redis_url)
-    session = build_session(settings)
     try:
-        yield Env(redis, Keys(settings.namespace), session, settings, Clock())
+        async with worker_session(settings) as session:
+            yield Env(redis, Keys(settings.namespace), session, settings, Clock())
     finally:
-        await session.close()
         await redis.aclose()
 
 

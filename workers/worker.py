@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -40,18 +41,22 @@ from .store import Store
 log = get_logger("crawlfleet.worker")
 
 
-def build_resolver(settings: Settings) -> GuardedResolver:
-    return GuardedResolver(
+@contextlib.asynccontextmanager
+async def worker_session(settings: Settings) -> AsyncIterator[aiohttp.ClientSession]:
+    """The worker's one session and its aiodns resolver, both closed on the way out: aiohttp
+    does not close a resolver it was handed, and one left open calls back into a closed loop."""
+    resolver = GuardedResolver(
         allow_private=settings.allow_private, nameservers=list(settings.dns_nameservers)
     )
+    session = _build_session(settings, resolver)
+    try:
+        yield session
+    finally:
+        await session.close()
+        await resolver.close()
 
 
-def build_session(
-    settings: Settings, resolver: GuardedResolver | None = None
-) -> aiohttp.ClientSession:
-    """The worker's one session. aiohttp does not close a resolver it was handed: whoever
-    passes ``resolver`` closes it after the session."""
-    resolver = resolver or build_resolver(settings)
+def _build_session(settings: Settings, resolver: GuardedResolver) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=settings.max_in_flight,
         limit_per_host=settings.per_host_concurrency,
@@ -76,8 +81,9 @@ def build_session(
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    ctx["resolver"] = build_resolver(settings)
-    ctx["session"] = build_session(settings, ctx["resolver"])
+    # arq's start-up and shut-down are two hooks, so the session's context spans them.
+    ctx["resources"] = contextlib.AsyncExitStack()
+    ctx["session"] = await ctx["resources"].enter_async_context(worker_session(settings))
     ctx["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
     ctx["store"] = Store(ctx["redis"], Keys(settings.namespace))
     ctx["robots"] = RobotsCache(ctx["redis"], Keys(settings.namespace), ctx["session"], settings)
@@ -86,12 +92,9 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    session: aiohttp.ClientSession | None = ctx.get("session")
-    if session is not None:
-        await session.close()
-    resolver: GuardedResolver | None = ctx.get("resolver")
-    if resolver is not None:
-        await resolver.close()  # its aiodns channel, with any lookup still pending
+    resources: contextlib.AsyncExitStack | None = ctx.get("resources")
+    if resources is not None:
+        await resources.aclose()
     log.info("worker_stopped", worker_id=ctx["settings"].worker_id)
 
 
