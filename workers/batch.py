@@ -58,7 +58,7 @@ class BatchRun:
         self.store: Store = ctx["store"]
         self.robots: RobotsCache = ctx["robots"]
         self.redis: Any = ctx["redis"]
-        self.keys = Keys(self.settings.namespace)
+        self.keys: Keys = ctx["keys"]
         self.batch = batch
         self.log = log.bind(worker_id=self.settings.worker_id, job_id=ctx.get("job_id"),
                             host=batch.host, batch_id=batch.batch_id)
@@ -140,16 +140,17 @@ class BatchRun:
                 deadline=self.settings.request_timeout, may_follow=self._may_follow,
                 pace=self.pacer.turn,
             )
-        if is_retryable(fetched.error):
-            self._handle_transient(entry, fetched)
-            if entry.retries < self.settings.max_retries:
-                return  # queued again; the result waits for the last try
+        if is_retryable(fetched.error) and self._retry_later(entry, fetched):
+            return  # back in the host queue; the result waits for the last try
         result, links, aliases = build_result(entry, fetched, self.settings)
         if links:
             self.links[entry.depth + 1].update(links)
-        outcome = PAGE if result.error is None else FAILED
-        if is_retryable(result.error):
-            outcome = DEAD  # out of retries
+        if result.error is None:
+            outcome = PAGE
+        elif is_retryable(result.error):
+            outcome = DEAD  # its retries are used up
+        else:
+            outcome = FAILED
         self._store(entry, outcome, result)
         for alias in aliases:
             self.pending.append(StoredResult(fingerprint(alias.url), ALIAS, encode(alias)))
@@ -159,16 +160,18 @@ class BatchRun:
         if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
             await self.flush(final=False)
 
-    def _handle_transient(self, entry: QueuedURL, fetched: Fetched) -> None:
-        """Back the whole host off; after a few transient failures in a row, stop the batch
-        rather than hammering a failing host URL by URL."""
+    def _retry_later(self, entry: QueuedURL, fetched: Fetched) -> bool:
+        """A transient failure: back the whole host off, and queue the URL again if it has
+        retries left (True). After a few in one batch, stop the batch rather than hammering
+        a failing host URL by URL."""
         self.transient_failures += 1
         wait = backoff_delay(
             entry.retries, base=self.settings.retry_base, cap=self.settings.retry_max,
             retry_after=parse_retry_after(fetched.retry_after),
         )
         self.host_not_before = max(self.host_not_before, time.time() + wait)
-        if entry.retries < self.settings.max_retries:
+        retry_later = entry.retries < self.settings.max_retries
+        if retry_later:
             retry = QueuedURL(entry.v, entry.fp, entry.url, entry.depth, entry.tries,
                               entry.retries + 1)
             self.pending.append(StoredResult(entry.fp, RETRY, encode(retry)))
@@ -178,6 +181,7 @@ class BatchRun:
                           in_s=round(wait, 2))
         if self.transient_failures >= TRANSIENT_FAILURES_TO_HALT:
             self.halt("host_failing", until=self.host_not_before)
+        return retry_later
 
     def _store(self, entry: QueuedURL, outcome: str, result: PageResult) -> None:
         if outcome == PAGE:

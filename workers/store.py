@@ -116,8 +116,8 @@ PAGE, FAILED, SKIPPED, DEAD, RETRY, ALIAS = "p", "f", "s", "d", "r", "a"
 @dataclass(frozen=True, slots=True)
 class StoredResult:
     fp: str
-    outcome: str  # PAGE, FAILED or SKIPPED
-    data: bytes  # the encoded PageResult
+    outcome: str  # one of the outcomes above
+    data: bytes  # the encoded PageResult; for RETRY, the URL's next encoded QueuedURL
 
 
 @dataclass(frozen=True, slots=True)

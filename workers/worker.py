@@ -85,8 +85,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["resources"] = contextlib.AsyncExitStack()
     ctx["session"] = await ctx["resources"].enter_async_context(worker_session(settings))
     ctx["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
-    ctx["store"] = Store(ctx["redis"], Keys(settings.namespace))
-    ctx["robots"] = RobotsCache(ctx["redis"], Keys(settings.namespace), ctx["session"], settings)
+    ctx["keys"] = keys = Keys(settings.namespace)
+    ctx["store"] = Store(ctx["redis"], keys)
+    ctx["robots"] = RobotsCache(ctx["redis"], keys, ctx["session"], settings)
     log.info("worker_started", worker_id=settings.worker_id, max_in_flight=settings.max_in_flight,
              nameservers=list(settings.dns_nameservers) or "system")
 
@@ -105,7 +106,7 @@ async def fetch_batch(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str,
     # re-checks every running job on every poll (WATCH, EXISTS, ZSCORE): a cost that grows with
     # the fleet. The frontier's lease, not arq's retry, brings a lost batch back, so the job
     # can leave arq's queue as soon as it starts.
-    await ctx["redis"].zrem(Keys(settings.namespace).arq_queue, ctx["job_id"])
+    await ctx["redis"].zrem(ctx["keys"].arq_queue, ctx["job_id"])
     run = BatchRun(ctx, batch)
     if not await run.store.claim(batch, lease_until=time.time() + settings.lease_seconds):
         run.log.warning("batch_stale", reason="lease no longer held")
