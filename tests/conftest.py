@@ -188,6 +188,16 @@ class Fleet:
         self.processes[name] = process
         return process
 
+    def start(self, *seeds: str, workers: int = 1) -> list[str]:
+        """A scheduler and ``workers`` worker processes (worker-0 ...), then the seeds."""
+        self.spawn("scheduler", "scheduler")
+        names = [f"worker-{i}" for i in range(workers)]
+        for name in names:
+            self.spawn(name, "worker", CRAWLFLEET_WORKER_ID=name)
+        if seeds:
+            self.run("seed", *seeds)
+        return names
+
     def run(self, *args: str, check: bool = True, stdin: str | None = None,
             **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([CRAWLFLEET, *args], env={**self.env, **env}, input=stdin,

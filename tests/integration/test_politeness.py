@@ -30,10 +30,7 @@ def test_per_host_limits_hold_across_four_workers_and_a_slow_host_does_not_stall
         CRAWLFLEET_BATCH_SIZE="4",  # many batches, so a host passes between workers often
         CRAWLFLEET_JOBS_PER_WORKER="4",
     )
-    fleet.spawn("scheduler", "scheduler")
-    for i in range(4):
-        fleet.spawn(f"worker-{i}", "worker", CRAWLFLEET_WORKER_ID=f"worker-{i}")
-    fleet.run("seed", *web.seeds)
+    fleet.start(*web.seeds, workers=4)
     fleet.wait_finished(timeout=120)
 
     stats = web.stats()["hosts"]
@@ -91,10 +88,7 @@ def test_robots_links_retries_redirects_and_patterns(
         CRAWLFLEET_MAX_RETRIES=str(max_retries), CRAWLFLEET_RETRY_BASE="0.1",
         CRAWLFLEET_RETRY_MAX="2", CRAWLFLEET_DENY_PATTERN="/calendar/|/session",
     )
-    fleet.spawn("scheduler", "scheduler")
-    fleet.spawn("worker-a", "worker")
-    fleet.spawn("worker-b", "worker")
-    fleet.run("seed", *web.seeds)
+    fleet.start(*web.seeds, workers=2)
     status = fleet.wait_finished(timeout=120)
 
     spec = WebSpec(hosts=5, pages=12, port=web.port, extras=True, robots=tuple(robots.items()))
@@ -162,9 +156,7 @@ def test_traps_are_bounded_by_the_host_budget_and_query_variants(
     fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_MAX_PAGES_PER_HOST=str(budget),
                           CRAWLFLEET_MAX_QUERY_VARIANTS=str(variants),
                           CRAWLFLEET_MAX_RETRIES="0")
-    fleet.spawn("scheduler", "scheduler")
-    fleet.spawn("worker", "worker")
-    fleet.run("seed", *web.seeds)
+    fleet.start(*web.seeds)
     status = fleet.wait_finished(timeout=90)  # the endless calendar and session ids end
     urls = [r["url"] for r in fleet.export()]
     assert len([u for u in urls if "/session?" in u]) <= variants
@@ -182,9 +174,7 @@ def test_an_unavailable_robots_txt_holds_its_host_and_is_retried(
 
     web = testweb_factory("--hosts", "2", "--pages", "8", "--robots", "site1.test=status:503")
     fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_ROBOTS_RETRY="1")
-    fleet.spawn("scheduler", "scheduler")
-    fleet.spawn("worker", "worker")
-    fleet.run("seed", *web.seeds)
+    fleet.start(*web.seeds)
     site0 = [u for u in web.reachable() if _host(u) == "site0.test"]
     wait_for(lambda: fleet.status()["pages"] + fleet.status()["failed"]
              + fleet.status()["skipped"] >= len(site0), timeout=60, what="site0 to be crawled")
@@ -206,10 +196,8 @@ def test_scope_allowed_domains_depth_and_page_budgets(
     web = testweb_factory("--hosts", "3", "--pages", "30")
     fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_ALLOWED_DOMAINS="site1.test",
                           CRAWLFLEET_MAX_DEPTH="3")
-    fleet.spawn("scheduler", "scheduler")
-    fleet.spawn("worker", "worker")
     site0 = web.seeds[0]
-    fleet.run("seed", site0)  # only site0 is seeded; site1 is allowed, site2 is not
+    fleet.start(site0)  # only site0 is seeded; site1 is allowed, site2 is not
     status = fleet.wait_finished()
     spec = WebSpec(hosts=3, pages=30, port=web.port)
     expected = reachable(spec, [site0], allowed_hosts={"site0.test", "site1.test"}, max_depth=3)

@@ -110,11 +110,7 @@ def test_chaos_kill_anything_lose_nothing(
         CRAWLFLEET_SHUTDOWN_GRACE="1",
         CRAWLFLEET_MAX_WORKER_LOSSES="100",  # kills here are random, not the pages' fault
     )
-    workers = ["worker-0", "worker-1", "worker-2"]
-    fleet.spawn("scheduler", "scheduler")
-    for name in workers:
-        fleet.spawn(name, "worker", CRAWLFLEET_WORKER_ID=name)
-    fleet.run("seed", *web.seeds)
+    workers = fleet.start(*web.seeds, workers=3)
 
     rng = random.Random(20261124)
     kills: Counter[str] = Counter()
