@@ -113,8 +113,14 @@ async def run_crawl(
 
 
 async def _delete_namespace(redis: Any, keys: Keys) -> None:
-    async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
-        await redis.delete(key)
+    """Unlink the namespace's keys a scan page at a time (two keys per host in a big crawl)."""
+    cursor = 0
+    while True:
+        cursor, found = await redis.scan(cursor, match=f"{keys.prefix}*", count=1000)
+        if found:
+            await redis.unlink(*found)
+        if cursor == 0:
+            return
 
 
 def format_summary(s: dict[str, Any], settings: Settings, workers: int, out: str) -> str:

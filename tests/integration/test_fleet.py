@@ -91,3 +91,20 @@ def test_crawl_command_on_the_embedded_backend(
     assert "crawl finished" in result.stderr and "embedded backend" in result.stderr
     urls = [json.loads(line)["url"] for line in out.read_text().splitlines()]
     assert sorted(urls) == testweb.reachable()
+
+
+def test_crawl_on_a_real_redis_remembers_until_fresh(
+    redis_server: RedisServer, testweb: WebUnderTest, fleet_factory: Callable[..., Fleet]
+) -> None:
+    fleet = fleet_factory(redis_server.url, testweb)
+    out = fleet.logdir / "crawl.jsonl"
+
+    def crawl(*extra: str) -> int:
+        fleet.run("crawl", *testweb.seeds, "--out", str(out), *extra)
+        assert sorted(json.loads(line)["url"] for line in out.read_text().splitlines()) == (
+            testweb.reachable())
+        return int(testweb.stats()["total_requests"])
+
+    first = crawl()
+    assert crawl() == first  # the namespace remembers: nothing is fetched again
+    assert crawl("--fresh") > first  # its keys are gone: the crawl starts over
