@@ -20,8 +20,10 @@ from crawlfleet.common.keys import LUA_HOST_KEYS, Keys
 from crawlfleet.common.messages import Discovered, HostBatch, encode
 
 # Claim the batch at the start of the job, and renew it while working. 0: the lease is gone
-# (expired, and maybe handed to someone else): the job must not fetch.
+# (expired, and maybe handed to someone else): the job must not fetch. At the start the job
+# also leaves arq's queue (ARGV[4], its id), whatever the answer: see fetch_batch.
 _START = """
+if ARGV[4] ~= '' then redis.call('ZREM', KEYS[4], ARGV[4]) end
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[2])
@@ -135,12 +137,13 @@ class Store:
         self._start = redis.register_script(_START)
         self._report = redis.register_script(_REPORT)
 
-    async def claim(self, batch: HostBatch, *, lease_until: float) -> bool:
-        """Start (or keep) working on a batch; False when its lease is no longer ours."""
+    async def claim(self, batch: HostBatch, *, lease_until: float, job_id: str = "") -> bool:
+        """Start (or keep) working on a batch; False when its lease is no longer ours.
+        With ``job_id`` (at the start), the arq job also leaves arq's queue."""
         k = self.keys
         held = await retry_while_unavailable(lambda: self._start(
-            keys=[k.lease_batch, k.leases, k.waiting],
-            args=[batch.host, batch.batch_id, lease_until],
+            keys=[k.lease_batch, k.leases, k.waiting, k.arq_queue],
+            args=[batch.host, batch.batch_id, lease_until, job_id],
         ))
         return bool(held)
 

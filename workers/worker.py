@@ -102,13 +102,13 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 async def fetch_batch(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     batch = batch_from_job(payload)
     settings: Settings = ctx["settings"]
+    run = BatchRun(ctx, batch)
     # arq keeps a running job in its queue until it ends, so every worker with a free slot
     # re-checks every running job on every poll (WATCH, EXISTS, ZSCORE): a cost that grows with
-    # the fleet. The frontier's lease, not arq's retry, brings a lost batch back, so the job
-    # can leave arq's queue as soon as it starts.
-    await ctx["redis"].zrem(ctx["keys"].arq_queue, ctx["job_id"])
-    run = BatchRun(ctx, batch)
-    if not await run.store.claim(batch, lease_until=time.time() + settings.lease_seconds):
+    # the fleet. The frontier's lease, not arq's retry, brings a lost batch back, so the claim
+    # also takes the job out of arq's queue, in the same round trip.
+    if not await run.store.claim(batch, lease_until=time.time() + settings.lease_seconds,
+                                 job_id=ctx["job_id"]):
         run.log.warning("batch_stale", reason="lease no longer held")
         return {"stale": True}
     return await run.run()
