@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "CRAWLFLEET_"
+# Settings that were renamed: the old variable still works for one release.
+RENAMED = {"request_timeout": "fetch_timeout"}
 
 
 class SettingsError(ValueError):
@@ -48,9 +50,14 @@ class Settings:
     max_retries: int = 3
     retry_base: float = 2.0
     retry_max: float = 300.0
-    request_timeout: float = 30.0
+    # A fetch's time once it is sent (pacing waits for the host's turn do not count), and the
+    # longest silence between two reads of a response.
+    fetch_timeout: float = 30.0
+    read_timeout: float = 20.0
     connect_timeout: float = 10.0
     max_body_bytes: int = 10 * 1024 * 1024
+    # Links followed from one page; the rest are counted in the result, not followed.
+    max_links_per_page: int = 5000
     user_agent: str = "crawlfleet/0.1 (+https://github.com/crawlfleet/crawlfleet)"
     dns_nameservers: tuple[str, ...] = ()
     dns_cache_ttl: int = 300
@@ -59,6 +66,9 @@ class Settings:
     # robots.txt: how long a fetched copy is trusted, and how soon an unreachable one is retried.
     robots_ttl: float = 86400.0
     robots_retry: float = 300.0
+    # How long a robots.txt that keeps answering 5xx is retried (with backoff) before the host's
+    # URLs fail as robots_unavailable.
+    robots_max_wait: float = 3600.0
 
     # Frontier and scheduling.
     batch_size: int = 20
@@ -97,15 +107,15 @@ class Settings:
         positive = (
             "max_in_flight", "per_host_concurrency", "batch_size", "jobs_per_worker",
             "max_body_bytes", "dispatch_ahead", "max_worker_losses", "max_query_variants",
-            "max_repeated_segments", "max_url_length",
+            "max_repeated_segments", "max_url_length", "max_links_per_page",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(
                     f"{env_name(name)} must be at least 1, got {getattr(self, name)}"
                 )
-        for name in ("request_timeout", "connect_timeout", "lease_seconds", "poll_delay",
-                     "robots_ttl", "robots_retry"):
+        for name in ("fetch_timeout", "read_timeout", "connect_timeout", "lease_seconds",
+                     "poll_delay", "robots_ttl", "robots_retry", "robots_max_wait"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
         for name in ("crawl_delay", "max_crawl_delay", "max_retries", "max_redirects",
@@ -138,6 +148,11 @@ class Settings:
         for server in self.dns_nameservers:
             _check_nameserver(server)
 
+    @property
+    def request_timeout(self) -> float:
+        """The old name of ``fetch_timeout``, kept for one release."""
+        return self.fetch_timeout
+
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
@@ -149,8 +164,11 @@ class Settings:
         environ = os.environ if environ is None else environ
         hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
+        renamed = {old: new for old, new in RENAMED.items() if env_name(old) in environ
+                   and env_name(new) not in environ}
         for f in dataclasses.fields(cls):
-            raw = environ.get(env_name(f.name))
+            old = next((o for o, n in renamed.items() if n == f.name), None)
+            raw = environ.get(env_name(f.name if old is None else old))
             if raw is not None:
                 values[f.name] = _parse(f.name, raw, hints[f.name])
         for name, value in (overrides or {}).items():

@@ -38,15 +38,21 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_settings_read_every_type_from_the_environment() -> None:
     s = Settings.from_env({
         "CRAWLFLEET_MAX_IN_FLIGHT": "128",
-        "CRAWLFLEET_REQUEST_TIMEOUT": "2.5",
+        "CRAWLFLEET_FETCH_TIMEOUT": "2.5",
         "CRAWLFLEET_ALLOW_PRIVATE": "yes",
         "CRAWLFLEET_DNS_NAMESERVERS": "127.0.0.1:5353, 10.0.0.2",
         "CRAWLFLEET_MAX_DEPTH": "3",
         "CRAWLFLEET_MAX_PAGES": "",
     })
-    assert (s.max_in_flight, s.request_timeout, s.allow_private) == (128, 2.5, True)
+    assert (s.max_in_flight, s.fetch_timeout, s.allow_private) == (128, 2.5, True)
     assert s.dns_nameservers == ("127.0.0.1:5353", "10.0.0.2")
     assert (s.max_depth, s.max_pages) == (3, None)
+
+
+def test_the_old_name_of_a_renamed_setting_still_works() -> None:
+    assert Settings.from_env({"CRAWLFLEET_REQUEST_TIMEOUT": "7"}).fetch_timeout == 7.0
+    both = {"CRAWLFLEET_REQUEST_TIMEOUT": "7", "CRAWLFLEET_FETCH_TIMEOUT": "9"}
+    assert Settings.from_env(both).fetch_timeout == 9.0  # the new name wins
 
 
 def test_flags_override_the_environment_and_none_is_ignored() -> None:
@@ -59,7 +65,8 @@ def test_flags_override_the_environment_and_none_is_ignored() -> None:
     ("CRAWLFLEET_MAX_IN_FLIGHT", "lots"),
     ("CRAWLFLEET_MAX_IN_FLIGHT", "0"),
     ("CRAWLFLEET_ALLOW_PRIVATE", "maybe"),
-    ("CRAWLFLEET_REQUEST_TIMEOUT", "-1"),
+    ("CRAWLFLEET_FETCH_TIMEOUT", "-1"),
+    ("CRAWLFLEET_READ_TIMEOUT", "0"),
     ("CRAWLFLEET_DNS_NAMESERVERS", "dns.example:53"),
     ("CRAWLFLEET_DNS_NAMESERVERS", "127.0.0.1:99999"),
     ("CRAWLFLEET_LOG_FORMAT", "xml"),
@@ -77,9 +84,12 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
 
 def test_messages_round_trip_as_json_with_a_version() -> None:
-    entry = QueuedURL(1, "0123456789abcdef", "http://a.test/", 2, 1)
+    entry = QueuedURL(fp="0123456789abcdef", url="http://a.test/", depth=2, tries=1)
     assert decode_entry(encode(entry)) == entry
-    assert encode(entry).startswith(b'[1,"0123456789abcdef"')  # Lua reads fp at index 2
+    # An object, read by name (the Lua commands too), whatever the field order.
+    assert msgspec.json.decode(encode(entry))["fp"] == "0123456789abcdef"
+    assert decode_entry(b'{"url":"http://a.test/","depth":2,"fp":"0123456789abcdef",'
+                        b'"tries":1,"v":1}') == entry
     event = Discovered(batch_id="b1", host="a.test", worker="w",
                        groups=[LinkGroup(1, ["http://a.test/x"])], pages=1, failed=0, final=True)
     assert decode_event(encode(event)) == event
@@ -94,8 +104,7 @@ def test_a_newer_message_version_is_refused() -> None:
 
 
 def test_arq_jobs_are_json_not_pickle() -> None:
-    batch = HostBatch(batch_id="ns:b1", host="a.test",
-                      urls=[QueuedURL(1, "f" * 16, "http://a.test/", 0)], dispatched_at=1.0)
+    batch = HostBatch(batch_id="ns:b1", host="a.test", crawl="c0ffee")
     job = {"t": 1, "f": "fetch_batch", "a": [msgspec.to_builtins(batch)], "k": {}, "et": 1}
     wire = job_serializer(job)
     assert wire.startswith(b"{") and b"fetch_batch" in wire

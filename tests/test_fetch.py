@@ -25,29 +25,38 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.exceptions
 from aiohttp import web
 from dnslib import AAAA, QTYPE, RCODE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 
 from crawlfleet.common.messages import QueuedURL
 from crawlfleet.common.settings import Settings
+from crawlfleet.testweb.dns import DnsServer
 from crawlfleet.workers.batch import build_result
 from crawlfleet.workers.fetch import (
+    BlockedAddressError,
+    CrawlerFault,
     Fetched,
     GuardedResolver,
     PrivateAddressError,
+    blocked_rule,
     classify_error,
     fetch,
     is_private_address,
     literal_private_host,
 )
-from crawlfleet.workers.worker import worker_session
+from crawlfleet.workers.pacing import Turn
+from crawlfleet.workers.worker import _build_session, worker_session
 
 HOST = "127.0.0.1"
 MB = 1024 * 1024
 CAP = 1 * MB  # max_body_bytes for the size tests
-REQUEST_TIMEOUT = 1.0  # the slow-drip test relies on this; nothing else comes near it
+FETCH_TIMEOUT = 1.0  # fetch()'s deadline; the slow-drip test relies on it, nothing else nears it
+READ_TIMEOUT = 1.0  # the session's sock_read
 FETCH_DEADLINE = 5.0  # a fetch that takes longer than this is a hang, not a slow answer
+
+SLOW_HOP = 0.15  # seconds each /slow-chain hop takes
 
 # A compression bomb: 32 MiB of zeros as ~32 KiB of gzip. Built once at import (~50 ms).
 BOMB_SIZE = 32 * MB
@@ -178,6 +187,24 @@ def _make_app(site: Site) -> web.Application:
             site.finished("drip").set()
         return resp
 
+    async def stall(request: web.Request) -> web.StreamResponse:
+        # Headers and a first chunk at once, then silence until teardown: only sock_read ends it.
+        resp = web.StreamResponse(headers={"Content-Type": "text/html"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"<html>")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(site.stop.wait(), 10)
+        return resp
+
+    async def slow_chain(request: web.Request) -> web.Response:
+        # /slow-chain/N: each hop takes SLOW_HOP seconds; /slow-chain/0 is the page.
+        await asyncio.sleep(SLOW_HOP)
+        n = int(request.match_info["n"])
+        if n == 0:
+            return web.Response(body=HTML_PAGE, content_type="text/html")
+        raise web.HTTPFound(f"/slow-chain/{n - 1}")
+
     async def pdf(request: web.Request) -> web.Response:
         return web.Response(body=b"%PDF-1.4\n" + bytes(100), content_type="application/pdf")
 
@@ -196,6 +223,8 @@ def _make_app(site: Site) -> web.Application:
     app.router.add_get("/big-chunked", big_chunked)
     app.router.add_get("/bomb", bomb)
     app.router.add_get("/drip", drip)
+    app.router.add_get("/stall", stall)
+    app.router.add_get("/slow-chain/{n}", slow_chain)
     app.router.add_get("/doc.pdf", pdf)
     app.router.add_get("/png", png_as_html)
     return app
@@ -220,7 +249,8 @@ async def site() -> AsyncIterator[Site]:
 def _settings(**changes: Any) -> Settings:
     base = Settings(
         allow_private=True,
-        request_timeout=REQUEST_TIMEOUT,
+        fetch_timeout=FETCH_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
         connect_timeout=1.0,
         max_body_bytes=CAP,
         dns_cache_ttl=1,
@@ -238,9 +268,11 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 async def timed_fetch(
     session: aiohttp.ClientSession, url: str, **kwargs: Any
 ) -> tuple[Fetched, float]:
-    """fetch() under a hard deadline; returns the result and the wall time it took."""
+    """fetch() under a hard deadline; returns the result and the wall time it took. Like the
+    workers, it passes fetch_timeout as fetch()'s deadline unless told otherwise."""
     kwargs.setdefault("max_body_bytes", CAP)
     kwargs.setdefault("allow_private", True)
+    kwargs.setdefault("deadline", FETCH_TIMEOUT)
     started = time.monotonic()
     result = await asyncio.wait_for(fetch(session, url, **kwargs), FETCH_DEADLINE)
     elapsed = time.monotonic() - started
@@ -337,7 +369,7 @@ async def test_declared_content_length_over_cap_is_too_large_without_the_body(
     # The server sent 1 KiB of the 50 MiB and then stalled: only the header can explain a
     # quick answer, so the client never waited for (or read) the body.
     assert site.sent["big_declared"] == 1024
-    assert elapsed < REQUEST_TIMEOUT
+    assert elapsed < FETCH_TIMEOUT
 
 
 async def test_chunked_body_over_cap_is_too_large_and_connection_dropped(
@@ -386,8 +418,86 @@ async def test_gzip_bomb_is_too_large_fast_and_bounded(
 async def test_slow_drip_hits_total_timeout(site: Site, session: aiohttp.ClientSession) -> None:
     result, elapsed = await timed_fetch(session, site.url("/drip"))
     assert result.error == "timeout"
-    assert REQUEST_TIMEOUT * 0.9 <= elapsed < 3
+    assert FETCH_TIMEOUT * 0.9 <= elapsed < 3
     assert result.body == b""
+
+
+async def test_silence_between_reads_hits_read_timeout(site: Site) -> None:
+    # The deadline is far off; the session's sock_read (read_timeout) is what gives up.
+    async with worker_session(_settings(read_timeout=0.3)) as session:
+        result, elapsed = await timed_fetch(session, site.url("/stall"), deadline=4.0)
+    assert result.error == "timeout"
+    assert 0.25 <= elapsed < 2
+    assert result.status == 200  # the headers came; the body did not
+
+
+# --------------------------------------------------------------------------------------------
+# 6b. Time: the deadline is the site's time, pacing waits are not
+# --------------------------------------------------------------------------------------------
+
+PACING_WAIT = 0.4  # longer than the deadlines below
+
+
+async def slow_pace() -> Turn:
+    """The host's turn comes late (a robots.txt Crawl-delay, say)."""
+    await asyncio.sleep(PACING_WAIT)
+    return Turn(None)
+
+
+async def test_pacing_waits_are_outside_the_deadline_on_every_hop(
+    site: Site, session: aiohttp.ClientSession
+) -> None:
+    deadline = 0.3
+    # Three requests, each waiting longer than the whole deadline for its turn.
+    result, elapsed = await timed_fetch(session, site.url("/chain/2"), deadline=deadline,
+                                        pace=slow_pace)
+    assert result.error is None, result.error
+    assert result.final_url == site.url("/final")
+    assert elapsed >= 3 * PACING_WAIT  # the waits did happen...
+    assert result.elapsed_ms < deadline * 1000  # ...and neither they nor the deadline count them
+    assert result.elapsed_ms <= (elapsed - 3 * PACING_WAIT) * 1000 + 1
+
+
+async def test_the_deadline_covers_the_whole_chain_of_hops(
+    site: Site, session: aiohttp.ClientSession
+) -> None:
+    # Four hops of SLOW_HOP each: every one is well inside the deadline, all of them are not.
+    deadline = 2.5 * SLOW_HOP
+    result, elapsed = await timed_fetch(session, site.url("/slow-chain/3"), deadline=deadline,
+                                        pace=slow_pace)
+    assert result.error == "timeout"
+    assert site.hits["/slow-chain/0"] == 0
+    assert deadline * 1000 * 0.9 <= result.elapsed_ms < deadline * 1000 + 200
+    assert elapsed >= 3 * PACING_WAIT  # and the deadline still ran on after each pacing wait
+
+
+# --------------------------------------------------------------------------------------------
+# 6c. The crawler's own faults are not the page's
+# --------------------------------------------------------------------------------------------
+
+
+async def test_may_follow_raising_is_a_crawler_fault(
+    site: Site, session: aiohttp.ClientSession
+) -> None:
+    async def may_follow(target: str) -> bool:
+        raise redis.exceptions.ConnectionError("Error 111 connecting to localhost:6379")
+
+    with pytest.raises(CrawlerFault) as fault:
+        await timed_fetch(session, site.url("/chain/3"), may_follow=may_follow)
+    assert isinstance(fault.value.__cause__, redis.exceptions.ConnectionError)
+    assert site.hits["/chain/3"] == 1 and site.hits["/chain/2"] == 0
+
+
+async def test_pace_raising_is_a_crawler_fault(
+    site: Site, session: aiohttp.ClientSession
+) -> None:
+    async def pace() -> Turn:
+        raise redis.exceptions.ResponseError("NOSCRIPT No matching script")
+
+    with pytest.raises(CrawlerFault) as fault:
+        await timed_fetch(session, site.url("/page"), pace=pace)
+    assert isinstance(fault.value.__cause__, redis.exceptions.ResponseError)
+    assert sum(site.hits.values()) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,33 +660,75 @@ async def test_nxdomain_is_dns(dns: Dns) -> None:
     assert any(q.startswith("nonexistent.test.") for q in dns.resolver.questions)
 
 
-async def test_unreachable_nameserver_is_dns() -> None:
-    # Nothing listens on the port: the query is refused (ICMP), c-ares gives up at once.
+async def test_unreachable_nameserver_is_dns_temporary() -> None:
+    # Nothing listens on the port: the query is refused (ICMP), c-ares gives up at once. The
+    # name may well exist: that is worth another try, unlike an NXDOMAIN.
     settings = _settings(dns_nameservers=(f"{HOST}:{_closed_udp_port()}",))
     async with worker_session(settings) as session:
         result, elapsed = await timed_fetch(session, f"http://nonexistent.test:{_closed_port()}/")
-    assert result.error == "dns"
+    assert result.error == "dns_temporary"
     assert elapsed < 2
 
 
-async def test_silent_nameserver_is_bounded_by_request_timeout() -> None:
-    # A nameserver that swallows queries: c-ares alone would retry for many seconds; the
-    # request's total timeout must cut the lookup short.
+async def test_silent_nameserver_is_bounded_by_the_fetch_deadline() -> None:
+    # A nameserver that swallows queries: c-ares alone would retry for many seconds; fetch()'s
+    # deadline must cut the lookup short (the session has no total timeout of its own).
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind((HOST, 0))
         port = silent.getsockname()[1]
-        settings = _settings(request_timeout=0.5, dns_nameservers=(f"{HOST}:{port}",))
+        settings = _settings(dns_nameservers=(f"{HOST}:{port}",))
         async with worker_session(settings) as session:
-            result, elapsed = await timed_fetch(session, f"http://silent.test:{_closed_port()}/")
+            result, elapsed = await timed_fetch(
+                session, f"http://silent.test:{_closed_port()}/", deadline=0.5
+            )
     assert result.error == "timeout"
     assert 0.4 <= elapsed < 2
+
+
+@pytest.fixture(scope="module")
+def testweb_dns() -> Iterator[DnsServer]:
+    """The test web's own DNS server, with its broken-nameserver names."""
+    with DnsServer(["site0.test"]) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("host", "error"),
+    [
+        ("nope.test", "dns"),  # NXDOMAIN: the name does not exist, final
+        ("test", "dns"),  # the zone apex has no A/AAAA: "no data", final
+        ("servfail.test", "dns_temporary"),  # SERVFAIL
+        ("example.com", "dns_temporary"),  # REFUSED (outside the zone)
+        ("silent.test", "dns_temporary"),  # dropped: c-ares' own timeout
+    ],
+)
+async def test_resolver_failures_are_final_or_temporary(
+    testweb_dns: DnsServer, host: str, error: str
+) -> None:
+    # A short c-ares timeout, so the silent name times out in the resolver (with a code)
+    # before fetch()'s deadline does.
+    resolver = GuardedResolver(
+        allow_private=True, nameservers=[f"{HOST}:{testweb_dns.port}"], timeout=0.2, tries=1
+    )
+    session = _build_session(_settings(), resolver)
+    try:
+        result, elapsed = await timed_fetch(
+            session, f"http://{host}:{_closed_port()}/", deadline=3.0
+        )
+    finally:
+        await session.close()
+        await resolver.close()
+    assert result.error == error
+    assert result.status is None
+    assert elapsed < 2
 
 
 async def test_literal_private_ip_is_refused_without_a_request(
     site: Site, session: aiohttp.ClientSession
 ) -> None:
     result, elapsed = await timed_fetch(session, site.url("/page"), allow_private=False)
-    assert result.error == "private_address"
+    assert result.error == "blocked_address"
+    assert result.detail == "127.0.0.1 is loopback"
     assert result.status is None
     assert sum(site.hits.values()) == 0
     assert elapsed < 1
@@ -595,20 +747,22 @@ async def test_redirect_to_private_literal_is_refused_at_the_hop(site: Site, dns
         result, _ = await timed_fetch(
             session, f"http://loop.test:{port}/to-literal", allow_private=False
         )
-    assert result.error == "private_address"
+    assert result.error == "blocked_address"
+    assert result.detail == "127.0.0.1 is loopback"
     assert result.redirects == [site.url("/page")]
     assert site.hits["/to-literal"] == 1
     assert site.hits["/page"] == 0
 
 
-async def test_hostname_resolving_to_loopback_is_private_address(site: Site, dns: Dns) -> None:
+async def test_hostname_resolving_to_loopback_is_blocked_address(site: Site, dns: Dns) -> None:
     port = site.base.rsplit(":", 1)[1]
     settings = _settings(allow_private=False, dns_nameservers=(dns.nameserver,))
     async with worker_session(settings) as session:
         result, elapsed = await timed_fetch(
             session, f"http://loop.test:{port}/page", allow_private=False
         )
-    assert result.error == "private_address"
+    assert result.error == "blocked_address"
+    assert result.detail == "127.0.0.1 is loopback"
     assert result.status is None
     assert sum(site.hits.values()) == 0  # refused in the resolver, before any connection
     assert elapsed < 2
@@ -634,9 +788,10 @@ async def test_guarded_resolver_filters_answers(dns: Dns) -> None:
     guarded = GuardedResolver(allow_private=False, nameservers=[dns.nameserver])
     open_ = GuardedResolver(allow_private=True, nameservers=[dns.nameserver])
     try:
-        with pytest.raises(PrivateAddressError):
+        with pytest.raises(BlockedAddressError) as blocked:
             await asyncio.wait_for(guarded.resolve("loop.test", 80), FETCH_DEADLINE)
-        with pytest.raises(PrivateAddressError):
+        assert blocked.value.detail == "127.0.0.1 is loopback"
+        with pytest.raises(PrivateAddressError):  # the old name still catches it
             await asyncio.wait_for(
                 guarded.resolve("loop6.test", 80, socket.AF_INET6), FETCH_DEADLINE
             )
@@ -674,6 +829,24 @@ def test_is_private_address(address: str, private: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("address", "rule"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),  # named by the IPv4 address it maps
+        ("10.0.0.1", "private"),
+        ("fe80::1", "link-local"),
+        ("169.254.1.1", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("100.64.0.1", "not global"),
+        ("8.8.8.8", None),
+    ],
+)
+def test_blocked_rule_names_the_rule(address: str, rule: str | None) -> None:
+    assert blocked_rule(address) == rule
+
+
+@pytest.mark.parametrize(
     ("url", "private"),
     [
         ("http://127.0.0.1:8080/x", True),
@@ -690,11 +863,11 @@ def test_literal_private_host(url: str, private: bool) -> None:
 def test_classify_error_follows_the_cause_chain() -> None:
     try:
         try:
-            raise PrivateAddressError("x resolves only to private addresses")
-        except PrivateAddressError as inner:
+            raise BlockedAddressError("x resolves only to blocked addresses", "10.0.0.1 is private")
+        except BlockedAddressError as inner:
             raise OSError("wrapped") from inner
     except OSError as outer:
-        assert classify_error(outer) == "private_address"
+        assert classify_error(outer) == "blocked_address"
     assert classify_error(TimeoutError()) == "timeout"
     assert classify_error(RuntimeError("surprise")) == "error"
 

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import itertools
+import threading
+import time
 
 import pytest
 
+from crawlfleet.common.urls import resolve_and_canonicalize
+from crawlfleet.workers import parse as parse_module
 from crawlfleet.workers.parse import (
+    PARSE_IN_THREAD_BYTES,
     BodyError,
     ParsedPage,
     decode_html,
     is_html,
     parse_html,
     parse_page,
+    parse_page_async,
     sniff_html,
 )
 
@@ -522,3 +530,105 @@ def test_sniff_html_true(body: bytes) -> None:
 )
 def test_sniff_html_false(body: bytes) -> None:
     assert not sniff_html(body)
+
+
+# --- bounded work per page ---------------------------------------------------------------------
+
+
+def _many_links(n: int) -> bytes:
+    anchors = "".join(f'<a href="/p/{i}">{i}</a>' for i in range(n))
+    return f"<!doctype html><html><body>{anchors}</body></html>".encode()
+
+
+def test_links_are_capped_and_all_are_counted() -> None:
+    body = _many_links(200_000)
+    page = parse_page(body, "text/html", PAGE, max_links=5000)
+    assert len(page.links) == 5000
+    assert page.links[0] == "https://example.com/p/0"
+    assert page.links[-1] == "https://example.com/p/4999"  # the first ones, in document order
+    assert page.links_found == 200_000
+
+
+def test_links_past_the_cap_are_not_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = 0
+    real = resolve_and_canonicalize
+
+    def counting(*args: object, **kwargs: object) -> str | None:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(parse_module, "resolve_and_canonicalize", counting)
+    page = parse_page(_many_links(10_000), "text/html", PAGE, max_links=100)
+    assert page.links_found == 10_000
+    assert calls <= 100 + 1  # the kept links, plus the page URL itself (for self-links)
+
+
+def test_links_found_follows_the_same_rules_as_links() -> None:
+    html = (
+        '<a href="/a">a</a><a href="/a">dup</a><a href="#top">frag</a>'
+        '<a href="mailto:x@example.com">m</a><a href=" JavaScript:void(0)">js</a>'
+        '<a href="/b" rel="nofollow">nf</a><a href="/c">c</a><a href="HTTP://other.org/">o</a>'
+        '<a href="data:text/html,x">d</a><a href="/c">dup past the cap</a>'
+    )
+    uncapped = parse(html)
+    assert uncapped.links == [
+        "https://example.com/a", "https://example.com/c", "http://other.org/",
+    ]
+    assert uncapped.links_found == 3
+    for cap in (0, 1, 2, 3, 10):
+        capped = parse_html(
+            f"<html><body>{html}</body></html>", PAGE, max_links=cap
+        )
+        assert capped.links == uncapped.links[:cap]
+        assert capped.links_found == 3, cap
+
+
+def test_no_cap_by_default() -> None:
+    page = parse_page(_many_links(6000), "text/html", PAGE)
+    assert len(page.links) == page.links_found == 6000
+
+
+async def test_parse_page_async_small_body_runs_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[int] = []
+    real = parse_module.parse_page
+
+    def recording(*args: object, **kwargs: object) -> ParsedPage:
+        threads.append(threading.get_ident())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(parse_module, "parse_page", recording)
+    small = _many_links(10)
+    assert len(small) <= PARSE_IN_THREAD_BYTES
+    page = await parse_page_async(small, "text/html", PAGE, max_links=5)
+    assert len(page.links) == 5 and page.links_found == 10
+    assert threads == [threading.get_ident()]
+    big = _many_links(20_000)
+    assert len(big) > PARSE_IN_THREAD_BYTES
+    await parse_page_async(big, "text/html", PAGE, max_links=5)
+    assert threads[1] != threading.get_ident()
+
+
+async def test_parse_page_async_of_a_big_body_leaves_the_loop_running() -> None:
+    body = _many_links(200_000)  # ~5.8 MB
+    ticks: list[float] = []
+    parsing = True
+
+    async def ticker() -> None:
+        while parsing:
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0)  # a yield, not a wait
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    page = await parse_page_async(body, "text/html", PAGE, max_links=5000)
+    took = time.perf_counter() - started
+    parsing = False
+    await task
+    assert len(page.links) == 5000 and page.links_found == 200_000
+    during = [t for t in ticks if started <= t <= started + took]
+    gaps = [b - a for a, b in itertools.pairwise(during)]
+    # Parsed inline, the loop would stall for the whole parse: no ticks, one gap of `took`.
+    assert len(during) > 100
+    assert max(gaps) < took / 2, (max(gaps), took)

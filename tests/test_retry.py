@@ -11,13 +11,15 @@ import pytest
 from crawlfleet.workers.retry import backoff_delay, is_retryable, parse_retry_after
 
 
-@pytest.mark.parametrize("error", ["timeout", "connect", "protocol", "http_5xx", "http_429"])
+@pytest.mark.parametrize(
+    "error", ["timeout", "connect", "protocol", "http_5xx", "http_429", "dns_temporary"]
+)
 def test_transient_errors_are_retried(error: str) -> None:
     assert is_retryable(error)
 
 
 @pytest.mark.parametrize("error", [None, "http_4xx", "dns", "too_large", "binary", "robots",
-                                   "private_address", "too_many_redirects", "tls"])
+                                   "blocked_address", "too_many_redirects", "tls"])
 def test_final_errors_are_not(error: str | None) -> None:
     assert not is_retryable(error)
 

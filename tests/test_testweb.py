@@ -1061,6 +1061,42 @@ def test_dns_tcp_rcodes_and_port_release() -> None:
         again.stop()
 
 
+def test_dns_servfail_and_silent_names() -> None:
+    with DnsServer(["site0.test"]) as dns:
+
+        def ask(name: str, tcp: bool = False, timeout: float = 5) -> DNSRecord:
+            raw = DNSRecord.question(name, "A").send("127.0.0.1", dns.port, tcp=tcp,
+                                                     timeout=timeout)
+            return DNSRecord.parse(raw)
+
+        for name in ("servfail.test", "x1.servfail.test", "SERVFAIL.test"):
+            for tcp in (False, True):
+                reply = ask(name, tcp)
+                assert reply.header.rcode == RCODE.SERVFAIL and reply.rr == []
+        for name in ("silent.test", "x1.silent.test"):
+            with pytest.raises(TimeoutError):
+                ask(name, timeout=0.3)  # dropped: no reply ever comes
+        assert ask("site0.test").header.rcode == RCODE.NOERROR  # still serving
+        assert dns.answered == 1
+
+
+async def test_dns_broken_names_through_aiodns() -> None:
+    with DnsServer(["site0.test"]) as dns:
+        resolver = aiodns.DNSResolver(nameservers=[f"127.0.0.1:{dns.port}"], timeout=0.3, tries=1)
+        try:
+            with pytest.raises(aiodns.error.DNSError) as servfail:
+                await resolver.query_dns("servfail.test", "A")
+            assert servfail.value.args[0] == aiodns.error.ARES_ESERVFAIL
+            with pytest.raises(aiodns.error.DNSError) as silent:
+                await resolver.query_dns("silent.test", "A")
+            assert silent.value.args[0] == aiodns.error.ARES_ETIMEOUT
+            with pytest.raises(aiodns.error.DNSError) as nxdomain:
+                await resolver.query_dns("nope.test", "A")
+            assert nxdomain.value.args[0] == aiodns.error.ARES_ENOTFOUND
+        finally:
+            await resolver.close()
+
+
 # --- cli.py -----------------------------------------------------------------------------
 
 

@@ -3,6 +3,14 @@
 Crawler workers resolve ``siteN.test`` only through this server (via aiodns), so it answers
 exactly those names with a loopback address, says NXDOMAIN for the rest of ``.test`` and
 REFUSED for everything else: it never forwards, so no query ever leaves the machine.
+
+Two names (and every name under them) play a broken nameserver, whatever the web's names:
+
+- ``servfail.test``, ``*.servfail.test``: SERVFAIL, a resolver's "try again later";
+- ``silent.test``, ``*.silent.test``: no answer at all, the query is dropped, so the client
+  times out (UDP; over TCP the connection is closed without a reply).
+
+Use a fresh subdomain (``a1.servfail.test``) when a resolver's cache must not be involved.
 """
 
 from __future__ import annotations
@@ -14,11 +22,14 @@ from types import TracebackType
 from typing import Any
 
 from dnslib import QTYPE, RCODE, RR, SOA, A
+from dnslib.dns import DNSError
 from dnslib.server import DNSHandler, DNSLogger
 
 from .loopback import require_loopback
 
 ZONE = "test"
+SERVFAIL_NAME = "servfail.test"
+SILENT_NAME = "silent.test"
 NEGATIVE_TTL = 5  # SOA minimum: how long resolvers may cache NXDOMAIN / no-data answers
 
 
@@ -45,7 +56,15 @@ class _Zone:
         q = request.q
         name = str(q.qname).lower().rstrip(".")
         found = False
-        if name != ZONE and not name.endswith("." + ZONE):
+        if _under(name, SILENT_NAME):
+            with self.lock:
+                self.queries += 1
+            # dnslib's handler sends nothing when the resolver raises its DNSError.
+            raise DNSError(f"dropped query for {name}")
+        if _under(name, SERVFAIL_NAME):
+            reply.header.aa = 0
+            reply.header.rcode = RCODE.SERVFAIL
+        elif name != ZONE and not name.endswith("." + ZONE):
             reply.header.aa = 0
             reply.header.rcode = RCODE.REFUSED
         elif name in self.names and q.qtype in (QTYPE.A, QTYPE.ANY):
@@ -64,6 +83,10 @@ class _Zone:
             self.queries += 1
             self.answered += found
         return reply
+
+
+def _under(name: str, parent: str) -> bool:
+    return name == parent or name.endswith("." + parent)
 
 
 class _UDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):

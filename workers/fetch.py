@@ -1,21 +1,28 @@
 """Fetching one URL: bounded in time and bytes, redirects followed by hand, failures classified.
 
-Every way a fetch can go wrong ends as a ``Fetched`` with a short ``error`` class (``timeout``,
-``dns``, ``connect``, ``too_large`` ...), never as an exception escaping to the job, so one bad
-page or hostile server costs one failed page, not a worker.
+Every way a fetch can go wrong on the site's side ends as a ``Fetched`` with a short ``error``
+class (``timeout``, ``dns``, ``dns_temporary``, ``connect``, ``too_large`` ...), never as an
+exception escaping to the job, so one bad page or hostile server costs one failed page, not a
+worker. The crawler's own failures (its callbacks ``may_follow`` and ``pace``, backed by Redis)
+are not the page's: they escape as :class:`CrawlerFault`.
+
+Time: ``deadline`` counts the site's time only. Waiting for the host's turn (a crawl delay can
+be 30 s) and the crawler's own callbacks are left out of it, and out of ``elapsed_ms``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
 import socket
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from aiodns import error as ares
 from aiohttp.abc import ResolveResult
 
 from crawlfleet.common.urls import URLError, canonicalize, resolve
@@ -33,33 +40,75 @@ class Fetched:
     status: int | None = None
     content_type: str | None = None
     body: bytes = b""
-    elapsed_ms: float = 0.0
+    elapsed_ms: float = 0.0  # the fetch's own time: pacing waits and callbacks left out
     error: str | None = None
     redirects: list[str] = field(default_factory=list)
     # The last redirect was not followed (another host, or a URL already in the crawl): the
     # result is the redirect itself, and its target is a link for the frontier.
     redirect_stopped: bool = False
     retry_after: str | None = None
+    # For a human: why the fetch was refused, address and rule ("127.0.0.1 is loopback").
+    detail: str | None = None
 
 
-class PrivateAddressError(OSError):
+class CrawlerFault(Exception):
+    """A crawler callback (``may_follow``, ``pace``) failed, e.g. its Redis is down. That is not
+    the page's fault and must not be recorded as its result; ``__cause__`` is the original."""
+
+
+class BlockedAddressError(OSError):
     """The host resolved only to addresses a crawler must not reach (SSRF guard)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
+PrivateAddressError = BlockedAddressError  # the old name
+
+
+def blocked_rule(address: str) -> str | None:
+    """The rule that forbids ``address`` (``loopback``, ``private`` ...), or None if allowed."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_global and not ip.is_multicast:
+        return None
+    named = getattr(ip, "ipv4_mapped", None) or ip  # name ::ffff:127.0.0.1 by its IPv4 rule
+    for rule in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
+        if getattr(named, "is_" + rule):
+            return rule.replace("_", "-")
+    return "not global"  # e.g. 100.64.0.0/10, the shared address space
 
 
 def is_private_address(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    return not ip.is_global or ip.is_multicast
+    return blocked_rule(address) is not None
+
+
+def _blocked_detail(addresses: list[str]) -> str:
+    distinct = list(dict.fromkeys(addresses))
+    shown = ", ".join(f"{a} is {blocked_rule(a)}" for a in distinct[:3])
+    return shown + (f" (and {len(distinct) - 3} more)" if len(distinct) > 3 else "")
 
 
 class GuardedResolver(aiohttp.AsyncResolver):
     """aiodns resolution that drops private, loopback and link-local answers unless allowed.
 
     The check sits in the resolver so that it also covers every redirect hop and every retry:
-    there is no way to open a connection without passing through it.
+    there is no way to open a connection without passing through it. ``timeout`` and ``tries``
+    are c-ares' own, per nameserver try (its defaults when None).
     """
 
-    def __init__(self, *, allow_private: bool, nameservers: list[str] | None = None) -> None:
-        super().__init__(nameservers=nameservers or None)
+    def __init__(
+        self,
+        *,
+        allow_private: bool,
+        nameservers: list[str] | None = None,
+        timeout: float | None = None,
+        tries: int | None = None,
+    ) -> None:
+        options: dict[str, Any] = {
+            k: v for k, v in (("timeout", timeout), ("tries", tries)) if v is not None
+        }
+        super().__init__(nameservers=nameservers or None, **options)
         self.allow_private = allow_private
 
     async def resolve(
@@ -70,19 +119,72 @@ class GuardedResolver(aiohttp.AsyncResolver):
             return answers
         public = [a for a in answers if not is_private_address(a["host"])]
         if not public:
-            raise PrivateAddressError(f"{host} resolves only to private addresses")
+            detail = _blocked_detail([a["host"] for a in answers])
+            raise BlockedAddressError(f"{host} resolves only to blocked addresses: {detail}",
+                                      detail)
         return public
 
 
 def literal_private_host(url: str) -> bool:
     """URLs with an IP literal never reach the resolver, so they are checked here."""
+    return _literal_block(url) is not None
+
+
+def _literal_block(url: str) -> str | None:
+    """``"127.0.0.1 is loopback"`` for a URL whose host is a blocked IP literal, else None."""
     from yarl import URL
 
     try:
-        host = URL(url).host or ""
-        return is_private_address(host.strip("[]"))
+        host = (URL(url).host or "").strip("[]")
+        rule = blocked_rule(host)
     except ValueError:
-        return False
+        return None
+    return None if rule is None else f"{host} is {rule}"
+
+
+class _Clock:
+    """The fetch's own time: a stopwatch and the ``deadline`` timer, both paused while the
+    crawler waits on itself (the host's turn, its Redis-backed callbacks)."""
+
+    def __init__(self, timer: asyncio.Timeout, deadline: float | None) -> None:
+        self._timer = timer
+        self._loop = asyncio.get_running_loop()
+        self._left = deadline
+        self._since: float | None = self._loop.time()
+        self.elapsed = 0.0
+
+    def stop(self) -> None:
+        if self._since is None:
+            return
+        spent = self._loop.time() - self._since
+        self._since = None
+        self.elapsed += spent
+        if self._left is not None:
+            self._left -= spent
+        if not self._timer.expired():  # expired: its cancellation is on the way; let it come
+            self._timer.reschedule(None)
+
+    def start(self) -> None:
+        if self._since is not None:
+            return
+        self._since = self._loop.time()
+        if self._left is not None and not self._timer.expired():
+            self._timer.reschedule(self._since + self._left)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
+
+
+async def _crawler_call(name: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    try:
+        return await call()
+    except Exception as exc:
+        raise CrawlerFault(f"{name} failed: {exc!r}") from exc
 
 
 async def fetch(
@@ -99,24 +201,35 @@ async def fetch(
 ) -> Fetched:
     """``max_body_bytes`` caps the body: a larger one is the error ``too_large``, or with
     ``truncate`` is cut to its first ``max_body_bytes`` (robots.txt wants its first part).
-    ``deadline`` bounds the whole fetch, every redirect hop included (the session's own
-    timeout applies per request, so a chain of slow redirects could otherwise multiply it).
+    ``deadline`` (seconds; callers pass ``settings.fetch_timeout``) bounds the fetch once
+    sent, every redirect hop, connect and body included, minus the time spent awaiting
+    ``pace()`` and ``may_follow()``. (The session has no total timeout: it could not tell a
+    pacing wait from the site's time.)
     ``may_follow(target)`` is asked before each redirect hop; False stops there.
-    ``pace()`` is awaited before each request (every hop is one) for the host's turn."""
-    started = time.monotonic()
+    ``pace()`` is awaited before each request (every hop is one) for the host's turn.
+    Either callback raising escapes as :class:`CrawlerFault`, the original as its cause."""
     result = Fetched(url=url)
+    clock: _Clock | None = None
     try:
-        async with asyncio.timeout(deadline):
-            return await _follow(session, url, result, max_body_bytes, max_redirects,
-                                 allow_private, may_follow, pace, truncate)
+        async with asyncio.timeout(deadline) as timer:
+            clock = _Clock(timer, deadline)
+            try:
+                return await _follow(session, url, result, max_body_bytes, max_redirects,
+                                     allow_private, may_follow, pace, truncate, clock)
+            finally:
+                clock.stop()  # while the timer is still entered: it may be rescheduled
+    except CrawlerFault:
+        raise
     except BodyTooLarge:
         result.error = "too_large"
         return result
     except Exception as exc:  # a hostile server can raise anything; the page fails, not the worker
         result.error = classify_error(exc)
+        result.detail = blocked_detail(exc)
         return result
     finally:
-        result.elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        if clock is not None:
+            result.elapsed_ms = round(clock.elapsed * 1000, 1)
 
 
 async def _follow(
@@ -129,13 +242,17 @@ async def _follow(
     may_follow: Callable[[str], Awaitable[bool]] | None,
     pace: Callable[[], Awaitable[Turn]] | None,
     truncate: bool,
+    clock: _Clock,
 ) -> Fetched:
     current = url
     for _hop in range(max_redirects + 1):
-        if not allow_private and literal_private_host(current):
-            result.error = "private_address"
+        if not allow_private and (blocked := _literal_block(current)) is not None:
+            result.error, result.detail = "blocked_address", blocked
             return result
-        turn = await pace() if pace is not None else None
+        turn = None
+        if pace is not None:
+            with clock.paused():
+                turn = await _crawler_call("pace", pace)
         try:
             response = await session.get(current, allow_redirects=False, trace_request_ctx=turn)
         finally:
@@ -154,11 +271,15 @@ async def _follow(
                     result.error = "bad_redirect"
                     return result
                 result.redirects.append(next_url)
-                if may_follow is not None and not await may_follow(next_url):
-                    result.status, result.final_url = response.status, current
-                    result.content_type = response.headers.get("Content-Type")
-                    result.redirect_stopped = True
-                    return result
+                if may_follow is not None:
+                    with clock.paused():
+                        follow = await _crawler_call(
+                            "may_follow", functools.partial(may_follow, next_url))
+                    if not follow:
+                        result.status, result.final_url = response.status, current
+                        result.content_type = response.headers.get("Content-Type")
+                        result.redirect_stopped = True
+                        return result
                 current = next_url
                 continue
             result.status = response.status
@@ -199,15 +320,37 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int, truncate: b
     return b"".join(chunks)[:limit]
 
 
-def classify_error(exc: BaseException) -> str:
-    """A short, stable class for a failed fetch, used in results and metrics."""
+# c-ares codes a retry may change: the nameserver failed, refused, timed out or was unreachable.
+# NXDOMAIN and "no data" (ENOTFOUND, ENODATA) are the name's own answer, final like other codes.
+TEMPORARY_DNS_CODES = frozenset(
+    {ares.ARES_ESERVFAIL, ares.ARES_EREFUSED, ares.ARES_ETIMEOUT, ares.ARES_ECONNREFUSED}
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     seen: BaseException | None = exc
     while seen is not None and len(chain) < 8:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    if any(isinstance(e, PrivateAddressError) for e in chain):
-        return "private_address"
+    return chain
+
+
+def blocked_detail(exc: BaseException) -> str | None:
+    """The SSRF guard's address and rule, if it is what ``exc`` comes from."""
+    return next((e.detail for e in _chain(exc) if isinstance(e, BlockedAddressError)), None)
+
+
+def classify_error(exc: BaseException) -> str:
+    """A short, stable class for a failed fetch, used in results and metrics."""
+    chain = _chain(exc)
+    if any(isinstance(e, BlockedAddressError) for e in chain):
+        return "blocked_address"
+    # aiohttp wraps aiodns' DNSError (args[0] is the c-ares code) in an OSError, and that in
+    # ClientConnectorDNSError: the code is further down the chain.
+    codes = [e.args[0] for e in chain if isinstance(e, ares.DNSError) and e.args]
+    if codes:
+        return "dns_temporary" if codes[0] in TEMPORARY_DNS_CODES else "dns"
     checks: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str]] = [
         ((asyncio.TimeoutError, aiohttp.ServerTimeoutError), "timeout"),
         (aiohttp.TooManyRedirects, "too_many_redirects"),

@@ -1,7 +1,9 @@
 """Turn a fetched HTML response into what the crawler needs: title, outlinks and directives.
 
 Everything here is a pure function of (body bytes, Content-Type, URL): no I/O, no global state,
-so the worker can call it on its hot path and tests can feed it handcrafted documents.
+so the worker can call it on its hot path and tests can feed it handcrafted documents. The work
+per page is bounded: at most ``max_links`` links are resolved (the rest are only counted), and
+:func:`parse_page_async` takes a large body off the event loop.
 
 Pipeline: :func:`decode_html` picks the encoding (BOM > header charset > ``<meta>`` > guess)
 and rejects binary junk, then :func:`parse_html` does one Lexbor parse and one CSS query.
@@ -9,7 +11,9 @@ and rejects binary junk, then :func:`parse_html` does one Lexbor parse and one C
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import re
 from dataclasses import dataclass
 
 from selectolax.lexbor import LexborHTMLParser
@@ -24,10 +28,14 @@ __all__ = [
     "is_html",
     "parse_html",
     "parse_page",
+    "parse_page_async",
     "sniff_html",
 ]
 
 TITLE_MAX_CHARS = 512
+# Above this, parse_page_async parses in a worker thread: a few MB of HTML take tens of ms or
+# more, which would stall every other fetch of the process on the event loop.
+PARSE_IN_THREAD_BYTES = 256 * 1024
 _SNIFF_BYTES = 1024
 
 _HTML_MEDIA_TYPES = frozenset({"text/html", "application/xhtml+xml"})
@@ -77,7 +85,12 @@ class ParsedPage:
     title: str | None
     """``<title>`` text, whitespace-collapsed and capped at 512 chars; None if absent or blank."""
     links: list[str]
-    """Canonical absolute http(s) outlinks, de-duplicated, in document order, self-links removed."""
+    """Canonical absolute http(s) outlinks, de-duplicated, in document order, self-links removed;
+    at most ``max_links`` of them (the first ones)."""
+    links_found: int
+    """How many followable links the page has, :attr:`links` and those past ``max_links``. Past
+    the cap they are counted cheaply, not resolved: distinct raw hrefs that are not fragment-only
+    or of a non-http(s) scheme (so self-links and spelling variants there count too)."""
     canonical: str | None
     """``<link rel=canonical>`` resolved against :attr:`base_url` and canonicalised."""
     noindex: bool
@@ -161,26 +174,68 @@ def decode_html(body: bytes, content_type: str | None) -> tuple[str, str]:
     return text, encoding
 
 
-def parse_html(text: str, page_url: str, *, sort_query: bool = False) -> ParsedPage:
+def parse_html(
+    text: str, page_url: str, *, sort_query: bool = False, max_links: int | None = None
+) -> ParsedPage:
     """Extract title, outlinks, canonical and robots directives from decoded HTML.
 
     Links come from ``<a href>`` and ``<area href>``, minus rel=nofollow ones, resolved against
     the first ``<base href>`` (itself resolved against *page_url*; ignored unless http(s)) or
     *page_url*, canonicalised, de-duplicated in document order; non-http(s) targets and links to
-    the page itself are dropped. ``encoding`` is ``""``: *text* arrived already decoded.
+    the page itself are dropped; ``max_links`` (None: no limit) caps how many are kept.
+    ``encoding`` is ``""``: *text* arrived already decoded.
     """
-    return _parse(text, page_url, sort_query, "")
+    return _parse(text, page_url, sort_query, "", max_links)
 
 
 def parse_page(
-    body: bytes, content_type: str | None, page_url: str, *, sort_query: bool = False
+    body: bytes,
+    content_type: str | None,
+    page_url: str,
+    *,
+    sort_query: bool = False,
+    max_links: int | None = None,
 ) -> ParsedPage:
     """:func:`decode_html` then :func:`parse_html`; may raise :class:`BodyError`."""
     text, encoding = decode_html(body, content_type)
-    return _parse(text, page_url, sort_query, encoding)
+    return _parse(text, page_url, sort_query, encoding, max_links)
 
 
-def _parse(text: str, page_url: str, sort_query: bool, encoding: str) -> ParsedPage:
+async def parse_page_async(
+    body: bytes,
+    content_type: str | None,
+    page_url: str,
+    *,
+    sort_query: bool = False,
+    max_links: int | None = None,
+) -> ParsedPage:
+    """:func:`parse_page`, in a worker thread when the body is over ``PARSE_IN_THREAD_BYTES``
+    so a large page does not block the event loop; inline (cheaper) otherwise."""
+    if len(body) > PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(
+            parse_page, body, content_type, page_url, sort_query=sort_query, max_links=max_links
+        )
+    return parse_page(body, content_type, page_url, sort_query=sort_query, max_links=max_links)
+
+
+# A scheme, as the URL parser would see it after stripping leading whitespace.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_HREF_WS = " \t\n\r\x0c"
+
+
+def _may_be_followable(href: str) -> bool:
+    """The cheap stand-in for resolving, for counting links past the cap: not empty, not
+    fragment-only, no scheme other than http(s)."""
+    href = href.strip(_HREF_WS)
+    if not href or href[0] == "#":
+        return False
+    scheme = _SCHEME.match(href)
+    return scheme is None or scheme.group().lower() in ("http:", "https:")
+
+
+def _parse(
+    text: str, page_url: str, sort_query: bool, encoding: str, max_links: int | None
+) -> ParsedPage:
     title: str | None = None
     seen_title = False
     base_href: str | None = None
@@ -227,7 +282,12 @@ def _parse(text: str, page_url: str, sort_query: bool, encoding: str) -> ParsedP
         seen.add(self_url)
     seen_raw: set[str] = set()
     links: list[str] = []
-    for href in hrefs:
+    cap = len(hrefs) if max_links is None else max(max_links, 0)
+    rest = len(hrefs)
+    for i, href in enumerate(hrefs):
+        if len(links) >= cap:
+            rest = i
+            break
         if href in seen_raw:
             continue
         seen_raw.add(href)
@@ -235,6 +295,9 @@ def _parse(text: str, page_url: str, sort_query: bool, encoding: str) -> ParsedP
         if url is not None and url not in seen:
             seen.add(url)
             links.append(url)
+    # Past the cap, resolving (~3 µs a link) is the cost being bounded: count without it.
+    uncounted = {h for h in hrefs[rest:] if h not in seen_raw}
+    links_found = len(links) + sum(1 for h in uncounted if _may_be_followable(h))
 
     canonical = None
     if canonical_href is not None:
@@ -243,6 +306,7 @@ def _parse(text: str, page_url: str, sort_query: bool, encoding: str) -> ParsedP
     return ParsedPage(
         title=title,
         links=links,
+        links_found=links_found,
         canonical=canonical,
         noindex=noindex,
         nofollow=nofollow,

@@ -1,7 +1,9 @@
 """Which failures are worth another try, and when: pure functions.
 
-Timeouts, connection errors, broken responses, 429 and 5xx are transient; a 404, an NXDOMAIN, a
-robots refusal or a body over the cap will say the same thing next time, so they are final.
+Timeouts, connection errors, broken responses, 429, 5xx and a failing nameserver
+(``dns_temporary``: SERVFAIL, REFUSED, no answer) are transient; a 404, an NXDOMAIN (``dns``), a
+robots refusal, a blocked address or a body over the cap will say the same thing next time, so
+they are final.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import random
 import time
 from email.utils import parsedate_to_datetime
 
-RETRYABLE_ERRORS = frozenset({"timeout", "connect", "protocol", "http_5xx", "http_429"})
+RETRYABLE_ERRORS = frozenset(
+    {"timeout", "connect", "protocol", "http_5xx", "http_429", "dns_temporary"}
+)
 MAX_RETRY_AFTER = 86_400.0  # honour a server's Retry-After, but not beyond a day
 
 
