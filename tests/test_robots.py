@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.exceptions
 from aiohttp import web
 
 from crawlfleet.common.connections import open_redis
@@ -26,6 +27,7 @@ from crawlfleet.common.urls import URLError
 from crawlfleet.workers.robots import (
     ALLOW_ALL,
     DISALLOW_ALL,
+    FAILED,
     OK,
     ROBOTS_MAX_BYTES,
     RobotsCache,
@@ -41,8 +43,9 @@ from crawlfleet.workers.worker import worker_session
 UA = "crawlfleet/0.1 (+https://github.com/crawlfleet/crawlfleet)"
 ORIGIN = "http://site0.test:8080"
 NOW = 1_000_000.0
-TTL = 86400.0  # the defaults RobotsCache uses until Settings has robots_ttl / robots_retry
+TTL = 86400.0  # the defaults of Settings.robots_ttl / robots_retry / robots_max_wait
 RETRY = 300.0
+MAX_WAIT = 3600.0
 
 ROBOTS = b"""\
 # A comment line
@@ -70,9 +73,15 @@ Sitemap: javascript:alert(1)
 
 
 def policy(body: bytes = ROBOTS, status: int | None = 200, error: str | None = None,
-           *, user_agent: str = UA) -> RobotsPolicy:
-    return policy_from_response(ORIGIN, status, body, error, user_agent=user_agent, now=NOW,
-                                ttl=TTL, retry=RETRY)
+           *, user_agent: str = UA, now: float = NOW, previous: RobotsPolicy | None = None,
+           max_wait: float = MAX_WAIT) -> RobotsPolicy:
+    return policy_from_response(ORIGIN, status, body, error, user_agent=user_agent, now=now,
+                                ttl=TTL, retry=RETRY, max_wait=max_wait, previous=previous)
+
+
+def unreachable(now: float, previous: RobotsPolicy | None = None) -> RobotsPolicy:
+    """What a robots.txt answering 503 at ``now`` means."""
+    return policy(b"busy", status=503, error="http_5xx", now=now, previous=previous)
 
 
 def allows(p: RobotsPolicy, path: str) -> bool:
@@ -188,17 +197,114 @@ def test_too_many_redirects_means_allow_all() -> None:
 
 
 @pytest.mark.parametrize(("status", "error"), [
-    (500, "http_5xx"), (503, "http_5xx"), (None, "timeout"), (None, "dns"), (None, "connect"),
-    (None, "private_address"),
+    (500, "http_5xx"), (503, "http_5xx"), (None, "timeout"), (None, "dns_temporary"),
+    (None, "protocol"), (None, "error"),
     (200, "too_large"),  # a 2xx whose body never arrived is not an empty file
     (200, "protocol"),
+    (200, "connect"),  # dropped mid-body: the origin answered, it is not gone
 ])
 def test_unreachable_means_disallow_all_until_retry(status: int | None, error: str) -> None:
     p = policy(b"User-agent: *\nAllow: /\n", status=status, error=error)
-    assert p.state == DISALLOW_ALL
+    assert p.state == DISALLOW_ALL and p.failure is None
     assert not allows(p, "/")
     assert not allows(p, "/robots.txt")
     assert p.expires_at == NOW + RETRY
+    assert (p.unavailable_since, p.failures) == (NOW, 1)
+
+
+@pytest.mark.parametrize("error", [
+    "dns", "connect", "blocked_address", "private_address", "tls", "invalid_url",
+])
+def test_no_response_possible_means_failed(error: str) -> None:
+    p = policy(b"", status=None, error=error)
+    assert p.state == FAILED and p.failure == error
+    assert not allows(p, "/") and not allows(p, "/robots.txt")
+    assert p.expires_at == NOW + RETRY  # cached only briefly: the host may come back
+    assert (p.unavailable_since, p.failures) == (None, 0)  # no run of retries to continue
+
+
+def test_unreachable_backs_off_then_fails() -> None:
+    p = unreachable(NOW)
+    seen = [(p.state, p.expires_at - NOW, p.failures)]
+    while p.state == DISALLOW_ALL:
+        p = unreachable(p.expires_at, previous=p)  # asked again as soon as it is due
+        seen.append((p.state, p.expires_at - NOW, p.failures))
+    assert seen == [
+        (DISALLOW_ALL, RETRY, 1),  # 300
+        (DISALLOW_ALL, RETRY + 2 * RETRY, 2),  # 900
+        (DISALLOW_ALL, 3 * RETRY + 4 * RETRY, 3),  # 2100
+        (DISALLOW_ALL, MAX_WAIT, 4),  # 2400 more would pass max_wait: cut to it
+        (FAILED, MAX_WAIT + RETRY, 5),
+    ]
+    assert p.failure == "robots_unavailable" and p.unavailable_since == NOW
+    assert not allows(p, "/")
+    # Still answering 5xx after the FAILED copy expires: failed again at once, no new wait.
+    again = unreachable(p.expires_at, previous=p)
+    assert again.state == FAILED and again.failure == "robots_unavailable"
+    assert again.unavailable_since == NOW and again.expires_at == p.expires_at + RETRY
+
+
+def test_late_retry_still_counts_from_the_first_failure() -> None:
+    first = unreachable(NOW)
+    late = unreachable(NOW + MAX_WAIT - 1, previous=first)  # the host's batch came back late
+    assert late.state == DISALLOW_ALL and late.failures == 2
+    assert late.expires_at == NOW + MAX_WAIT  # never past max_wait after the first failure
+    assert unreachable(NOW + MAX_WAIT, previous=first).state == FAILED
+
+
+@pytest.mark.parametrize(("status", "error", "state"), [
+    (200, None, OK), (404, "http_4xx", ALLOW_ALL), (None, "too_many_redirects", ALLOW_ALL),
+])
+def test_an_answer_ends_the_run(status: int | None, error: str | None, state: str) -> None:
+    run = unreachable(NOW + RETRY, previous=unreachable(NOW))
+    answered = policy(status=status, error=error, now=run.expires_at, previous=run)
+    assert answered.state == state
+    assert (answered.unavailable_since, answered.failures) == (None, 0)
+    later = unreachable(answered.expires_at, previous=answered)
+    assert (later.unavailable_since, later.failures) == (answered.expires_at, 1)
+    assert later.expires_at == answered.expires_at + RETRY
+
+
+def test_a_permanent_failure_ends_the_run() -> None:
+    gone = policy(b"", status=None, error="dns", now=NOW + 3000,
+                  previous=unreachable(NOW + 2000, previous=unreachable(NOW)))
+    assert gone.state == FAILED and gone.failure == "dns"
+    back = unreachable(gone.expires_at, previous=gone)  # resolves now, but answers 5xx
+    assert back.state == DISALLOW_ALL and back.failures == 1
+    assert back.unavailable_since == gone.expires_at
+
+
+def test_what_does_not_continue_a_run() -> None:
+    old = unreachable(NOW)
+    # A copy whose retry came due more than max_wait ago (an earlier crawl's): a new run.
+    fresh_run = unreachable(old.expires_at + MAX_WAIT, previous=old)
+    assert fresh_run.state == DISALLOW_ALL and fresh_run.failures == 1
+    assert fresh_run.unavailable_since == old.expires_at + MAX_WAIT
+    # Another origin's policy is not this one's history.
+    other = policy_from_response("http://other.test", 503, b"", "http_5xx", user_agent=UA,
+                                 now=NOW, ttl=TTL, retry=RETRY, max_wait=MAX_WAIT)
+    assert unreachable(NOW + RETRY, previous=other).failures == 1
+
+
+def test_zero_max_wait_fails_at_the_first_failure() -> None:
+    p = policy(b"", status=503, error="http_5xx", max_wait=0.0)
+    assert p.state == FAILED and p.failure == "robots_unavailable"
+
+
+def test_huge_failure_counts_do_not_overflow() -> None:
+    previous = RobotsPolicy(ORIGIN, DISALLOW_ALL, expires_at=NOW, unavailable_since=NOW - 1,
+                            failures=5000)
+    p = policy(b"", status=503, error="http_5xx", now=NOW, previous=previous,
+               max_wait=float("inf"))
+    assert p.state == DISALLOW_ALL and p.failures == 5001
+    assert p.expires_at == NOW + RETRY * 2.0**32
+
+
+def test_failed_policy_needs_its_failure() -> None:
+    with pytest.raises(ValueError):
+        RobotsPolicy(ORIGIN, FAILED)
+    with pytest.raises(ValueError):
+        RobotsPolicy(ORIGIN, DISALLOW_ALL, failure="dns")
 
 
 def test_oversized_body_is_cut_at_a_whole_line() -> None:
@@ -259,6 +365,9 @@ def test_percent_encoding_compares_equal() -> None:
     policy(),
     policy(status=404, error="http_4xx"),
     policy(status=503, error="http_5xx"),
+    unreachable(NOW + 900, previous=unreachable(NOW + 300, previous=unreachable(NOW))),
+    policy(status=None, error="connect"),
+    unreachable(NOW + MAX_WAIT, previous=unreachable(NOW)),  # failed: robots_unavailable
 ])
 def test_round_trip(p: RobotsPolicy) -> None:
     data = encode_policy(p)
@@ -294,6 +403,31 @@ def test_decode_refuses_garbage_and_newer_versions() -> None:
         decode_policy(b'{"v":1,"origin":"x","state":"maybe","agent":"a","expires_at":1}')
     with pytest.raises(MessageVersionError):
         decode_policy(b'{"v":2,"origin":"x","state":"ok","agent":"a","expires_at":1}')
+    with pytest.raises(ValueError):  # failed needs its failure
+        decode_policy(b'{"v":1,"origin":"x","state":"failed","agent":"a","expires_at":1}')
+
+
+def test_decode_entries_of_the_previous_code() -> None:
+    # What encode_policy wrote before failure / unavailable_since / failures existed.
+    old = decode_policy(b'{"v":1,"origin":"http://site0.test:8080","state":"disallow_all",'
+                        b'"agent":"crawlfleet","expires_at":1000300.0,"crawl_delay":null,'
+                        b'"sitemaps":[],"body":""}')
+    assert old.state == DISALLOW_ALL and old.expires_at == NOW + RETRY
+    assert (old.failure, old.unavailable_since, old.failures) == (None, None, 0)
+    # Such a copy carries no run: the next failure starts one.
+    assert unreachable(NOW + RETRY, previous=old).failures == 1
+
+
+@pytest.mark.parametrize("data", [
+    b'{"v":2,"origin":"x","state":"failed","agent":"a","expires_at":1,"failure":"dns",'
+    b'"unavailable_since":1.0,"failures":3,"new_field":[1]}',
+    # A newer version may change a field's shape; it is still refused as a newer version.
+    b'{"v":2,"origin":"x","state":"failed","agent":"a","expires_at":1,"failures":"many"}',
+    b'{"v":2,"origin":["x"]}',
+])
+def test_decode_refuses_newer_versions_with_any_fields(data: bytes) -> None:
+    with pytest.raises(MessageVersionError):
+        decode_policy(data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +512,7 @@ class Env:
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    settings = Settings(allow_private=True, request_timeout=2.0, connect_timeout=1.0,
+    settings = Settings(allow_private=True, fetch_timeout=2.0, connect_timeout=1.0,
                         namespace="t", redis_url=f"embedded://{uuid.uuid4().hex}")
     redis = open_redis(settings.redis_url)
     try:
@@ -437,6 +571,7 @@ async def test_server_error_disallows_until_retry(env: Env, sites: SiteFactory) 
     p = await cache.policy(site.url("/"))
     assert p.state == DISALLOW_ALL and not p.allows(site.url("/"))
     assert p.expires_at == NOW + RETRY
+    assert (p.unavailable_since, p.failures) == (NOW, 1)
     site.status, site.body = 200, b"User-agent: *\nDisallow: /x\n"
     env.clock.now += RETRY - 1
     assert (await cache.policy(site.url("/"))).state == DISALLOW_ALL
@@ -455,12 +590,106 @@ async def test_not_found_allows_all(env: Env, sites: SiteFactory) -> None:
     assert p.expires_at == NOW + TTL
 
 
-async def test_unreachable_origin_disallows(env: Env) -> None:
+async def test_server_errors_back_off_across_workers(env: Env, sites: SiteFactory) -> None:
+    site = await sites(status=503, body=b"busy")
+    first = await env.cache().policy(site.url("/"))
+    env.clock.now = first.expires_at
+    # Another worker (no memory) continues the run from the Redis copy.
+    second = await env.cache().policy(site.url("/"))
+    assert (second.state, second.failures, second.unavailable_since) == (DISALLOW_ALL, 2, NOW)
+    assert second.expires_at == NOW + RETRY + 2 * RETRY
+    # This worker continues it from memory when the Redis copy is gone.
+    cache = env.cache()
+    await cache.policy(site.url("/"))  # fresh in Redis: remembered, not fetched
+    await env.redis.hdel(env.keys.robots, site.origin)
+    env.clock.now = second.expires_at
+    third = await cache.policy(site.url("/"))
+    assert (third.failures, third.unavailable_since) == (3, NOW) and site.hits == 3
+    env.clock.now = NOW + MAX_WAIT
+    failed = await cache.policy(site.url("/"))
+    assert failed.state == FAILED and failed.failure == "robots_unavailable"
+    assert failed.expires_at == NOW + MAX_WAIT + RETRY and not failed.allows(site.url("/"))
+    assert decode_policy(await env.redis.hget(env.keys.robots, site.origin)) == failed
+    # The host recovers: the next fetch after the failed copy expires starts over.
+    site.status, site.body = 200, b"User-agent: *\nDisallow: /x\n"
+    env.clock.now = failed.expires_at
+    ok = await env.cache().policy(site.url("/"))
+    assert ok.state == OK and (ok.failure, ok.unavailable_since, ok.failures) == (None, None, 0)
+    assert site.hits == 5
+
+
+async def test_refused_connection_fails_the_origin(env: Env) -> None:
     with socket.socket() as s:  # a port nobody listens on once closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = await env.cache().policy(f"http://127.0.0.1:{port}/x")
-    assert p.state == DISALLOW_ALL and p.expires_at == NOW + RETRY
+    origin = f"http://127.0.0.1:{port}"
+    cache = env.cache()
+    p = await cache.policy(f"{origin}/x")
+    assert p.state == FAILED and p.failure == "connect"
+    assert p.expires_at == NOW + RETRY and not p.allows(f"{origin}/x")
+    assert decode_policy(await env.redis.hget(env.keys.robots, origin)) == p
+    env.clock.now += RETRY - 1
+    assert await cache.policy(f"{origin}/y") is p  # from memory, until it expires
+    assert await env.cache().policy(f"{origin}/y") == p  # and from Redis
+    env.clock.now += 1
+    again = await cache.policy(f"{origin}/x")  # expired: asked again
+    assert again.state == FAILED and again.expires_at == env.clock.now + RETRY
+
+
+async def test_blocked_address_fails_the_origin(env: Env, sites: SiteFactory) -> None:
+    site = await sites()  # on 127.0.0.1, which the SSRF guard refuses without allow_private
+    guarded = RobotsCache(env.redis, env.keys, env.session,
+                          env.settings.replace(allow_private=False), now=env.clock)
+    p = await guarded.policy(site.url("/"))
+    assert site.hits == 0
+    assert p.state == FAILED and p.failure in ("blocked_address", "private_address")
+    assert p.expires_at == NOW + RETRY
+
+
+class FailingRedis:
+    """The embedded Redis, but the named commands raise as if the server had gone."""
+
+    def __init__(self, redis: Any, *, hget: bool = False, execute: bool = False) -> None:
+        self._redis, self._hget, self._execute = redis, hget, execute
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+    async def hget(self, *args: Any) -> Any:
+        if self._hget:
+            raise redis.exceptions.ConnectionError("Connection refused")
+        return await self._redis.hget(*args)
+
+    def pipeline(self, **kwargs: Any) -> Any:
+        pipe = self._redis.pipeline(**kwargs)
+        if self._execute:
+            async def execute() -> Any:
+                raise redis.exceptions.ConnectionError("Connection reset by peer")
+            pipe.execute = execute
+        return pipe
+
+
+async def test_redis_read_errors_propagate(env: Env, sites: SiteFactory) -> None:
+    site = await sites()
+    cache = RobotsCache(FailingRedis(env.redis, hget=True), env.keys, env.session, env.settings,
+                        now=env.clock)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await cache.policy(site.url("/"))
+    assert site.hits == 0  # not turned into a policy, nor a reason to fetch
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await cache.policy(site.url("/"))  # nothing remembered either
+
+
+async def test_redis_write_errors_propagate(env: Env, sites: SiteFactory) -> None:
+    site = await sites(status=503)
+    cache = RobotsCache(FailingRedis(env.redis, execute=True), env.keys, env.session,
+                        env.settings, now=env.clock)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await cache.policy(site.url("/"))
+    assert site.hits == 1
+    assert await env.redis.hget(env.keys.robots, site.origin) is None
+    p = await env.cache().policy(site.url("/"))  # nothing kept: fetched again, a new run
+    assert site.hits == 2 and p.failures == 1
 
 
 async def test_sitemaps_land_in_the_shared_set(env: Env, sites: SiteFactory) -> None:

@@ -11,8 +11,22 @@ Outcome of a fetch (RFC 9309 section 2.3.1):
   a larger file is fetched once more and cut at the last whole line below the limit.
 * 3xx left unresolved (a redirect without a usable Location, more than 5 redirects) or 4xx
   (including 401/403): "unavailable", crawl without restrictions (``allow_all``).
-* 5xx or no response at all: "unreachable", crawl nothing (``disallow_all``), and ask again after
-  ``robots_retry`` seconds rather than ``robots_ttl``.
+* 5xx, a timeout, broken HTTP, a transient DNS failure (``dns_temporary``), any other error:
+  "unreachable", crawl nothing for now (``disallow_all``). It is asked again with backoff:
+  ``robots_retry`` seconds after the first failure, doubling with each consecutive one, never
+  past ``robots_max_wait`` after the first. The policy carries ``unavailable_since`` (the first
+  failure of the run, taken over from the origin's previous policy) and ``failures`` (how many
+  in a row). A success or a 4xx ends the run.
+* The run has lasted ``robots_max_wait`` seconds: ``failed`` with failure
+  ``robots_unavailable``, so the crawl can end.
+* No response because none can be had (the name does not exist ``dns``, the port refuses
+  ``connect``, the SSRF guard blocks the address ``blocked_address``/``private_address``, TLS
+  fails ``tls``, the URL is invalid ``invalid_url``): ``failed`` at once, ``failure`` naming the
+  error.
+
+``failed`` allows nothing: the caller fails every URL of the origin with ``policy.failure`` as
+its error. It is cached (memory and Redis) for ``robots_retry`` seconds only, so a host that comes
+back is noticed. Errors of the crawler's own (Redis) propagate; they never become a policy.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from .pacing import Turn
 __all__ = [
     "ALLOW_ALL",
     "DISALLOW_ALL",
+    "FAILED",
     "OK",
     "ROBOTS_MAX_BYTES",
     "RobotsCache",
@@ -61,7 +76,16 @@ MEMORY_MAX_CHARS: Final = 64 * 1024 * 1024  # bodies kept in memory, across all 
 OK: Final = "ok"
 ALLOW_ALL: Final = "allow_all"
 DISALLOW_ALL: Final = "disallow_all"
-_STATES: Final = frozenset({OK, ALLOW_ALL, DISALLOW_ALL})
+FAILED: Final = "failed"
+_STATES: Final = frozenset({OK, ALLOW_ALL, DISALLOW_ALL, FAILED})
+
+# fetch() errors with no response that no amount of waiting is expected to change: FAILED at once.
+# ("private_address" is the SSRF guard's older name for "blocked_address".)
+PERMANENT_ERRORS: Final = frozenset(
+    {"dns", "connect", "blocked_address", "private_address", "tls", "invalid_url"}
+)
+ROBOTS_UNAVAILABLE: Final = "robots_unavailable"  # the failure once robots_max_wait has passed
+_MAX_BACKOFF_EXPONENT: Final = 32  # retry * 2**32 is far past any max_wait; avoids overflow
 
 CACHE_VERSION: Final = 1
 
@@ -73,12 +97,17 @@ class RobotsPolicy:
     """What one origin's robots.txt lets our agent do, and until when that answer holds."""
 
     origin: str  # "http://site0.test:8080"
-    state: str  # OK, ALLOW_ALL, or DISALLOW_ALL (temporary: the file was unreachable)
+    state: str  # OK, ALLOW_ALL, DISALLOW_ALL (unreachable, for now) or FAILED
     crawl_delay: float | None = None  # Crawl-delay of the group that applies to our agent
     sitemaps: tuple[str, ...] = ()  # canonical Sitemap: URLs (site-wide, for every agent)
     expires_at: float = 0.0  # unix time the copy goes stale
     agent: str = "*"  # the product token the rules were matched against
     body: str = field(default="", repr=False)  # the (capped) file, only for OK
+    failure: str | None = None  # FAILED only: the error class for every URL of the origin
+    # A run of "unreachable" answers (DISALLOW_ALL, then FAILED robots_unavailable): when its
+    # first failure was, and how many in a row so far. None/0 otherwise.
+    unavailable_since: float | None = None
+    failures: int = 0
     # slots=True rules out functools.cached_property, so the parser gets a slot of its own,
     # filled on first use (or by _parsed, which has just built it anyway).
     _parser: Protego | None = field(default=None, init=False, repr=False, compare=False)
@@ -86,6 +115,8 @@ class RobotsPolicy:
     def __post_init__(self) -> None:
         if self.state not in _STATES:
             raise ValueError(f"unknown robots state {self.state!r}")
+        if (self.state == FAILED) != bool(self.failure):
+            raise ValueError(f"robots state {self.state!r} with failure {self.failure!r}")
 
     def allows(self, url: str) -> bool:
         """May our agent fetch ``url`` (a URL of this origin)?"""
@@ -169,10 +200,14 @@ def policy_from_response(
     now: float,
     ttl: float,
     retry: float,
+    max_wait: float,
+    previous: RobotsPolicy | None = None,
 ) -> RobotsPolicy:
     """The policy a robots.txt fetch outcome means (RFC 9309 2.3.1). Pure.
 
     ``status``/``body``/``error`` are those of ``fetch()``, which has followed the redirects.
+    ``previous`` is the origin's last policy (stale, usually), whose run of "unreachable"
+    answers an unreachable one continues; ``max_wait`` is how long such a run may last.
     """
     agent = agent_token(user_agent)
     if status is not None and 200 <= status < 300:
@@ -186,8 +221,30 @@ def policy_from_response(
     ):
         # "Unavailable": 4xx (401/403 too), or redirects that never reach a file.
         return RobotsPolicy(origin, ALLOW_ALL, expires_at=float(now + ttl), agent=agent)
-    # "Unreachable": 5xx, network errors, anything else. Crawl nothing for now, ask again soon.
-    return RobotsPolicy(origin, DISALLOW_ALL, expires_at=float(now + retry), agent=agent)
+    if status is None and error in PERMANENT_ERRORS:
+        # Nothing answers, and waiting is not expected to change that: fail the origin now.
+        return RobotsPolicy(origin, FAILED, expires_at=float(now + retry), agent=agent,
+                            failure=error)
+    # "Unreachable": 5xx, timeouts, other errors. Crawl nothing for now, ask again with backoff.
+    since, failures = float(now), 1
+    if (
+        previous is not None
+        and previous.unavailable_since is not None
+        and previous.origin == origin
+        # A retry that came due long ago (an old crawl's copy) starts a new run.
+        and now - previous.expires_at < max_wait
+    ):
+        since = min(previous.unavailable_since, float(now))
+        failures = previous.failures + 1
+    waited = now - since
+    if waited >= max_wait:
+        return RobotsPolicy(origin, FAILED, expires_at=float(now + retry), agent=agent,
+                            failure=ROBOTS_UNAVAILABLE, unavailable_since=since,
+                            failures=failures)
+    backoff = retry * 2.0 ** min(failures - 1, _MAX_BACKOFF_EXPONENT)
+    delay = min(backoff, max_wait - waited)
+    return RobotsPolicy(origin, DISALLOW_ALL, expires_at=float(now + delay), agent=agent,
+                        unavailable_since=since, failures=failures)
 
 
 class CachedRobots(msgspec.Struct, kw_only=True, frozen=True):
@@ -201,17 +258,27 @@ class CachedRobots(msgspec.Struct, kw_only=True, frozen=True):
     crawl_delay: float | None = None
     sitemaps: list[str] = []
     body: str = ""
+    # Added within version 1 (entries without them decode with these defaults).
+    failure: str | None = None
+    unavailable_since: float | None = None
+    failures: int = 0
+
+
+class _Version(msgspec.Struct):
+    v: int = CACHE_VERSION
 
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(CachedRobots)
+_version_decoder = msgspec.json.Decoder(_Version)
 
 
 def encode_policy(policy: RobotsPolicy) -> bytes:
     return _encoder.encode(CachedRobots(
         origin=policy.origin, state=policy.state, agent=policy.agent,
         expires_at=policy.expires_at, crawl_delay=policy.crawl_delay,
-        sitemaps=list(policy.sitemaps), body=policy.body,
+        sitemaps=list(policy.sitemaps), body=policy.body, failure=policy.failure,
+        unavailable_since=policy.unavailable_since, failures=policy.failures,
     ))
 
 
@@ -221,17 +288,26 @@ def decode_policy(data: bytes | str, *, agent: str | None = None) -> RobotsPolic
     With ``agent`` (a product token) different from the one the copy was made for, the
     agent-specific part (Crawl-delay, which group applies) is worked out again from the body.
     """
-    cached = _decoder.decode(data)
-    if cached.v > CACHE_VERSION:
-        raise MessageVersionError(
-            f"cached robots.txt has version {cached.v}; this crawlfleet reads up to "
-            f"{CACHE_VERSION}"
-        )
+    try:
+        cached = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        # A newer crawlfleet may have changed a field's shape: say so rather than "invalid".
+        _check_version(_version_decoder.decode(data).v, exc)
+        raise
+    _check_version(cached.v)
     if cached.state == OK and agent is not None and agent != cached.agent:
         return RobotsPolicy._parsed(cached.origin, cached.body, agent=agent,
                                     expires_at=cached.expires_at)
     return RobotsPolicy(cached.origin, cached.state, cached.crawl_delay, tuple(cached.sitemaps),
-                        cached.expires_at, cached.agent, cached.body)
+                        cached.expires_at, cached.agent, cached.body, cached.failure,
+                        cached.unavailable_since, cached.failures)
+
+
+def _check_version(v: int, cause: BaseException | None = None) -> None:
+    if v > CACHE_VERSION:
+        raise MessageVersionError(
+            f"cached robots.txt has version {v}; this crawlfleet reads up to {CACHE_VERSION}"
+        ) from cause
 
 
 class RobotsCache:
@@ -254,6 +330,7 @@ class RobotsCache:
         self.agent = agent_token(settings.user_agent)
         self.ttl = settings.robots_ttl
         self.retry = settings.robots_retry
+        self.max_wait = settings.robots_max_wait
         self._now = now
         self._memory: dict[str, RobotsPolicy] = {}  # insertion order = age, oldest first
         self._memory_chars = 0
@@ -290,7 +367,9 @@ class RobotsCache:
     async def _load(
         self, origin: str, pace: Callable[[], Awaitable[Turn]] | None = None
     ) -> RobotsPolicy:
+        # Redis errors propagate (the caller's to handle): they say nothing about the origin.
         raw = await self.redis.hget(self.keys.robots, origin)
+        previous = self._memory.get(origin)
         if raw is not None:
             try:
                 shared = decode_policy(raw, agent=self.agent)
@@ -299,7 +378,9 @@ class RobotsCache:
             else:
                 if shared.is_fresh(self._now()):
                     return self._remember(shared)
-        policy = await self._fetch(origin, pace)
+                if previous is None or shared.expires_at >= previous.expires_at:
+                    previous = shared  # the newer of the two stale copies
+        policy = await self._fetch(origin, pace, previous)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.robots, origin, encode_policy(policy))
             if policy.sitemaps:
@@ -308,7 +389,10 @@ class RobotsCache:
         return self._remember(policy)
 
     async def _fetch(
-        self, origin: str, pace: Callable[[], Awaitable[Turn]] | None = None
+        self,
+        origin: str,
+        pace: Callable[[], Awaitable[Turn]] | None = None,
+        previous: RobotsPolicy | None = None,
     ) -> RobotsPolicy:
         url = f"{origin}/robots.txt"
         # RFC 9309 2.5: an oversized file's first part is parsed, so it is truncated rather
@@ -316,7 +400,7 @@ class RobotsCache:
         fetched = await fetch(
             self.session, url, max_body_bytes=ROBOTS_MAX_BYTES + 1, truncate=True,
             max_redirects=ROBOTS_MAX_REDIRECTS, allow_private=self.settings.allow_private,
-            pace=pace,
+            pace=pace, deadline=self.settings.fetch_timeout,
         )
         if self.session.closed:
             # The worker is shutting down under us: the error says nothing about the origin and
@@ -325,9 +409,11 @@ class RobotsCache:
         policy = policy_from_response(
             origin, fetched.status, fetched.body, fetched.error,
             user_agent=self.settings.user_agent, now=self._now(), ttl=self.ttl, retry=self.retry,
+            max_wait=self.max_wait, previous=previous,
         )
         log.info("robots_fetched", origin=origin, state=policy.state, status=fetched.status,
-                 error=fetched.error, crawl_delay=policy.crawl_delay,
+                 error=fetched.error, failure=policy.failure, failures=policy.failures,
+                 expires_at=policy.expires_at, crawl_delay=policy.crawl_delay,
                  sitemaps=len(policy.sitemaps), elapsed_ms=fetched.elapsed_ms)
         return policy
 
