@@ -11,7 +11,7 @@ from typing import IO, Any
 
 import msgspec
 
-from crawlfleet.common.connections import open_redis
+from crawlfleet.common.connections import as_text, open_redis
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging
 from crawlfleet.common.messages import Seeds, decode_result, encode
@@ -61,10 +61,11 @@ def parse_seed_lines(lines: Iterable[str], *, sort_query: bool = False) -> tuple
 
 
 async def enqueue_seeds(redis: Any, keys: Keys, seeds: list[str]) -> None:
-    """Seeds go onto the same stream as discovered links: same scope and dedup path."""
-    from crawlfleet.scheduler.frontier import ensure_events_group
+    """Seeds go onto the same stream as discovered links: same scope and dedup path. The
+    crawl marker (and the scheduler's consumer group) is created first if there is none."""
+    from crawlfleet.common.frontier import Frontier
 
-    await ensure_events_group(redis, keys)
+    await Frontier(redis, keys).open_crawl()
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(0, len(seeds), SEEDS_PER_MESSAGE):
             pipe.xadd(keys.events, {"m": encode(Seeds(urls=seeds[i:i + SEEDS_PER_MESSAGE]))})
@@ -134,9 +135,32 @@ def status(settings: Settings, *, as_json: bool) -> int:
     return 0
 
 
+def check(settings: Settings, *, as_json: bool) -> int:
+    """``crawlfleet check``: count the structures, compare them with the counters; 1 if they
+    disagree. A running crawl moves while it is counted: check a finished or stopped crawl."""
+    from crawlfleet.common import check as consistency
+
+    async def go() -> tuple[consistency.Snapshot, list[consistency.Problem]]:
+        redis = open_redis(settings.redis_url)
+        try:
+            return await consistency.check(redis, Keys(settings.namespace))
+        finally:
+            await redis.aclose()
+
+    snapshot, problems = asyncio.run(go())
+    if as_json:
+        print(msgspec.json.encode(consistency.report(snapshot, problems)).decode())
+    else:
+        print(consistency.format_report(snapshot, problems))
+    return 1 if problems else 0
+
+
 def format_status(s: dict[str, Any]) -> str:
     rows = [
         ("finished", "yes" if s["finished"] else "no"),
+        *([("state lost", "yes: the frontier's state vanished from Redis mid-crawl "
+                          "(restart without persistence, or a flush); results are incomplete")]
+          if s["state_lost"] else []),
         ("seen", s["seen"]),
         ("pages", s["pages"]),
         ("failed", s["failed"]),
@@ -144,6 +168,8 @@ def format_status(s: dict[str, Any]) -> str:
         ("queued", s["queued"]),
         ("in flight", f"{s['in_flight']} (hosts leased: {s['hosts_leased']})"),
         ("retries", f"{s['retries']} (dead-lettered: {s['dead']})"),
+        ("quarantined", f"{s['quarantined']} URL entries, {s['quarantine_entries']} entries "
+                        "in all (crawlfleet check; the scheduler logs each)"),
         ("pages/s (last minute)", s["pages_per_s"]),
         ("links discarded", f"scope {s['discarded_scope']}, invalid {s['discarded_invalid']}, "
                             f"over max pages {s['discarded_max_pages']}, over host budget "
@@ -155,11 +181,17 @@ def format_status(s: dict[str, Any]) -> str:
 
 
 async def write_results(redis: Any, keys: Keys, out: IO[bytes], *, dead: bool = False) -> int:
-    """Stream every stored result (or only the dead-lettered ones) as JSON lines; the count."""
+    """Stream every stored result (or only the dead-lettered ones) as JSON lines; the count.
+    A result this version cannot read is left out with a one-line note (``check`` lists it)."""
     count = 0
-    async for _fp, data in redis.hscan_iter(keys.dead_letter if dead else keys.results,
-                                            count=1000):
-        decode_result(data)  # refuse to export what this version cannot read
+    async for fp, data in redis.hscan_iter(keys.dead_letter if dead else keys.results,
+                                           count=1000):
+        try:
+            decode_result(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            print(f"crawlfleet export: result {as_text(fp)} left out, unreadable: {exc}",
+                  file=sys.stderr)
+            continue
         out.write(data + b"\n")
         count += 1
     return count

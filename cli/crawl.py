@@ -113,14 +113,16 @@ async def run_crawl(
 
 
 async def _delete_namespace(redis: Any, keys: Keys) -> None:
-    """Unlink the namespace's keys a scan page at a time (two keys per host in a big crawl)."""
-    cursor = 0
-    while True:
-        cursor, found = await redis.scan(cursor, match=f"{keys.prefix}*", count=1000)
-        if found:
-            await redis.unlink(*found)
-        if cursor == 0:
-            return
+    """Unlink every key of the crawl (its namespace and arq's job keys for its batches), a scan
+    page at a time (a few keys per host in a big crawl)."""
+    for pattern in keys.purge_patterns:
+        cursor = 0
+        while True:
+            cursor, found = await redis.scan(cursor, match=pattern, count=1000)
+            if found:
+                await redis.unlink(*found)
+            if cursor == 0:
+                break
 
 
 def format_summary(s: dict[str, Any], settings: Settings, workers: int, out: str) -> str:

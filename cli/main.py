@@ -4,6 +4,7 @@
     scheduler  run the frontier
     worker     run a fetch worker (the same as ``arq crawlfleet.workers.worker.WorkerSettings``)
     status     counters of the crawl, --json for machines
+    check      count the crawl's structures, compare them with the counters (exit 1 if not)
     export     results as JSON lines
     crawl      the whole crawl in one process (embedded backend unless CRAWLFLEET_REDIS_URL is set)
     demo       crawl the local test web on the embedded backend and check the result
@@ -42,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the crawl's counters")
     _common(status)
     status.add_argument("--json", action="store_true", help="one JSON object")
+
+    check = sub.add_parser(
+        "check", help="count the crawl's structures and compare them with its counters",
+        description="Count the crawl's real structures in Redis (seen, results, host queues, "
+                    "leases, quarantine) and compare them with the counters; print every "
+                    "difference and exit 1 if there is one, 0 if consistent. A running crawl "
+                    "moves while it is counted: check a finished or stopped crawl for exact "
+                    "answers.")
+    _common(check)
+    check.add_argument("--json", action="store_true",
+                       help="one JSON object {ok, counters, structures, problems}")
 
     export = sub.add_parser("export", help="write results as JSON lines")
     _common(export)
@@ -106,6 +118,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "status":
         return commands.status(settings_from(args), as_json=args.json)
+    if args.command == "check":
+        return commands.check(settings_from(args), as_json=args.json)
     if args.command == "export":
         return commands.export(settings_from(args), args.out, dead=args.dead)
     if args.command == "demo":

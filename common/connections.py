@@ -17,7 +17,16 @@ from redis.asyncio import ConnectionPool
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TimeoutError,
+    TryAgainError,
+)
 
 from .messages import job_deserializer, job_serializer
 
@@ -31,18 +40,34 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 
 
+# Redis is there but cannot take writes for now (out of memory, a replica, a long script):
+# worth waiting for, never a page's fault.
+_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error that waiting may cure: Redis unavailable, loading, out of memory, read-only,
+    or busy running a script (BUSY)."""
+    if isinstance(exc, (*REDIS_UNAVAILABLE, *_TRANSIENT_ERRORS)):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith("BUSY")
+
+
 async def retry_while_unavailable(
     call: Callable[[], Awaitable[T]], *, give_up_after: float = 60.0
 ) -> T:
-    """Await ``call()`` again (with backoff) while Redis is unavailable, for at most
-    ``give_up_after`` seconds. Only for idempotent calls: a retried call may have run once."""
+    """Await ``call()`` again (with backoff) while Redis is unavailable or busy
+    (``is_transient``), for at most ``give_up_after`` seconds. Only for idempotent calls: a
+    retried call may have run once."""
     delay = 0.05
     deadline = time.monotonic() + give_up_after
     while True:
         try:
             return await call()
-        except REDIS_UNAVAILABLE:
-            if time.monotonic() + delay > deadline:
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -1,18 +1,57 @@
-"""Every Redis key crawlfleet uses, under one namespace prefix (``CRAWLFLEET_NAMESPACE``)."""
+"""Every Redis key crawlfleet uses, under one namespace prefix (``CRAWLFLEET_NAMESPACE``).
+
+Two key spaces, built so that no host name can ever produce a fixed key:
+
+* fixed keys, ``{ns}:{name}``, where no name starts with ``h:`` (a test checks it);
+* per-host keys, ``{ns}:h:{{host}}:{kind}``. The host is escaped (``%``, ``{``, ``}``), so the
+  braces hold exactly the host: the key is injective in (host, kind), and in Redis Cluster all of
+  a host's keys share one hash slot.
+
+arq fixes its own prefixes (``arq:job:``, ``arq:in-progress:``, ``arq:retry:``) in front of a job
+id; crawlfleet's job ids start with the namespace (``{ns}:b{n}``), so those keys are
+``arq:job:{ns}:b{n}`` and are named and purged here too.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 CONSUMER_GROUP = "frontier"  # the scheduler's consumer group on the events stream
-HOST_QUEUE = "q:"  # + host: LIST of the host's queued URL entries
-HOST_LEASE = "lease:"  # + host: HASH fingerprint -> entry, the host's URLs out in a batch
+HOST_PREFIX = "h:"
+HOST_KINDS = ("q", "lease", "fetching")  # per-host key kinds, see Keys.host_*
+ARQ_PREFIXES = ("arq:job:", "arq:in-progress:", "arq:retry:")
 
-# The same names for the Lua scripts, which derive per-host keys from ``Keys.prefix``.
-LUA_HOST_KEYS = f"""
-local function host_queue(prefix, host) return prefix .. '{HOST_QUEUE}' .. host end
-local function host_lease(prefix, host) return prefix .. '{HOST_LEASE}' .. host end
-"""
+
+def escape_host(host: str) -> str:
+    """The host as it stands between the braces of its keys (``%``, ``{`` and ``}`` escaped)."""
+    return host.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+# The names of the fixed keys, relative to the namespace. Keys.fixed() lists them for tests.
+_FIXED = {
+    "events": "events",  # STREAM: seeds and workers' link reports; read by the scheduler's group
+    "crawl": "crawl",  # HASH: the crawl marker (id, created_at, state_lost_at, lost_id)
+    "seen": "seen",  # SET of URL fingerprints ever admitted
+    "scope_hosts": "scope:hosts",  # SET of host names in scope (the seeds' hosts)
+    "ready": "ready",  # ZSET host -> earliest time its next batch may go out
+    "not_before": "host:not-before",  # HASH host -> earliest next request (delay, backoff)
+    "lease_batch": "lease:batch",  # HASH host -> id of the batch that holds its lease
+    "waiting": "waiting",  # ZSET host -> dispatch time, while its batch waits for a worker
+    "leases": "leases",  # ZSET host -> lease expiry, once a worker has claimed the batch
+    "results": "results",  # HASH fingerprint -> page result JSON
+    "dead_letter": "dead",  # HASH fingerprint -> last failure of a URL out of retries
+    "stats": "stats",  # HASH of counters, see common.stats
+    "rate": "rate",  # HASH unix second -> URLs finished in it
+    "host_pages": "host:pages",  # HASH host -> URLs admitted (the per-host page budget)
+    "query_variants": "query:variants",  # HASH fp of URL-without-query -> URLs admitted
+    "robots": "robots",  # HASH origin -> cached robots.txt (JSON), shared by all workers
+    "sitemaps": "sitemaps",  # SET of Sitemap: URLs found in robots.txt files
+    "quarantine": "quarantine",  # STREAM: malformed entries (source, reason, data)
+    "quarantine_logged": "quarantine:logged",  # STRING: last quarantine id the scheduler logged
+    "scheduler_lock": "scheduler:lock",  # STRING: the leading scheduler's id, short expiry
+    "batch_seq": "batch:seq",  # STRING: counter for batch ids
+    "arq_queue": "arq:queue",  # ZSET: arq's job queue (job id -> score)
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,90 +61,140 @@ class Keys:
     def _k(self, name: str) -> str:
         return f"{self.namespace}:{name}"
 
-    # Workers and the seed command append here; the scheduler reads it with a consumer group.
+    @property
+    def prefix(self) -> str:
+        """``{ns}:``, for Lua scripts that derive per-host keys themselves."""
+        return self._k("")
+
+    @classmethod
+    def fixed_names(cls) -> dict[str, str]:
+        return dict(_FIXED)
+
+    # Per-host keys.
+    def host_key(self, host: str, kind: str) -> str:
+        return f"{self.namespace}:{HOST_PREFIX}{{{escape_host(host)}}}:{kind}"
+
+    def host_queue(self, host: str) -> str:  # LIST of the host's queued URL entries
+        return self.host_key(host, "q")
+
+    def host_lease(self, host: str) -> str:  # HASH fp -> entry: the host's URLs out in a batch
+        return self.host_key(host, "lease")
+
+    def host_fetching(self, host: str) -> str:  # SET of fps being fetched under the lease
+        return self.host_key(host, "fetching")
+
+    @property
+    def host_pattern(self) -> str:
+        """SCAN pattern of every per-host key (``check``, ``purge``)."""
+        return f"{self.namespace}:{HOST_PREFIX}*"
+
+    # arq's keys for one of our jobs.
+    def batch_id(self, seq: int) -> str:
+        return f"{self.namespace}:b{seq}"
+
+    def arq_job(self, job_id: str) -> str:
+        return ARQ_PREFIXES[0] + job_id
+
+    def arq_in_progress(self, job_id: str) -> str:
+        return ARQ_PREFIXES[1] + job_id
+
+    def arq_retry(self, job_id: str) -> str:
+        return ARQ_PREFIXES[2] + job_id
+
+    def arq_health_check(self, worker_id: str) -> str:
+        """One health-check key per worker (arq's default is one per queue, shared by all)."""
+        return f"{self.arq_queue}:health-check:{worker_id}"
+
+    @property
+    def purge_patterns(self) -> tuple[str, ...]:
+        """SCAN patterns that together match every key of this crawl."""
+        return (f"{self.namespace}:*", *(p + f"{self.namespace}:*" for p in ARQ_PREFIXES))
+
+    # Fixed keys, one property each so that a typo is an AttributeError, not a new key.
     @property
     def events(self) -> str:
-        return self._k("events")
+        return self._k(_FIXED["events"])
 
     @property
-    def seen(self) -> str:  # SET of URL fingerprints ever admitted
-        return self._k("seen")
+    def crawl(self) -> str:
+        return self._k(_FIXED["crawl"])
 
     @property
-    def scope_hosts(self) -> str:  # SET of host names in scope (the seeds' hosts)
-        return self._k("scope:hosts")
+    def seen(self) -> str:
+        return self._k(_FIXED["seen"])
 
     @property
-    def ready(self) -> str:  # ZSET host -> earliest time its next batch may go out
-        return self._k("ready")
+    def scope_hosts(self) -> str:
+        return self._k(_FIXED["scope_hosts"])
 
     @property
-    def not_before(self) -> str:  # HASH host -> earliest next request (crawl delay, backoff)
-        return self._k("host:not-before")
+    def ready(self) -> str:
+        return self._k(_FIXED["ready"])
 
     @property
-    def leases(self) -> str:  # ZSET host -> lease expiry
-        return self._k("leases")
+    def not_before(self) -> str:
+        return self._k(_FIXED["not_before"])
 
     @property
-    def lease_batch(self) -> str:  # HASH host -> id of the batch that holds the lease
-        return self._k("lease:batch")
+    def lease_batch(self) -> str:
+        return self._k(_FIXED["lease_batch"])
 
     @property
-    def waiting(self) -> str:  # ZSET batch id -> dispatch time, until a worker starts it
-        return self._k("waiting")
+    def waiting(self) -> str:
+        return self._k(_FIXED["waiting"])
 
     @property
-    def results(self) -> str:  # HASH fingerprint -> page result JSON
-        return self._k("results")
+    def leases(self) -> str:
+        return self._k(_FIXED["leases"])
 
     @property
-    def stats(self) -> str:  # HASH of counters, see common.stats
-        return self._k("stats")
+    def results(self) -> str:
+        return self._k(_FIXED["results"])
 
     @property
-    def rate(self) -> str:  # HASH unix second -> pages finished in it
-        return self._k("rate")
+    def dead_letter(self) -> str:
+        return self._k(_FIXED["dead_letter"])
 
     @property
-    def host_pages(self) -> str:  # HASH host -> URLs admitted (the per-host page budget)
-        return self._k("host:pages")
+    def stats(self) -> str:
+        return self._k(_FIXED["stats"])
 
     @property
-    def query_variants(self) -> str:  # HASH fingerprint of URL-without-query -> URLs admitted
-        return self._k("query:variants")
+    def rate(self) -> str:
+        return self._k(_FIXED["rate"])
 
     @property
-    def robots(self) -> str:  # HASH origin -> cached robots.txt (JSON), shared by all workers
-        return self._k("robots")
+    def host_pages(self) -> str:
+        return self._k(_FIXED["host_pages"])
 
     @property
-    def sitemaps(self) -> str:  # SET of Sitemap: URLs found in robots.txt files
-        return self._k("sitemaps")
+    def query_variants(self) -> str:
+        return self._k(_FIXED["query_variants"])
 
     @property
-    def dead_letter(self) -> str:  # HASH fingerprint -> last failure of a URL out of retries
-        return self._k("dead")
+    def robots(self) -> str:
+        return self._k(_FIXED["robots"])
 
     @property
-    def scheduler_lock(self) -> str:  # the active scheduler's id, with a short expiry
-        return self._k("scheduler:lock")
+    def sitemaps(self) -> str:
+        return self._k(_FIXED["sitemaps"])
+
+    @property
+    def quarantine(self) -> str:
+        return self._k(_FIXED["quarantine"])
+
+    @property
+    def quarantine_logged(self) -> str:
+        return self._k(_FIXED["quarantine_logged"])
+
+    @property
+    def scheduler_lock(self) -> str:
+        return self._k(_FIXED["scheduler_lock"])
 
     @property
     def batch_seq(self) -> str:
-        return self._k("batch:seq")
+        return self._k(_FIXED["batch_seq"])
 
     @property
     def arq_queue(self) -> str:
-        return self._k("arq:queue")
-
-    def host_queue(self, host: str) -> str:
-        return self._k(HOST_QUEUE + host)
-
-    def host_lease(self, host: str) -> str:
-        return self._k(HOST_LEASE + host)
-
-    @property
-    def prefix(self) -> str:
-        """For Lua scripts that derive per-host keys themselves."""
-        return self._k("")
+        return self._k(_FIXED["arq_queue"])

@@ -14,29 +14,29 @@ VERSION = 1
 FETCH_BATCH_JOB = "fetch_batch"  # the arq function the scheduler enqueues and workers run
 
 
-class QueuedURL(msgspec.Struct, array_like=True, frozen=True):
-    """One URL waiting in a host queue or out in a batch.
+class QueuedURL(msgspec.Struct, kw_only=True, frozen=True):
+    """One URL waiting in a host queue or out in a batch (a JSON object, read by name by the
+    frontier's scripts too)."""
 
-    Array-encoded (``[v, fp, url, depth, tries, retries]``) because there is one per queued
-    URL and the frontier's Lua scripts read ``fp`` by position.
-    """
-
-    v: int
+    v: int = VERSION
     fp: str
     url: str
     depth: int
-    tries: int = 0  # batches of this URL that lost their worker
+    tries: int = 0  # batches of this URL that lost their worker while it was being fetched
     retries: int = 0  # transient failures so far (timeouts, 5xx, 429 ...)
 
 
 class HostBatch(msgspec.Struct, kw_only=True, frozen=True):
-    """The arq job's argument: up to ``batch_size`` URLs of one host, under one lease."""
+    """The arq job's argument: a pointer to one host's lease. The URLs themselves stay in the
+    lease (the frontier's truth) and come back from the claim.
+
+    Written by ``common/commands/dispatch.lua``; ``tests`` decode that output with this struct.
+    """
 
     v: int = VERSION
     batch_id: str
     host: str
-    urls: list[QueuedURL]
-    dispatched_at: float
+    crawl: str  # the crawl marker's id: a batch of a crawl whose state was lost is refused
 
 
 class PageResult(msgspec.Struct, kw_only=True, frozen=True):

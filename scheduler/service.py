@@ -18,15 +18,15 @@ from typing import Any
 
 import msgspec
 from arq.connections import ArqRedis
+from redis.exceptions import ResponseError
 
 from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedded
+from crawlfleet.common.frontier import ADMIT_CHUNK, Admission, Frontier, Limits, StateLost
 from crawlfleet.common.keys import CONSUMER_GROUP, Keys
 from crawlfleet.common.logs import get_logger
 from crawlfleet.common.messages import (
-    FETCH_BATCH_JOB,
     VERSION,
     Discovered,
-    HostBatch,
     MessageVersionError,
     QueuedURL,
     Seeds,
@@ -36,7 +36,6 @@ from crawlfleet.common.messages import (
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import URLError, canonicalize, fingerprint, host_key
 
-from .frontier import Admission, Frontier
 from .scope import ScopeRules, out_of_scope, query_variant_key
 
 CONSUMER = "scheduler"  # one name for every leader, so a new one reads the old one's pending
@@ -45,23 +44,13 @@ LOCK_TTL = 5.0
 STANDBY_POLL = 0.5
 HOUSEKEEPING_INTERVAL = 0.5
 PROGRESS_INTERVAL = 5.0
+CANONICALISE_SLICE = 2000  # links canonicalised between two yields to the event loop
+QUARANTINE_LOG_BATCH = 100
+
+# ResponseError: BUSY, OOM, READONLY, NOGROUP after a restart, or a script error.
+REDIS_ERRORS: tuple[type[Exception], ...] = (*REDIS_UNAVAILABLE, ResponseError)
 
 log = get_logger("crawlfleet.scheduler")
-
-
-# Take the lock if it is free, or keep it if it is ours; 0 when another scheduler holds it.
-# Renewing with it is safe: a lock that expired and was not taken has no other leader.
-_ACQUIRE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class Scheduler:
@@ -71,16 +60,19 @@ class Scheduler:
         self.redis: Any = redis
         self.keys = Keys(settings.namespace)
         self.frontier = Frontier(redis, self.keys)
+        self.limits = Limits(settings.max_pages, settings.max_pages_per_host,
+                             settings.max_query_variants)
+        self.crawl_id = ""  # the crawl marker's id, once known
         self.allowed_hosts: set[str] = set()
         self.rules = ScopeRules.from_settings(settings)
         # fakeredis does not block on XREADGROUP; the embedded backend polls instead.
         self._blocking = not is_embedded(settings.redis_url)
         self.instance = settings.worker_id
-        self._acquire_lock = redis.register_script(_ACQUIRE_LOCK)
-        self._release_lock = redis.register_script(_RELEASE_LOCK)
+        self._reread_pending = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Lead when the lock is free, stand by otherwise, until ``stop`` is set."""
+        """Lead when the lock is free, stand by otherwise, until ``stop`` is set. Neither a
+        Redis outage nor a script's error ends the process: it waits and tries again."""
         backoff = 0.1
         standby_logged = False
         while not stop.is_set():
@@ -93,40 +85,60 @@ class Scheduler:
                         await self.redis.get(self.keys.scheduler_lock) or b"?"))
                     standby_logged = True
                 backoff = 0.1
-            except REDIS_UNAVAILABLE as exc:
-                log.warning("redis_unavailable", error=str(exc), retry_in=backoff)
+            except REDIS_ERRORS as exc:
+                # None of them may end the scheduler.
+                event = ("redis_unavailable" if isinstance(exc, REDIS_UNAVAILABLE)
+                         else "redis_error")
+                log.warning(event, error=str(exc), retry_in=backoff)
                 backoff = min(backoff * 2, 5.0)
                 await _sleep_or_stop(stop, backoff)
                 continue
             await _sleep_or_stop(stop, STANDBY_POLL)
         # If Redis is down, the lock expires by itself.
-        with contextlib.suppress(*REDIS_UNAVAILABLE):
-            await self._release_lock(keys=[self.keys.scheduler_lock], args=[self.instance])
+        with contextlib.suppress(*REDIS_UNAVAILABLE, ResponseError):
+            await self.frontier.release_lock(self.instance)
         log.info("scheduler_stopped")
 
     async def acquire_lock(self) -> bool:
-        return bool(await self._acquire_lock(keys=[self.keys.scheduler_lock],
-                                             args=[self.instance, int(LOCK_TTL * 1000)]))
+        return await self.frontier.acquire_lock(self.instance, int(LOCK_TTL * 1000))
+
+    async def open_crawl(self) -> None:
+        """Learn the crawl's id, or notice that Redis lost the frontier's state (the marker is
+        gone or another): say so, and carry on with what Redis has now (consumer group
+        included) instead of crash-looping."""
+        marker = await self.frontier.open_crawl(self.crawl_id)
+        if marker.state == "lost" and marker.id != self.crawl_id:
+            log.error("state_lost", lost_crawl=self.crawl_id, crawl=marker.id,
+                      detail="the frontier's state disappeared from Redis (restarted without "
+                             "persistence, or flushed); this crawl's results are incomplete")
+            self.allowed_hosts = set()
+        self.crawl_id = marker.id
 
     async def lead(self, stop: asyncio.Event) -> None:
         """Work while the lock stays ours."""
-        await self.frontier.ensure_group()
-        self.allowed_hosts = {as_text(h) for h in await self.redis.smembers(self.keys.scope_hosts)}
+        await self.open_crawl()
+        self.allowed_hosts |= {as_text(h) for h in await self.redis.smembers(self.keys.scope_hosts)}
         log.info("scheduler_leading", instance=self.instance, namespace=self.settings.namespace,
-                 scope_hosts=len(self.allowed_hosts))
+                 crawl=self.crawl_id, scope_hosts=len(self.allowed_hosts))
         # Events a leader read but had not acknowledged when it stopped come first.
-        while await self.read_events(pending=True):
+        while await self._guarded(self.read_events(pending=True)):
             pass
         next_housekeeping = next_progress = 0.0
         while not stop.is_set():
-            read = await self.read_events(block_ms=50 if self._blocking else None)
-            dispatched = await self.dispatch()
+            if self._reread_pending:  # events refused while the state was lost: again
+                self._reread_pending = False
+                while await self._guarded(self.read_events(pending=True)):
+                    pass
+            read = await self._guarded(self.read_events(block_ms=50 if self._blocking else None))
+            dispatched = await self._guarded(self.frontier.dispatch(
+                self.crawl_id, batch_size=self.settings.batch_size,
+                max_waiting=self.settings.dispatch_ahead))
             now = time.time()
             if now >= next_housekeeping:
                 if not await self.acquire_lock():
                     log.warning("scheduler_lock_lost", instance=self.instance)
                     return
-                await self.housekeeping(now)
+                await self._guarded(self.housekeeping(now))
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
             if now >= next_progress:
                 await self.log_progress()
@@ -134,8 +146,22 @@ class Scheduler:
             if not read and not dispatched and not self._blocking:
                 await asyncio.sleep(0.005)
 
+    async def _guarded(self, step: Any) -> int:
+        """One step of the loop; a lost state (or a stream without its group after a restart)
+        is noticed and recovered from here, at once."""
+        try:
+            return int(await step or 0)
+        except StateLost:
+            await self.open_crawl()
+            self._reread_pending = True
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.open_crawl()  # recreates the consumer group
+        return 0
+
     async def read_events(self, *, block_ms: int | None = None, pending: bool = False) -> int:
-        """Read and ingest one slice of events; returns how many were read."""
+        """Read and admit one slice of events; returns how many were read."""
         response = await self.redis.xreadgroup(
             CONSUMER_GROUP, CONSUMER, {self.keys.events: "0" if pending else ">"},
             count=READ_COUNT, block=block_ms,
@@ -143,23 +169,21 @@ class Scheduler:
         messages = response[0][1] if response else []
         if not messages:
             return 0
-        now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
             for message_id, fields in messages:
-                await self._ingest_event(pipe, as_text(message_id), fields, now)
-            await pipe.execute()
+                await self._admit_event(pipe, as_text(message_id), fields)
+            replies = await pipe.execute()
+        self.frontier.answers(replies)
         return len(messages)
 
-    async def _ingest_event(
-        self, pipe: Any, message_id: str, fields: dict[Any, Any], now: float
-    ) -> None:
+    async def _admit_event(self, pipe: Any, message_id: str, fields: dict[Any, Any]) -> None:
         try:
             event = decode_event(fields.get(b"m") or fields.get("m") or b"")
         except (msgspec.DecodeError, msgspec.ValidationError, MessageVersionError) as exc:
-            # Acknowledge it all the same: a message nobody can read must not block the stream.
-            log.error("event_unreadable", message_id=message_id, error=str(exc))
-            await self.frontier.ingest_in(pipe, [], now=now, max_pages=None,
-                                          message_id=message_id, discarded_invalid=1)
+            # Into quarantine with the reason, acknowledged: it must not block the stream.
+            await self.frontier.admit_in(pipe, self.crawl_id, [], self.limits,
+                                         event_id=message_id, ack=True,
+                                         quarantine_reason=str(exc)[:200] or "unreadable")
             return
         if isinstance(event, Seeds):
             groups = [(0, event.urls)]
@@ -176,21 +200,33 @@ class Scheduler:
         else:
             assert isinstance(event, Discovered)
             groups = [(g.depth, g.urls) for g in event.groups]
-        admissions, discarded_scope, discarded_invalid = self.admissions(groups)
-        await self.frontier.ingest_in(
-            pipe, admissions, now=now, max_pages=self.settings.max_pages, message_id=message_id,
-            discarded_scope=discarded_scope, discarded_invalid=discarded_invalid,
-            max_pages_per_host=self.settings.max_pages_per_host,
-            max_query_variants=self.settings.max_query_variants,
-        )
+        admissions, discarded_scope, discarded_invalid = await self.admissions(groups)
+        # In chunks, so that no script runs long enough to stall Redis for everyone; the
+        # event is acknowledged with its last chunk (re-admitting a chunk is a no-op).
+        chunks = [admissions[i:i + ADMIT_CHUNK]
+                  for i in range(0, len(admissions), ADMIT_CHUNK)] or [[]]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            await self.frontier.admit_in(
+                pipe, self.crawl_id, chunk, self.limits, event_id=message_id, ack=last,
+                discarded_scope=discarded_scope if last else 0,
+                discarded_invalid=discarded_invalid if last else 0,
+            )
 
-    def admissions(self, groups: list[tuple[int, list[str]]]) -> tuple[list[Admission], int, int]:
-        """Canonicalise and scope-check links: (admissions, refused by scope, invalid)."""
+    async def admissions(
+        self, groups: list[tuple[int, list[str]]]
+    ) -> tuple[list[Admission], int, int]:
+        """Canonicalise and scope-check links: (admissions, refused by scope, invalid).
+        Yields to the event loop every few thousand links, so a huge page cannot stall it."""
         admissions: list[Admission] = []
         scope_refused = invalid = 0
         batch_seen: set[str] = set()
+        done = 0
         for depth, urls in groups:
             for url in urls:
+                done += 1
+                if done % CANONICALISE_SLICE == 0:
+                    await asyncio.sleep(0)
                 try:
                     canonical = canonicalize(url, sort_query=self.settings.sort_query)
                 except URLError:
@@ -205,49 +241,50 @@ class Scheduler:
                 if fp in batch_seen:
                     continue
                 batch_seen.add(fp)
-                entry = encode(QueuedURL(VERSION, fp, canonical, depth))
+                entry = encode(QueuedURL(v=VERSION, fp=fp, url=canonical, depth=depth))
                 variant = query_variant_key(canonical)
                 admissions.append(Admission(fp, host, entry,
                                             fingerprint(variant) if variant else ""))
         return admissions, scope_refused, invalid
 
-    async def dispatch(self) -> int:
-        """Lease ready hosts while fewer than ``dispatch_ahead`` batches wait for a worker."""
-        now = time.time()
-        batches = await self.frontier.dispatch(
-            now=now, lease_seconds=self.settings.lease_seconds,
-            batch_size=self.settings.batch_size, max_waiting=self.settings.dispatch_ahead,
-        )
-        for batch in batches:
-            job = HostBatch(batch_id=batch.batch_id, host=batch.host, urls=batch.urls,
-                            dispatched_at=now)
-            # If this process dies before the job is written, the lease expires and the URLs
-            # go back to their host queue: the lease, not arq, is the source of truth.
-            await self.redis.enqueue_job(
-                FETCH_BATCH_JOB, msgspec.to_builtins(job), _job_id=batch.batch_id,
-                _queue_name=self.keys.arq_queue,
-            )
-        return len(batches)
-
     async def housekeeping(self, now: float) -> None:
-        hosts, urls, lost = await self.frontier.expire_leases(
-            now=now, max_losses=self.settings.max_worker_losses
+        await self.open_crawl()
+        expired = await self.frontier.expire(
+            self.crawl_id, max_losses=self.settings.max_worker_losses,
+            claim_timeout=self.settings.lease_seconds,
         )
-        if hosts:
-            log.warning("leases_expired", hosts=hosts, urls=urls, given_up=lost)
-        await self.frontier.check_finished(now=now)
+        if expired.leases:
+            log.warning("leases_expired", hosts=expired.leases, urls=expired.requeued,
+                        given_up=expired.given_up)
+        if expired.unclaimed:
+            log.info("batches_unclaimed", batches=expired.unclaimed,
+                     detail="no worker took them within a lease; back in their queues")
+        await self.frontier.check_finished(self.crawl_id)
         old = [b for b in await self.redis.hkeys(self.keys.rate) if int(b) < now - 120]
         if old:
             await self.redis.hdel(self.keys.rate, *old)
+        await self.log_quarantine()
+
+    async def log_quarantine(self) -> None:
+        """Log each quarantined entry once, with where it came from and why."""
+        last = as_text(await self.redis.get(self.keys.quarantine_logged) or b"0-0")
+        entries = await self.redis.xrange(self.keys.quarantine, min=f"({last}",
+                                          count=QUARANTINE_LOG_BATCH)
+        for entry_id, fields in entries:
+            f = {as_text(k): v for k, v in fields.items()}
+            log.error("quarantined", id=as_text(entry_id), source=as_text(f.get("source", b"")),
+                      reason=as_text(f.get("reason", b"")),
+                      data=bytes(f.get("data", b""))[:200].decode("utf-8", "replace"))
+        if entries:
+            await self.redis.set(self.keys.quarantine_logged, entries[-1][0])
 
     async def log_progress(self) -> None:
         from crawlfleet.common.stats import read_status
 
         status = await read_status(self.redis, self.keys)
         fields = ("seen", "pages", "failed", "skipped", "queued", "in_flight", "pages_per_s",
-                  "finished")
+                  "finished", "quarantined", "state_lost")
         log.info("progress", **{k: status[k] for k in fields})
-
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -216,7 +216,18 @@ class Fleet:
             assert_accounted(status)
             return status if status["finished"] else None
 
-        return wait_for(check, timeout=timeout, what="the crawl to finish", every=0.2)
+        status: dict[str, Any] = wait_for(check, timeout=timeout, what="the crawl to finish",
+                                          every=0.2)
+        self.check()
+        return status
+
+    def check(self) -> dict[str, Any]:
+        """``crawlfleet check``: the real structures agree with the counters."""
+        done = self.run("check", "--json", check=False)
+        assert done.stdout, f"check printed nothing: {done.stderr[-3000:]}"
+        report = dict(json.loads(done.stdout))
+        assert done.returncode == 0 and report["ok"], f"check failed: {done.stdout[-3000:]}"
+        return report
 
     def export(self) -> list[dict[str, Any]]:
         out = self.logdir / "export.jsonl"
@@ -241,7 +252,7 @@ class Fleet:
 
 
 def assert_accounted(status: dict[str, Any]) -> None:
-    parts = ("pages", "failed", "skipped", "queued", "in_flight")
+    parts = ("pages", "failed", "skipped", "queued", "in_flight", "quarantined")
     assert status["seen"] == sum(status[k] for k in parts), f"URLs unaccounted for: {status}"
 
 

@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 from arq import func
 from arq.worker import Worker
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError
 
-from crawlfleet.common.connections import REDIS_UNAVAILABLE, open_redis
+from crawlfleet.common.connections import (
+    REDIS_UNAVAILABLE,
+    is_transient,
+    open_redis,
+    retry_while_unavailable,
+)
+from crawlfleet.common.frontier import Frontier, StateLost
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging, get_logger
 from crawlfleet.common.messages import (
@@ -36,7 +42,6 @@ from .batch import BatchRun
 from .fetch import GuardedResolver
 from .pacing import pacing_trace
 from .robots import RobotsCache
-from .store import Store
 
 log = get_logger("crawlfleet.worker")
 
@@ -64,10 +69,12 @@ def _build_session(settings: Settings, resolver: GuardedResolver) -> aiohttp.Cli
         resolver=resolver,
         enable_cleanup_closed=True,
     )
+    # No total: the session's timer would run while a request waits for its host's turn (a
+    # crawl delay can be 30 s). fetch()'s deadline bounds the whole fetch without pacing waits.
     timeout = aiohttp.ClientTimeout(
-        total=settings.request_timeout,
+        total=None,
         sock_connect=settings.connect_timeout,
-        sock_read=settings.request_timeout,
+        sock_read=settings.read_timeout,
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -86,7 +93,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["session"] = await ctx["resources"].enter_async_context(worker_session(settings))
     ctx["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
     ctx["keys"] = keys = Keys(settings.namespace)
-    ctx["store"] = Store(ctx["redis"], keys)
+    ctx["frontier"] = Frontier(ctx["redis"], keys)
     ctx["robots"] = RobotsCache(ctx["redis"], keys, ctx["session"], settings)
     log.info("worker_started", worker_id=settings.worker_id, max_in_flight=settings.max_in_flight,
              nameservers=list(settings.dns_nameservers) or "system")
@@ -99,25 +106,47 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     log.info("worker_stopped", worker_id=ctx["settings"].worker_id)
 
 
-async def fetch_batch(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    batch = batch_from_job(payload)
+async def fetch_batch(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """One arq job: claim the batch (its URLs come from the lease), then run it."""
     settings: Settings = ctx["settings"]
-    run = BatchRun(ctx, batch)
+    frontier: Frontier = ctx["frontier"]
+    job_id: str = ctx["job_id"]
+    try:
+        if len(args) != 1 or kwargs:
+            raise ValueError(f"expected one argument, got {len(args)} and {sorted(kwargs)}")
+        batch = batch_from_job(args[0])
+    except (ValueError, TypeError, msgspec.ValidationError) as exc:
+        # Set aside with the reason; its batch, if it had one, comes back through expire.lua
+        # when nobody claims it.
+        reason = str(exc)[:300]
+        log.error("job_unreadable", job_id=job_id, error=reason)
+        data = job_serializer({"args": args, "kwargs": kwargs})
+        await retry_while_unavailable(lambda: frontier.quarantine(
+            ctx["keys"].arq_job(job_id), reason, data, withdraw_job=job_id))
+        return {"quarantined": True}
+    bound = log.bind(worker_id=settings.worker_id, job_id=job_id, host=batch.host,
+                     batch_id=batch.batch_id)
     # arq keeps a running job in its queue until it ends, so every worker with a free slot
-    # re-checks every running job on every poll (WATCH, EXISTS, ZSCORE): a cost that grows with
-    # the fleet. The frontier's lease, not arq's retry, brings a lost batch back, so the claim
-    # also takes the job out of arq's queue, in the same round trip.
-    if not await run.store.claim(batch, lease_until=time.time() + settings.lease_seconds,
-                                 job_id=ctx["job_id"]):
-        run.log.warning("batch_stale", reason="lease no longer held")
+    # would re-check every running job on every poll: the claim takes the job out of arq's
+    # queue in the same round trip (the frontier's lease, not arq's retry, brings a lost
+    # batch back). The lease's clock starts here, not at dispatch.
+    try:
+        urls = await retry_while_unavailable(lambda: frontier.claim(
+            batch, lease_seconds=settings.lease_seconds, job_id=job_id))
+    except StateLost:
+        bound.error("state_lost", detail="the crawl's state in Redis is gone; batch dropped")
+        return {"state_lost": True}
+    if urls is None:
+        bound.warning("batch_stale", reason="lease no longer held")
         return {"stale": True}
-    return await run.run()
+    return await BatchRun(ctx, batch, urls).run()
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
     """The arq ``Worker`` keyword arguments for these settings."""
     keys = Keys(settings.namespace)
-    job_timeout = settings.batch_size * settings.request_timeout + 60
+    # Pacing waits (up to max_crawl_delay a request) are outside each fetch's own timeout.
+    job_timeout = settings.batch_size * (settings.fetch_timeout + settings.max_crawl_delay) + 60
     return {
         "functions": [
             # max_tries=1: arq must not re-run a batch whose worker vanished; the frontier's
@@ -135,13 +164,14 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "job_completion_wait": int(settings.shutdown_grace),
         "job_serializer": job_serializer,
         "job_deserializer": job_deserializer,
-        "health_check_key": f"{keys.arq_queue}:health-check:{settings.worker_id}",
+        "health_check_key": keys.arq_health_check(settings.worker_id),
         "ctx": {"settings": settings},
     }
 
 
-# redis-py reports a connection lost during WATCH as a WatchError; arq's poll WATCHes.
-POLL_FAILURES: tuple[type[Exception], ...] = (*REDIS_UNAVAILABLE, WatchError)
+# Any Redis error in arq's poll: an outage, BUSY, OOM, READONLY, a WatchError (redis-py's word
+# for a connection lost during WATCH), even a key of the wrong type. None ends the worker.
+POLL_FAILURES: tuple[type[Exception], ...] = (*REDIS_UNAVAILABLE, RedisError)
 
 
 class CrawlWorker(Worker):
@@ -166,7 +196,8 @@ class CrawlWorker(Worker):
         try:
             await super()._poll_iteration()
         except POLL_FAILURES as exc:
-            log.warning("redis_unavailable", error=str(exc), retry_in=self._backoff)
+            event = "redis_unavailable" if is_transient(exc) else "redis_error"
+            log.warning(event, error=str(exc), retry_in=self._backoff)
             await asyncio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, 5.0)
         else:
@@ -175,7 +206,7 @@ class CrawlWorker(Worker):
     async def close(self) -> None:
         try:
             await super().close()
-        except REDIS_UNAVAILABLE as exc:  # the health-check key expires by itself
+        except POLL_FAILURES as exc:  # the health-check key expires by itself
             log.warning("redis_unavailable_at_shutdown", error=str(exc))
 
 

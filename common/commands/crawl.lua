@@ -1,0 +1,34 @@
+--[[ crawl.lua: open the crawl, or notice that its state was lost (seed, scheduler, crawl).
+
+ARGV  1 prefix, 2 the crawl id this process knows ('' = none yet), 3 a fresh id to use if
+      there is no crawl.
+Keys  K.crawl (HASH: id, created_at, and after a loss state_lost_at and lost_id), K.events.
+Guarantees
+  * The marker exists as long as the crawl's state does. A Redis restarted without
+    persistence, or flushed, loses it with everything else: a process that knew the old id
+    then records the loss (state_lost_at, lost_id) in the new marker, so every process and
+    `status` see it and the crawl never reports finished as if nothing had happened.
+  * The events stream and the scheduler's consumer group exist afterwards.
+Returns {'new' | 'ok' | 'lost', id, state_lost_at or ''}.
+]]
+local known, fresh = CRAWL, ARGV[3]
+local id = redis.call('HGET', K.crawl, 'id')
+local answer
+local now = now_s()
+if not id then
+  redis.call('HSET', K.crawl, 'id', fresh, 'created_at', now)
+  id = fresh
+  answer = 'new'
+  if known ~= '' then answer = 'lost' end
+elseif known ~= '' and known ~= id then
+  answer = 'lost'
+else
+  answer = 'ok'
+end
+if answer == 'lost' then
+  redis.call('HSETNX', K.crawl, 'state_lost_at', now)
+  redis.call('HSETNX', K.crawl, 'lost_id', known)
+end
+-- BUSYGROUP (it exists) is the usual answer; pcall keeps it from failing the script.
+redis.pcall('XGROUP', 'CREATE', K.events, GROUP, '0', 'MKSTREAM')
+return {answer, id, redis.call('HGET', K.crawl, 'state_lost_at') or ''}

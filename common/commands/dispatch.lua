@@ -1,0 +1,87 @@
+--[[ dispatch.lua: ready hosts get a batch each, as an arq job (the scheduler).
+
+ARGV  1 prefix, 2 crawl id, 3 batch size, 4 most batches waiting for a worker, 5 arq function
+      name, 6 arq job expiry (ms).
+Keys  K.ready K.waiting K.lease_batch K.results K.batch_seq K.stats K.quarantine K.arq_queue,
+      per host h:{host}:q and h:{host}:lease, and arq's job key arq:job:{batch id}.
+Guarantees
+  * At most one batch per host: the host's lease (K.lease_batch names the batch, h:{host}:lease
+    holds its URLs) exists from here until report, expire or hand-back ends it.
+  * The lease and the arq job are written in one step: a scheduler killed at any line leaves
+    either both or neither. The job carries no URLs, only the host and batch id (HostBatch);
+    the worker's claim reads the URLs from the lease, which stays the one source of truth.
+  * The lease's clock starts at the claim, not here: until then the host is in K.waiting,
+    and expire.lua returns a batch nobody claims in time without counting it as a loss.
+  * A queue entry that is malformed goes to quarantine (counted), one whose result exists
+    already (stored by a stale worker) is dropped; neither reaches a worker.
+  * At most ARGV[4] batches wait for workers: the backlog stays here, where it is cheap.
+Returns {'ok', batches} or {'state_lost'}.
+]]
+if not crawl_is_current() then return {'state_lost'} end
+local batch_size, max_waiting = tonumber(ARGV[3]), tonumber(ARGV[4])
+local job_function, job_expiry_ms = ARGV[5], tonumber(ARGV[6])
+local room = max_waiting - redis.call('ZCARD', K.waiting)
+if room <= 0 then return {'ok', 0} end
+local now = now_s()
+local hosts = redis.call('ZRANGEBYSCORE', K.ready, '-inf', now, 'LIMIT', 0, room)
+if #hosts == 0 then return {'ok', 0} end
+local c = counters({'queued', 'in_flight', 'quarantined'})
+-- Read and sort every entry first.
+local plans = {}
+for _, host in ipairs(hosts) do
+  local plan = {host = host, q = host_key(host, 'q'), take = {}, bad = {}, stale = 0}
+  if redis.call('HEXISTS', K.lease_batch, host) == 1 then
+    plan.leased = true  -- ready while leased: a leftover; its report will set it ready again
+  else
+    local raws = redis.call('LRANGE', plan.q, 0, batch_size - 1)
+    plan.n = #raws
+    for _, raw in ipairs(raws) do
+      local e, why = decode_entry(raw)
+      if not e then
+        plan.bad[#plan.bad + 1] = {raw, why}
+      elseif redis.call('HEXISTS', K.results, e.fp) == 1 then
+        plan.stale = plan.stale + 1  -- left 'queued' when its result was stored
+      else
+        plan.take[#plan.take + 1] = {e.fp, raw}
+      end
+    end
+    plan.more = redis.call('LLEN', plan.q) > plan.n
+  end
+  plans[#plans + 1] = plan
+end
+c:fix()
+local batches = 0
+local now_ms = math.floor(now * 1000)
+for _, plan in ipairs(plans) do
+  redis.call('ZREM', K.ready, plan.host)
+  if not plan.leased then
+    if plan.n > 0 then redis.call('LTRIM', plan.q, plan.n, -1) end
+    for _, bad in ipairs(plan.bad) do
+      quarantine(plan.q, bad[2], bad[1], true)
+    end
+    c:add('queued', -#plan.bad)
+    c:add('quarantined', #plan.bad)
+    if #plan.take > 0 then
+      local lease = host_key(plan.host, 'lease')
+      for _, t in ipairs(plan.take) do redis.call('HSET', lease, t[1], t[2]) end
+      local id = PREFIX .. 'b' .. redis.call('INCR', K.batch_seq)
+      redis.call('HSET', K.lease_batch, plan.host, id)
+      redis.call('ZADD', K.waiting, now, plan.host)
+      -- arq's job format (arq.jobs.serialize_job through our JSON serializer), spelled
+      -- out because cjson may write an empty table as []; a test runs arq's deserialize_job.
+      local payload = cjson.encode({v = MESSAGE_VERSION, batch_id = id, host = plan.host,
+        crawl = CRAWL})
+      local job = '{"t":1,"f":' .. cjson.encode(job_function) .. ',"a":[' .. payload ..
+        '],"k":{},"et":' .. string.format('%d', now_ms) .. '}'
+      redis.call('SET', 'arq:job:' .. id, job, 'PX', job_expiry_ms)
+      redis.call('ZADD', K.arq_queue, now_ms, id)
+      c:add('queued', -#plan.take)
+      c:add('in_flight', #plan.take)
+      batches = batches + 1
+    elseif plan.more then
+      redis.call('ZADD', K.ready, now, plan.host)
+    end
+  end
+end
+c:apply()
+return {'ok', batches}

@@ -1,0 +1,208 @@
+"""The one owner of every frontier state change: a typed call per script in ``commands/``.
+
+The scheduler and the workers both change the frontier only through this class, and this class
+only through the Lua commands, so the state machine is what ``common/commands/`` says it is.
+A URL admitted to the crawl is in exactly one place at a time: a host queue (``queued``), a
+host's lease (``in_flight``), the results (``pages``/``failed``/``skipped``) or the quarantine
+(``quarantined``). ``crawlfleet check`` counts those places and compares them with the counters.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .commands import COMMANDS, source
+from .connections import as_text
+from .keys import CONSUMER_GROUP, Keys
+from .messages import FETCH_BATCH_JOB, HostBatch, PageResult, QueuedURL, decode_entry, encode
+
+# What a report says of each URL (report.lua's outcomes).
+PAGE, FAILED, SKIPPED, DEAD, RETRY, ALIAS = "p", "f", "s", "d", "r", "a"
+ADMIT_CHUNK = 500  # admissions per admit.lua call: keeps one script well under ~10 ms
+JOB_EXPIRY_MS = 86_400_000  # arq's default job expiry
+
+# The result of a URL given up on after its batches kept losing their worker (expire.lua fills
+# in url, depth and fetched_at): one schema for every result, the PageResult struct's.
+WORKER_LOST_TEMPLATE = encode(PageResult(
+    url="", final_url=None, status=None, content_type=None, depth=0, title=None, links=0,
+    bytes=0, elapsed_ms=0.0, fetched_at=0.0, error="worker_lost",
+))
+
+
+class StateLost(Exception):
+    """The crawl marker is gone or changed: Redis lost the frontier's state (a restart without
+    persistence, a flush). Nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """One URL that passed scope, on its way into the seen set and its host queue."""
+
+    fp: str
+    host: str
+    entry: bytes
+    variant: str = ""  # fingerprint of the URL without its query, when it has one
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_pages: int | None = None
+    max_pages_per_host: int | None = None
+    max_query_variants: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    fp: str
+    outcome: str  # one of the outcomes above
+    data: bytes  # the encoded PageResult; for RETRY, the URL's next encoded QueuedURL
+
+
+@dataclass(frozen=True, slots=True)
+class ReportOutcome:
+    lease_held: bool
+    stored: int
+    duplicates: int
+    handed_back: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    leases: int  # claimed leases past their expiry
+    requeued: int
+    given_up: int  # failed as worker_lost
+    unclaimed: int  # batches returned because no worker claimed them in time
+
+
+@dataclass(frozen=True, slots=True)
+class CrawlMarker:
+    id: str
+    state: str  # "new", "ok" or "lost"
+    state_lost_at: float | None
+
+
+def _none(limit: int | None) -> int:
+    return -1 if limit is None else limit
+
+
+class Frontier:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis: Any = redis
+        self.keys = keys
+        self._scripts = {name: redis.register_script(source(name)) for name in COMMANDS}
+
+    async def _run(self, name: str, crawl: str, *args: Any, client: Any = None) -> Any:
+        return await self._scripts[name](keys=[], args=[self.keys.prefix, crawl, *args],
+                                         client=client)
+
+    @staticmethod
+    def _word(raw: Any) -> str:
+        return Frontier._answer(raw)[0]  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _answer(raw: Any) -> list[Any]:
+        """Scripts answer a list whose first item is a word; 'state_lost' raises."""
+        word = as_text(raw[0])
+        if word == "state_lost":
+            raise StateLost("the crawl's state in Redis is gone (restart without persistence, "
+                            "or a flush)")
+        return [word, *raw[1:]]
+
+    # -- the crawl marker ---------------------------------------------------------------
+    async def open_crawl(self, known: str = "") -> CrawlMarker:
+        word, crawl_id, lost_at = await self._run("crawl", known, secrets.token_hex(8))
+        lost = as_text(lost_at)
+        return CrawlMarker(as_text(crawl_id), as_text(word), float(lost) if lost else None)
+
+    # -- scheduler ----------------------------------------------------------------------
+    def admit_args(
+        self, admissions: Sequence[Admission], limits: Limits, *, event_id: str = "",
+        ack: bool = False, discarded_scope: int = 0, discarded_invalid: int = 0,
+        quarantine_reason: str = "",
+    ) -> list[Any]:
+        args: list[Any] = [
+            CONSUMER_GROUP, event_id, "1" if ack else "0", _none(limits.max_pages),
+            _none(limits.max_pages_per_host), limits.max_query_variants, discarded_scope,
+            discarded_invalid, quarantine_reason,
+        ]
+        for a in admissions:
+            args += (a.fp, a.host, a.entry, a.variant)
+        return args
+
+    async def admit(self, crawl: str, admissions: Sequence[Admission], limits: Limits,
+                    **kw: Any) -> int:
+        """Admit URLs (dedup against the seen set); with ``ack``, acknowledge their event."""
+        raw = await self._run("admit", crawl, *self.admit_args(admissions, limits, **kw))
+        return int(self._answer(raw)[1])
+
+    async def admit_in(self, pipe: Any, crawl: str, admissions: Sequence[Admission],
+                       limits: Limits, **kw: Any) -> None:
+        """Queue an admit on a pipeline (many events, one round trip). The pipeline's replies
+        go through ``answers``."""
+        await self._run("admit", crawl, *self.admit_args(admissions, limits, **kw), client=pipe)
+
+    def answers(self, replies: Sequence[Any]) -> int:
+        """Admitted URLs of a pipeline of admits; StateLost if any said so."""
+        return sum(int(self._answer(r)[1]) for r in replies if isinstance(r, list))
+
+    async def dispatch(self, crawl: str, *, batch_size: int, max_waiting: int) -> int:
+        """Lease ready hosts, up to ``batch_size`` URLs each, while fewer than ``max_waiting``
+        batches wait for a worker; each batch is an arq job. Returns how many went out."""
+        raw = await self._run("dispatch", crawl, batch_size, max_waiting, FETCH_BATCH_JOB,
+                              JOB_EXPIRY_MS)
+        return int(self._answer(raw)[1])
+
+    async def expire(self, crawl: str, *, max_losses: int, claim_timeout: float,
+                     limit: int = 100) -> Expired:
+        raw = await self._run("expire", crawl, limit, max_losses, claim_timeout,
+                              WORKER_LOST_TEMPLATE)
+        _, leases, requeued, lost, unclaimed = self._answer(raw)
+        return Expired(int(leases), int(requeued), int(lost), int(unclaimed))
+
+    async def check_finished(self, crawl: str) -> bool:
+        return bool(int(self._answer(await self._run("finish", crawl))[1]))
+
+    async def acquire_lock(self, instance: str, ttl_ms: int) -> bool:
+        return bool(await self._run("lock", "", instance, ttl_ms))
+
+    async def release_lock(self, instance: str) -> bool:
+        return bool(await self._run("unlock", "", instance))
+
+    # -- workers ------------------------------------------------------------------------
+    async def claim(self, batch: HostBatch, *, lease_seconds: float,
+                    job_id: str) -> list[QueuedURL] | None:
+        """Start a batch: its URLs, or None when its lease is not this batch's any more.
+        The arq job leaves arq's queue either way."""
+        raw = self._answer(await self._run("claim", batch.crawl, batch.host, batch.batch_id,
+                                           lease_seconds, job_id))
+        if raw[0] != "ok":
+            return None
+        return [decode_entry(e) for e in raw[1:]]
+
+    async def renew(self, batch: HostBatch, *, lease_seconds: float) -> bool:
+        raw = await self._run("renew", batch.crawl, batch.host, batch.batch_id, lease_seconds)
+        return self._word(raw) == "ok"
+
+    async def mark_fetching(self, batch: HostBatch, fp: str) -> bool:
+        raw = await self._run("fetching", batch.crawl, batch.host, batch.batch_id, fp)
+        return self._word(raw) == "ok"
+
+    async def report(self, batch: HostBatch, results: Sequence[StoredResult],
+                     events: Sequence[bytes], *, final: bool, wait_s: float) -> ReportOutcome:
+        args: list[Any] = [batch.host, batch.batch_id, "1" if final else "0", max(wait_s, 0.0),
+                           len(events), *events]
+        for r in results:
+            args += (r.fp, r.outcome, r.data)
+        _, held, stored, duplicates, handed_back = self._answer(
+            await self._run("report", batch.crawl, *args))
+        return ReportOutcome(bool(held), int(stored), int(duplicates), int(handed_back))
+
+    async def quarantine(self, source_key: str, reason: str, data: bytes, *,
+                         delete_source: bool = False, withdraw_job: str = "") -> None:
+        await self._run("quarantine", "", source_key, reason, data,
+                        "1" if delete_source else "0", withdraw_job)
