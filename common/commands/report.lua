@@ -44,9 +44,11 @@ end
 local now = now_s()
 c:fix()
 local finished, stored = 0, 0
+local marks = {}
+for i = first_url, #ARGV, 3 do marks[#marks + 1] = ARGV[i] end
+if #marks > 0 then redis.call('SREM', fetching, unpack(marks)) end  -- no longer in flight
 for i = first_url, #ARGV, 3 do
   local fp, outcome, data = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  redis.call('SREM', fetching, fp)
   if outcome == 'r' then
     -- Not in our lease any more (we are stale): whoever holds it now decides.
     if redis.call('HDEL', lease, fp) == 1 then
