@@ -1,0 +1,87 @@
+"""A batch sorts faults by side: the crawler's Redis trouble hands the batch back, a bug of ours
+fails the URL (every crawl ends), and neither is ever recorded as the site's fault."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from crawlfleet.common.connections import open_redis
+from crawlfleet.common.keys import Keys
+from crawlfleet.common.messages import HostBatch, QueuedURL, decode_result
+from crawlfleet.common.settings import Settings
+from crawlfleet.common.stats import read_status
+from crawlfleet.scheduler.service import Scheduler
+from crawlfleet.workers.batch import CRAWLER_FAULT_BACKOFF, BatchRun
+
+URLS = [f"http://a.test/{i}" for i in range(3)]
+
+
+class FailingRobots:
+    """robots.txt's cache, answering with the given exception (its Redis read failing)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def policy(self, url: str, **_: Any) -> Any:
+        raise self.exc
+
+
+@pytest.fixture
+async def claimed() -> AsyncIterator[dict[str, Any]]:
+    settings = Settings(redis_url=f"embedded://{uuid.uuid4().hex}", namespace="t")
+    redis = open_redis(settings.redis_url)
+    keys = Keys(settings.namespace)
+    scheduler = Scheduler(settings, redis)
+    await scheduler.open_crawl()
+    scheduler.allowed_hosts.add("a.test")
+    admissions, _, _ = await scheduler.admissions([(0, URLS)])
+    await scheduler.frontier.admit(scheduler.crawl_id, admissions, scheduler.limits)
+    await scheduler.frontier.dispatch(scheduler.crawl_id, batch_size=10, max_waiting=10)
+    batch_id = (await redis.hget(keys.lease_batch, "a.test")).decode()
+    batch = HostBatch(batch_id=batch_id, host="a.test", crawl=scheduler.crawl_id)
+    urls = await scheduler.frontier.claim(batch, lease_seconds=60, job_id=batch_id)
+    async with aiohttp.ClientSession() as session:
+        yield {"settings": settings, "redis": redis, "keys": keys, "batch": batch,
+               "urls": urls, "frontier": scheduler.frontier, "session": session}
+    await redis.aclose()
+
+
+def run_for(env: dict[str, Any], robots: Any) -> BatchRun:
+    ctx = {"settings": env["settings"], "session": env["session"],
+           "semaphore": asyncio.Semaphore(4), "frontier": env["frontier"], "robots": robots,
+           "redis": env["redis"], "keys": env["keys"], "job_id": env["batch"].batch_id}
+    urls: list[QueuedURL] = env["urls"]
+    return BatchRun(ctx, env["batch"], urls)
+
+
+@pytest.mark.parametrize("exc", [RedisConnectionError("Connection refused"),
+                                 ResponseError("BUSY Redis is busy running a script"),
+                                 ResponseError("OOM command not allowed")])
+async def test_a_redis_fault_hands_the_batch_back(claimed: dict[str, Any],
+                                                  exc: Exception) -> None:
+    before = time.time()
+    await run_for(claimed, FailingRobots(exc)).run()
+    s = await read_status(claimed["redis"], claimed["keys"])
+    assert (s["queued"], s["in_flight"], s["pages"], s["failed"]) == (3, 0, 0, 0)
+    assert await claimed["redis"].hlen(claimed["keys"].results) == 0
+    # The host rests before it is tried again, on Redis's clock.
+    ready_at = await claimed["redis"].zscore(claimed["keys"].ready, "a.test")
+    assert ready_at >= before + CRAWLER_FAULT_BACKOFF - 0.5
+
+
+async def test_a_bug_of_ours_fails_the_urls_so_the_crawl_ends(claimed: dict[str, Any]) -> None:
+    await run_for(claimed, FailingRobots(ValueError("a bug"))).run()
+    s = await read_status(claimed["redis"], claimed["keys"])
+    assert (s["queued"], s["in_flight"], s["failed"]) == (0, 0, 3)
+    results = [decode_result(r) for r in await claimed["redis"].hvals(claimed["keys"].results)]
+    assert {r.error for r in results} == {"crawler_error"}
+    assert sorted(r.url for r in results) == URLS
