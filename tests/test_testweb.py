@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -1209,3 +1210,102 @@ def test_cli_rejects_bad_knobs(capsys: pytest.CaptureFixture[str], argv: list[st
         main(argv)
     assert exc.value.code == 2
     assert "crawlfleet testweb: error:" in capsys.readouterr().err
+
+
+# --- hostile.py ----------------------------------------------------------------------------
+
+
+def test_hostile_bombs_are_valid_streams_of_the_claimed_size() -> None:
+    from crawlfleet.testweb.hostile import BOMB_BLOCK, _compressed
+
+    for encoding, wbits in (("gzip", 31), ("deflate", 15)):
+        inflate = zlib.decompressobj(wbits)
+        wire = inflated = 0
+        for piece in _compressed(encoding, 4 * BOMB_BLOCK):
+            wire += len(piece)
+            inflated += len(inflate.decompress(piece))
+        assert inflate.eof and not inflate.unused_data  # trailer (checksum, size) correct
+        assert inflated == 4 * BOMB_BLOCK and wire < inflated // 500
+
+
+async def _raw_get(port: int, path: str, *, limit: int = 1 << 16) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: hostile.test\r\n\r\n".encode())
+        await writer.drain()
+        data = b""
+        while len(data) < limit:
+            piece = await asyncio.wait_for(reader.read(limit - len(data)), timeout=10)
+            if not piece:
+                break
+            data += piece
+        return data
+    finally:
+        writer.close()
+
+
+async def test_hostile_server_paths_and_stats() -> None:
+    from crawlfleet.testweb.hostile import PATHS, ROOT_LINKS, STATS_PATH, HostileServer
+
+    async with HostileServer() as srv:
+        root = await _raw_get(srv.port, "/")
+        assert root.startswith(b"HTTP/1.1 200 OK\r\n")
+        for link in ROOT_LINKS:
+            assert f'href="{link}"'.encode() in root
+        assert set(ROOT_LINKS) >= {p for p in PATHS if p not in ("/robots.txt", "/redirect-loop")}
+        assert (await _raw_get(srv.port, "/bad-status")).startswith(b"HTTP/1.1 two hundred")
+        assert b"This is not a header\r\n" in await _raw_get(srv.port, "/bad-header")
+        loop = await _raw_get(srv.port, "/redirect-loop?n=7")
+        assert b"302 Found" in loop and b"Location: /redirect-loop?n=8\r\n" in loop
+        chain = await _raw_get(srv.port, "/short-chain/1")
+        assert b"Location: /short-chain/0\r\n" in chain
+        assert b"Retry-After: 1\r\n" in await _raw_get(srv.port, "/ratelimited")
+        huge = await _raw_get(srv.port, "/huge-length", limit=200_000)  # we hang up early
+        assert b"Content-Length: 10737418240\r\n" in huge
+        assert (await _raw_get(srv.port, "/nope")).startswith(b"HTTP/1.1 404")
+
+        def closed() -> bool:
+            return srv.stats["/huge-length"].closed_early == 1
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not closed():
+            assert asyncio.get_running_loop().time() < deadline, "hang-up not recorded"
+            await asyncio.sleep(0.02)
+        stats = json.loads((await _raw_get(srv.port, STATS_PATH)).partition(b"\r\n\r\n")[2])
+        assert stats["/"] == {"requests": 1, "closed_early": 0, "completed": 1,
+                              "max_sent": len(root.partition(b"\r\n\r\n")[2])}
+        assert STATS_PATH not in stats and stats["/huge-length"]["closed_early"] == 1
+
+
+async def test_hostile_server_refuses_non_loopback_bind() -> None:
+    from crawlfleet.testweb.hostile import HostileServer
+
+    with pytest.raises(ValueError, match=r"127\.0\.0\.0/8"):
+        HostileServer(bind="0.0.0.0")
+
+
+async def test_cli_hostile_serves_hostile_test_on_its_own_port() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "crawlfleet.testweb", "--port", "0", "--dns-port", "0"],
+        *["--hosts", "1", "--pages", "5", "--hostile"],
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), timeout=30))
+        port = ready["hostile_port"]
+        assert port != ready["http_port"]
+        assert ready["hostile_seed"] == f"http://hostile.test:{port}/"
+        assert ready["hosts"] == ["site0.test"]  # the ordinary web is unchanged
+        resolver = aiohttp.AsyncResolver(nameservers=[ready["dns"]], timeout=2, tries=1)
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver)) as http,
+            http.get(ready["hostile_seed"] + "ok") as r,
+        ):
+            assert r.status == 200 and b"a plain page" in await r.read()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

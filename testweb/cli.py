@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -13,6 +14,7 @@ import urllib.request
 from typing import Any
 
 from .dns import DnsServer
+from .hostile import HOSTILE_HOST, HostileServer
 from .loopback import require_loopback
 from .server import STATS_PATH, WebServer
 from .site import ROBOTS_VARIANTS, WebSpec, reachable
@@ -76,9 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="link every root to the special endpoints: redirects, flaky/429/500 pages, "
         "crawler traps, nofollow/noindex/canonical pages",
     )
+    web.add_argument(
+        "--hostile",
+        action="store_true",
+        help=f"also serve the hostile server ({HOSTILE_HOST}, on its own port: slow drips, "
+        "bombs, resets, broken HTTP ...); the ready line gains hostile_port and hostile_seed",
+    )
     net = p.add_argument_group("network")
     net.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
     net.add_argument("--dns-port", type=int, default=5353, help="DNS port (0 = any free port)")
+    net.add_argument(
+        "--hostile-port", type=int, default=0, help="the hostile server's port (0 = any free)"
+    )
     net.add_argument("--bind", type=_loopback, default="127.0.0.1", help="address in 127.0.0.0/8")
     net.add_argument("--log-requests", action="store_true", help="access log on stderr")
     mode = p.add_mutually_exclusive_group()
@@ -173,13 +184,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {host}'s robots.txt answers 5xx: nothing fetched there", file=sys.stderr)
         return 0
     try:
-        return asyncio.run(_serve(spec, args.bind, args.dns_port, args.log_requests))
+        return asyncio.run(
+            _serve(spec, args.bind, args.dns_port, args.log_requests,
+                   args.hostile_port if args.hostile else None)
+        )
     except OSError as e:
         print(f"crawlfleet testweb: {e}", file=sys.stderr)
         return 1
 
 
-async def _serve(spec: WebSpec, bind: str, dns_port: int, log_requests: bool) -> int:
+async def _serve(
+    spec: WebSpec, bind: str, dns_port: int, log_requests: bool, hostile_port: int | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Handlers go in before the ready line, so a parent may signal as soon as it reads it.
@@ -189,16 +205,24 @@ async def _serve(spec: WebSpec, bind: str, dns_port: int, log_requests: bool) ->
     if log_requests:
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
         access_log = logging.getLogger("crawlfleet.testweb.access")
-    dns = DnsServer(spec.host_names, address=bind, port=dns_port, answer=bind)
+    names = (*spec.host_names, HOSTILE_HOST) if hostile_port is not None else spec.host_names
+    dns = DnsServer(names, address=bind, port=dns_port, answer=bind)
     dns.start()
     try:
-        async with WebServer(spec, bind=bind, access_log=access_log) as server:
-            ready = {
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(
+                WebServer(spec, bind=bind, access_log=access_log))
+            ready: dict[str, Any] = {
                 "http_port": server.port,
                 "dns": f"{bind}:{dns.port}",
                 "hosts": list(server.spec.host_names),
                 "seeds": server.spec.roots,
             }
+            if hostile_port is not None:
+                hostile = await stack.enter_async_context(
+                    HostileServer(bind=bind, port=hostile_port))
+                ready["hostile_port"] = hostile.port
+                ready["hostile_seed"] = hostile.seed
             print(json.dumps(ready), flush=True)
             await stop.wait()
             total = server.stats.snapshot()["total_requests"]

@@ -302,7 +302,28 @@ class BodyTooLarge(Exception):
     pass
 
 
+# A body nobody parses (an image, a PDF, a download) is read only this far: enough for its
+# record (status, type, the first bytes), never the gigabytes it may be.
+NON_HTML_BYTES = READ_CHUNK
+
+
+def _wants_whole_body(response: aiohttp.ClientResponse) -> bool:
+    """An HTML body, or one without a type (sniffed from its first bytes, then parsed if it is
+    HTML), is parsed, so it is read up to the cap. Anything else only needs its record."""
+    from .parse import is_html
+
+    content_type = response.headers.get("Content-Type")
+    return not content_type or is_html(content_type)
+
+
 async def _read_capped(response: aiohttp.ClientResponse, limit: int, truncate: bool) -> bytes:
+    """The body, bounded: ``too_large`` (BodyTooLarge) past ``limit``, checked on the declared
+    Content-Length before anything is read and on the decompressed bytes as they come; with
+    ``truncate`` the first ``limit`` bytes instead. A body that is not HTML (and not untyped)
+    is read only to ``NON_HTML_BYTES`` and the connection dropped: the result records what was
+    read, never an error (its declared length does not matter either)."""
+    if not truncate and not _wants_whole_body(response):
+        limit, truncate = min(limit, NON_HTML_BYTES), True
     declared = response.content_length
     if declared is not None and declared > limit and not truncate:
         raise BodyTooLarge
@@ -311,12 +332,11 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int, truncate: b
     # The cap counts decompressed bytes, which is what defuses a compression bomb.
     async for chunk in response.content.iter_chunked(READ_CHUNK):
         size += len(chunk)
-        if size > limit:
+        chunks.append(chunk)
+        if size > limit or (truncate and size >= limit):
             if not truncate:
                 raise BodyTooLarge
-            chunks.append(chunk)
             break  # leaving the response drops the connection and the rest of the body
-        chunks.append(chunk)
     return b"".join(chunks)[:limit]
 
 
