@@ -1,25 +1,109 @@
-"""The fleet commands: seed, scheduler, status, export."""
+"""The fleet commands: seed, scheduler, status, check, export.
+
+Exit codes: 0 done; 1 done but not OK (a seed line refused, ``check`` found drift) or Redis
+unreachable or answering an error; 2 bad input (a setting, an argument, a file that cannot be
+read or written, a Redis that refuses the password or the database).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
+import shutil
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import msgspec
+from redis.exceptions import RedisError
 
-from crawlfleet.common.connections import as_text, open_redis
+from crawlfleet.common.connections import (
+    RedisProblem,
+    as_text,
+    open_redis,
+    redis_problem,
+    wait_for_redis,
+)
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging
 from crawlfleet.common.messages import Seeds, decode_result, encode
-from crawlfleet.common.settings import Settings
+from crawlfleet.common.settings import Settings, shorten
 from crawlfleet.common.stats import read_status
 from crawlfleet.common.urls import URLError, canonicalize
 
 SEEDS_PER_MESSAGE = 1000
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """Bad input to a command (a file that cannot be read or written, a bad argument): one
+    line on stderr and exit 2."""
+
+
+def run_on_redis(settings: Settings, go: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """``asyncio.run(go())``, with any Redis error turned into one line naming where
+    (:class:`RedisProblem`; exit 1 unreachable, 2 refused) instead of a traceback."""
+    try:
+        return asyncio.run(go())
+    except RedisError as exc:
+        raise redis_problem(exc, settings.redis_url) from None
+
+
+@contextlib.contextmanager
+def output_file(path: str) -> Iterator[IO[bytes]]:
+    """Where results go: '-' is stdout. A file is written beside its final name and renamed
+    over it only when everything is written, so a command that fails (Redis down, Ctrl-C)
+    leaves the previous file as it was; a path that cannot be written fails at once, naming
+    the file and the reason. A path that exists and is not a regular file (a pipe,
+    /dev/stdout) is written in place."""
+    if path == "-":
+        yield sys.stdout.buffer
+        return
+    target = Path(path)
+    in_place = target.exists() and not target.is_file()
+    try:
+        if in_place:
+            handle = open(target, "wb")  # noqa: SIM115 - closed below
+        elif target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        if not in_place:
+            handle = open(temporary, "wb")  # noqa: SIM115 - closed below, renamed on success
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if in_place:
+        with handle:
+            yield handle
+        return
+    try:
+        with handle:
+            yield handle
+        if target.exists():
+            shutil.copymode(target, temporary)
+        os.replace(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_seed_file(path: str) -> list[bytes]:
+    """The lines of a seed file ('-': stdin) as bytes: each is decoded, and a bad one
+    reported, on its own (``parse_seed_lines``)."""
+    if path == "-":
+        return sys.stdin.buffer.read().splitlines()
+    try:
+        with open(path, "rb") as handle:
+            return handle.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read seed file {path}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +111,10 @@ class SeedError:
     line: int
     reason: str
     text: str
+    source: str = "line"
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.reason}: {self.text!r}"
+        return f"{self.source} {self.line}: {self.reason}: {shorten(self.text)!r}"
 
 
 _REASONS = {
@@ -40,23 +125,38 @@ _REASONS = {
 }
 
 
-def parse_seed_lines(lines: Iterable[str], *, sort_query: bool = False) -> tuple[
-    list[str], list[SeedError]
-]:
-    """Canonical seeds and the lines refused, by line number; blank lines and #comments skip."""
+def parse_seed_lines(lines: Iterable[str | bytes], *, sort_query: bool = False,
+                     source: str = "line") -> tuple[list[str], list[SeedError]]:
+    """Canonical seeds and the lines refused, by line number; blank lines and #comments skip.
+    A line given as bytes must be UTF-8 (a BOM before line 1 is dropped); one that is not is
+    refused with its number, never mangled."""
     seeds: list[str] = []
     errors: list[SeedError] = []
     for number, raw in enumerate(lines, start=1):
-        text = raw.strip()
+        if isinstance(raw, bytes):
+            data = raw.removeprefix(UTF8_BOM) if number == 1 else raw
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                errors.append(SeedError(
+                    number, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at column "
+                            f"{exc.start + 1})", data.decode("utf-8", "replace"), source))
+                continue
+        else:
+            line = raw.removeprefix("\ufeff") if number == 1 else raw
+        text = line.strip()
         if not text or text.startswith("#"):
             continue
         if "://" not in text and not text.lower().startswith(("http:", "https:")):
-            errors.append(SeedError(number, "not an absolute http(s) URL", text))
+            errors.append(SeedError(number, "not an absolute http(s) URL", text, source))
             continue
         try:
             seeds.append(canonicalize(text, sort_query=sort_query))
         except URLError as exc:
-            errors.append(SeedError(number, _REASONS.get(exc.reason, exc.reason), text))
+            reason = _REASONS.get(exc.reason, exc.reason)
+            if exc.reason == "too_long":
+                reason += f" ({len(text)} characters)"
+            errors.append(SeedError(number, reason, text, source))
     return seeds, errors
 
 
@@ -73,16 +173,26 @@ async def enqueue_seeds(redis: Any, keys: Keys, seeds: list[str]) -> None:
 
 
 def seed(settings: Settings, urls: list[str], file: str | None) -> int:
-    lines: list[str] = list(urls)
-    if file == "-":
-        lines += sys.stdin.read().splitlines()
-    elif file:
-        with open(file, encoding="utf-8", errors="replace") as handle:
-            lines += handle.read().splitlines()
-    if not lines:
-        print("crawlfleet seed: no URLs given (arguments, --file F or --file -)", file=sys.stderr)
+    """Arguments, ``--file F`` and stdin (``--file -``, or a lone ``-`` argument), each line
+    numbered within its source. Refused lines are reported and the rest go in."""
+    sources: list[tuple[str, list[str | bytes]]] = []
+    if any(url != "-" for url in urls):
+        # A lone '-' stands for stdin; it keeps its place so arguments keep their numbers.
+        sources.append(("argument", ["" if url == "-" else url for url in urls]))
+    if file and file != "-":
+        sources.append((f"{file} line", list(read_seed_file(file))))
+    if file == "-" or "-" in urls:
+        sources.append(("stdin line", list(read_seed_file("-"))))
+    if not any(lines for _, lines in sources):
+        print("crawlfleet seed: no URLs given (arguments, --file F, --file - or - for stdin)",
+              file=sys.stderr)
         return 2
-    seeds, errors = parse_seed_lines(lines, sort_query=settings.sort_query)
+    seeds: list[str] = []
+    errors: list[SeedError] = []
+    for source, lines in sources:
+        found, refused = parse_seed_lines(lines, sort_query=settings.sort_query, source=source)
+        seeds += found
+        errors += refused
     for error in errors:
         print(f"crawlfleet seed: {error}", file=sys.stderr)
 
@@ -94,7 +204,10 @@ def seed(settings: Settings, urls: list[str], file: str | None) -> int:
             await redis.aclose()
 
     if seeds:
-        asyncio.run(go())
+        try:
+            run_on_redis(settings, go)
+        except RedisProblem as problem:
+            raise RedisProblem(f"{problem}; no seed was enqueued", problem.exit_code) from None
     print(f"enqueued {len(seeds)} seed(s), refused {len(errors)}", file=sys.stderr)
     return 1 if errors else 0
 
@@ -111,11 +224,14 @@ def scheduler(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         redis = open_redis(settings.redis_url)
         try:
-            await Scheduler(settings, redis).run(stop)
+            # Started before its Redis: wait for it (redis_unavailable, with backoff); a Redis
+            # that refuses us (a wrong password) ends the process with one line instead.
+            if await wait_for_redis(redis, settings.redis_url, stop=stop, role="scheduler"):
+                await Scheduler(settings, redis).run(stop)
         finally:
             await redis.aclose()
 
-    asyncio.run(go())
+    run_on_redis(settings, go)
     return 0
 
 
@@ -127,7 +243,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
         finally:
             await redis.aclose()
 
-    current = asyncio.run(go())
+    current = run_on_redis(settings, go)
     if as_json:
         print(msgspec.json.encode(current).decode())
     else:
@@ -147,7 +263,7 @@ def check(settings: Settings, *, as_json: bool) -> int:
         finally:
             await redis.aclose()
 
-    snapshot, problems = asyncio.run(go())
+    snapshot, problems = run_on_redis(settings, go)
     if as_json:
         print(msgspec.json.encode(consistency.report(snapshot, problems)).decode())
     else:
@@ -205,10 +321,7 @@ def export(settings: Settings, out_path: str | None, *, dead: bool = False) -> i
         finally:
             await redis.aclose()
 
-    if out_path and out_path != "-":
-        with open(out_path, "wb") as handle:
-            count = asyncio.run(go(handle))
-    else:
-        count = asyncio.run(go(sys.stdout.buffer))
+    with output_file(out_path or "-") as handle:
+        count = run_on_redis(settings, lambda: go(handle))
     print(f"exported {count} result(s)", file=sys.stderr)
     return 0

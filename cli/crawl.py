@@ -16,7 +16,7 @@ import sys
 import time
 from typing import IO, Any
 
-from crawlfleet.common.connections import EMBEDDED_SCHEME, is_embedded, open_redis
+from crawlfleet.common.connections import EMBEDDED_SCHEME, is_embedded, open_redis, redact_url
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging
 from crawlfleet.common.settings import Settings, env_name
@@ -24,7 +24,7 @@ from crawlfleet.common.stats import read_status
 from crawlfleet.scheduler.service import Scheduler
 from crawlfleet.workers.worker import make_worker
 
-from .commands import enqueue_seeds, parse_seed_lines, write_results
+from .commands import enqueue_seeds, output_file, parse_seed_lines, run_on_redis, write_results
 
 POLL_S = 0.1
 PROGRESS_S = 2.0
@@ -43,18 +43,16 @@ def crawl(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("crawlfleet crawl: --workers must be at least 1", file=sys.stderr)
         return 2
-    seeds, errors = parse_seed_lines(args.urls, sort_query=settings.sort_query)
+    seeds, errors = parse_seed_lines(args.urls, sort_query=settings.sort_query, source="argument")
     for error in errors:
         print(f"crawlfleet crawl: seed {error}", file=sys.stderr)
     if not seeds:
         return 2
     configure_logging(settings.log_format, settings.log_level, role="crawl")
-    if args.out == "-":
-        summary = asyncio.run(run_crawl(settings, seeds, args.workers, sys.stdout.buffer,
-                                        fresh=args.fresh))
-    else:
-        with open(args.out, "wb") as out:
-            summary = asyncio.run(run_crawl(settings, seeds, args.workers, out, fresh=args.fresh))
+    # The results file is checked before the crawl starts and replaced only when it ends.
+    with output_file(args.out) as out:
+        summary = run_on_redis(
+            settings, lambda: run_crawl(settings, seeds, args.workers, out, fresh=args.fresh))
     print(format_summary(summary, settings, args.workers, args.out), file=sys.stderr)
     return 0 if summary["finished"] else 1
 
@@ -64,6 +62,14 @@ async def run_crawl(
 ) -> dict[str, Any]:
     keys = Keys(settings.namespace)
     redis = open_redis(settings.redis_url)
+    try:
+        return await _run_crawl(settings, seeds, workers, out, redis, keys, fresh=fresh)
+    finally:
+        await redis.aclose()
+
+
+async def _run_crawl(settings: Settings, seeds: list[str], workers: int, out: IO[bytes],
+                     redis: Any, keys: Keys, *, fresh: bool) -> dict[str, Any]:
     started = time.monotonic()
     if fresh and not is_embedded(settings.redis_url):
         await _delete_namespace(redis, keys)
@@ -108,7 +114,6 @@ async def run_crawl(
     status = await read_status(redis, keys)
     status["exported"] = await write_results(redis, keys, out)
     status["elapsed_s"] = round(time.monotonic() - started, 2)
-    await redis.aclose()
     return status
 
 
@@ -128,7 +133,8 @@ async def _delete_namespace(redis: Any, keys: Keys) -> None:
 def format_summary(s: dict[str, Any], settings: Settings, workers: int, out: str) -> str:
     fetched = s["pages"] + s["failed"]
     rate = fetched / s["elapsed_s"] if s["elapsed_s"] else 0.0
-    backend = "embedded backend" if is_embedded(settings.redis_url) else settings.redis_url
+    backend = ("embedded backend" if is_embedded(settings.redis_url)
+               else redact_url(settings.redis_url))
     state = "finished" if s["finished"] else "stopped before the end"
     return (
         f"crawl {state}: {s['pages']} pages, {s['failed']} failed, {s['skipped']} skipped "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from crawlfleet.testweb.dns import DnsServer
 from crawlfleet.testweb.server import WebServer
 from crawlfleet.testweb.site import WebSpec, reachable
 
+from .commands import output_file
 from .crawl import format_summary, run_crawl
 
 
@@ -34,8 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    out_path = Path(args.out or tempfile.mkstemp(suffix=".jsonl")[1])
-    with out_path.open("wb") as out:
+    if args.out:
+        out_path = Path(args.out)
+    else:
+        handle, name = tempfile.mkstemp(suffix=".jsonl")
+        os.close(handle)
+        out_path = Path(name)
+    with output_file(str(out_path)) as out:
         summary, settings, spec, lookups = asyncio.run(_crawl_testweb(args, out))
     print(format_summary(summary, settings, args.workers, str(out_path)), file=sys.stderr)
     got = [json.loads(line)["url"] for line in out_path.read_text().splitlines()]

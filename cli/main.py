@@ -9,11 +9,17 @@
     crawl      the whole crawl in one process (embedded backend unless CRAWLFLEET_REDIS_URL is set)
     demo       crawl the local test web on the embedded backend and check the result
     testweb    the local synthetic web for tests, demos and benchmarks
+
+Exit codes: 0 done; 1 done but not OK (a seed refused, check found drift, a crawl stopped
+early) or Redis unreachable; 2 bad input: a setting, an argument, a file that cannot be read
+or written, or a Redis that refuses the password or database. Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     seed = sub.add_parser("seed", help="enqueue seed URLs")
     _common(seed)
-    seed.add_argument("urls", nargs="*", metavar="URL")
+    seed.add_argument("urls", nargs="*", metavar="URL", help="URLs ('-' alone: read stdin)")
     seed.add_argument("--file", "-f", help="a file of URLs, one per line ('-' for stdin)")
 
     for name, text in (("scheduler", "run the scheduler"), ("worker", "run a fetch worker")):
@@ -95,11 +101,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return testweb_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from crawlfleet.common.connections import RedisProblem
+
+    from .commands import UsageError
+
+    # Bad input ends with one line naming what is wrong, never a traceback (EXIT_CODES).
     try:
         return _run(args)
-    except SettingsError as exc:
-        print(f"crawlfleet: {exc}", file=sys.stderr)
+    except (SettingsError, UsageError) as exc:
+        print(f"crawlfleet {args.command}: {exc}", file=sys.stderr)
         return 2
+    except RedisProblem as exc:
+        print(f"crawlfleet {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`crawlfleet export | head`): stop quietly, and keep Python
+        # from complaining about stdout at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -8,6 +8,7 @@ the workers in one process with nothing to install or start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -18,6 +19,8 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
     BusyLoadingError,
     ConnectionError,
     MasterDownError,
@@ -28,7 +31,11 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from .logs import get_logger
 from .messages import job_deserializer, job_serializer
+from .settings import redact_url
+
+__all__ = ["redact_url"]  # the one helper that makes a URL fit to print (common/settings.py)
 
 EMBEDDED_SCHEME = "embedded://"
 T = TypeVar("T")
@@ -47,9 +54,26 @@ _TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# Redis is there and refuses us: a wrong password or user, or a database it does not have.
+# Waiting cures none of them (redis-py makes the first two kinds of ConnectionError).
+REFUSED: tuple[type[Exception], ...] = (AuthenticationError, AuthorizationError)
+
+
+def is_refused(exc: BaseException) -> bool:
+    """Redis answered, and will keep answering, no: wrong credentials, or (at SELECT) a
+    database index out of range."""
+    if isinstance(exc, REFUSED):
+        return True
+    text = str(exc)
+    return isinstance(exc, ResponseError) and (
+        "DB index is out of range" in text or text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")))
+
+
 def is_transient(exc: BaseException) -> bool:
     """An error that waiting may cure: Redis unavailable, loading, out of memory, read-only,
-    or busy running a script (BUSY)."""
+    or busy running a script (BUSY). A refusal (``is_refused``) is not one."""
+    if is_refused(exc):
+        return False
     if isinstance(exc, (*REDIS_UNAVAILABLE, *_TRANSIENT_ERRORS)):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith("BUSY")
@@ -71,6 +95,57 @@ async def retry_while_unavailable(
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+class RedisProblem(Exception):
+    """Redis cannot be used, in one line naming where (password redacted); ``exit_code`` is the
+    CLI's: 1 when it is unreachable (try again later), 2 when it refuses (fix the settings)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def redis_problem(exc: BaseException, redis_url: str) -> RedisProblem:
+    """The one-line account of ``exc``, a Redis error met speaking to ``redis_url``."""
+    where = redact_url(redis_url)
+    detail = redact_url(str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip()
+                        else type(exc).__name__)
+    if is_refused(exc):
+        if "DB index" in detail:
+            return RedisProblem(f"Redis at {where} has no such database: {detail}", 2)
+        return RedisProblem(f"Redis at {where} refused the credentials: {detail} "
+                            "(check the password in CRAWLFLEET_REDIS_URL)", 2)
+    if is_transient(exc) or isinstance(exc, OSError):
+        return RedisProblem(f"Redis is unreachable at {where}: {detail}", 1)
+    return RedisProblem(f"Redis at {where} answered an error: {detail}", 1)
+
+
+async def wait_for_redis(
+    redis: Any, redis_url: str, *, stop: asyncio.Event | None = None, role: str = "",
+) -> bool:
+    """Ping until Redis answers, logging ``redis_unavailable`` with a doubling backoff (up to
+    5 s) meanwhile, as the scheduler does: a process started before its Redis waits for it.
+    False if ``stop`` is set first; raises :class:`RedisProblem` if Redis refuses us (a wrong
+    password waits for nothing)."""
+    backoff = 0.1
+    while stop is None or not stop.is_set():
+        try:
+            await redis.ping()
+            return True
+        except Exception as exc:
+            if not is_transient(exc) and not isinstance(exc, OSError):
+                raise redis_problem(exc, redis_url) from None
+            get_logger("crawlfleet.redis").warning(
+                "redis_unavailable", error=redact_url(str(exc)), redis=redact_url(redis_url),
+                retry_in=backoff, **({"role": role} if role else {}))
+        if stop is None:
+            await asyncio.sleep(backoff)
+        else:
+            with contextlib.suppress(asyncio.TimeoutError):  # redis' TimeoutError is another
+                await asyncio.wait_for(stop.wait(), backoff)
+        backoff = min(backoff * 2, 5.0)
+    return False
 
 
 def as_text(value: bytes | str) -> str:

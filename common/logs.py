@@ -7,7 +7,9 @@ renderer so a worker's output is one JSON object per line whatever wrote it.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -39,6 +41,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", **context: 
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                redact_credentials,
                 renderer,
             ],
         )
@@ -50,6 +53,30 @@ def configure_logging(log_format: str = "auto", level: str = "info", **context: 
     logging.getLogger("arq").setLevel(max(logging.WARNING, root.level))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)
+
+
+# user:password@ in any URL-like text (a Redis URL, a proxy URL, an error quoting one).
+_CREDENTIALS = re.compile(r"(//[^\s/?#@:'\"]*):[^\s/?#'\"]*@")
+
+
+def redact_credentials(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The last step before rendering: no line, whoever logged it (arq and aiohttp included)
+    and whatever it quotes, carries a URL's password (``redis://:***@host``)."""
+    for key, value in event.items():
+        event[key] = _scrub(value)
+    return event
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return _CREDENTIALS.sub(r"\1:***@", value) if "@" in value else value
+    if isinstance(value, (list, tuple)):
+        return [_scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _scrub(item) for key, item in value.items()}
+    return value
 
 
 def _dumps(obj: Any, **kwargs: Any) -> str:

@@ -9,22 +9,100 @@ a readable message instead of deep inside a worker.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
+import math
 import os
 import re
 import socket
+import sys
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 ENV_PREFIX = "CRAWLFLEET_"
 # Settings that were renamed: the old variable still works for one release.
 RENAMED = {"request_timeout": "fetch_timeout"}
+# Redis URL schemes: redis-py's three and the embedded in-process backend.
+REDIS_SCHEMES = ("redis", "rediss", "unix", "embedded")
+# Log level names the standard library knows (CRAWLFLEET_LOG_LEVEL).
+LOG_LEVELS = tuple(name.lower() for name in logging.getLevelNamesMapping() if name != "NOTSET")
+# Fields whose value is a URL that may carry credentials: shown only through redact_url().
+SECRET_URL_FIELDS = ("redis_url", "proxy")
 
 
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
+
+
+_SECRET_QUERY = re.compile(r"pass|secret|token|auth", re.IGNORECASE)
+_USERINFO = re.compile(r"(//[^/?#@\s:]*):[^/?#\s]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print or log: its password (and any password-like query parameter)
+    replaced by ``***``, e.g. ``redis://:***@host:6379/0``. The user name, host, port and path
+    stay, so the message still says where. Never raises, whatever the text."""
+    try:
+        parts = urlsplit(url)
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        netloc = parts.netloc
+        if at and ":" in userinfo:
+            netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+        query = parts.query
+        if query and _SECRET_QUERY.search(query):
+            query = urlencode([(k, "***" if _SECRET_QUERY.search(k) else v)
+                               for k, v in parse_qsl(query, keep_blank_values=True)],
+                              safe="*", quote_via=quote)
+        if (netloc, query) == (parts.netloc, parts.query):
+            return url
+        slashes = "//" if url[len(parts.scheme) + 1:].startswith("//") else ""
+        return (f"{parts.scheme}:{slashes}{netloc}{parts.path}" + (f"?{query}" if query else "")
+                + (f"#{parts.fragment}" if parts.fragment else ""))
+    except ValueError:
+        return _USERINFO.sub(r"\1:***@", url)
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (plus an ellipsis) for a one-line message."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def check_redis_url(url: str) -> str | None:
+    """Why ``url`` cannot be a crawlfleet Redis URL (None if it can): one of ``redis://``,
+    ``rediss://``, ``unix://`` (as redis-py reads them) or ``embedded://NAME``, with a valid
+    port, an integer database and only the query options redis-py knows."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in REDIS_SCHEMES or not url.strip().lower().startswith(
+            parts.scheme + "://"):
+        return "must start with redis://, rediss://, unix:// or embedded://NAME"
+    if parts.scheme == "embedded":
+        return None
+    try:
+        port = parts.port
+    except ValueError as exc:
+        return f"has a bad port: {exc}"
+    if port == 0:
+        return "has a bad port: 0"
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "names no socket path (unix:///path/to/redis.sock)"
+    elif parts.path not in ("", "/"):
+        db = parts.path.lstrip("/")
+        if not db.isdigit():
+            return f"has a bad database {shorten(db, 20)!r}: the path must be /N, N >= 0"
+    try:
+        from redis.asyncio import ConnectionPool
+
+        # redis-py's own reading: query options are parsed, and unknown ones refused, only
+        # when a connection object is made (nothing connects here).
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError) as exc:
+        return f"is not accepted by redis-py: {shorten(str(exc), 120)}"
+    return None
 
 
 def _default_worker_id() -> str:
@@ -104,6 +182,7 @@ class Settings:
     worker_id: str = field(default_factory=_default_worker_id)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         positive = (
             "max_in_flight", "per_host_concurrency", "batch_size", "jobs_per_worker",
             "max_body_bytes", "dispatch_ahead", "max_worker_losses", "max_query_variants",
@@ -141,12 +220,34 @@ class Settings:
             raise SettingsError(
                 f"{env_name('log_format')} must be json, console or auto, got {self.log_format!r}"
             )
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise SettingsError(
+                f"{env_name('log_level')} must be one of {', '.join(LOG_LEVELS)}, "
+                f"got {shorten(self.log_level, 40)!r}"
+            )
+        problem = check_redis_url(self.redis_url)
+        if problem:
+            raise SettingsError(
+                f"{env_name('redis_url')}={shorten(redact_url(self.redis_url))!r} {problem}"
+            )
         if not self.namespace or any(c in self.namespace for c in " {}:"):
             raise SettingsError(
                 f"{env_name('namespace')} must be non-empty without spaces, braces or colons"
             )
         for server in self.dns_nameservers:
             _check_nameserver(server)
+
+    def __repr__(self) -> str:
+        # Credentials in URLs (the Redis password, a proxy's) never reach a log or a traceback.
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_URL_FIELDS and isinstance(value, str):
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
 
     @property
     def request_timeout(self) -> float:
@@ -162,6 +263,7 @@ class Settings:
         Overrides whose value is None are ignored, so argparse results can be passed as they are.
         """
         environ = os.environ if environ is None else environ
+        _warn_unknown(environ)
         hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         renamed = {old: new for old, new in RENAMED.items() if env_name(old) in environ
@@ -194,6 +296,45 @@ class Settings:
 
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
+
+
+def _check_finite(settings: Settings) -> None:
+    """nan and inf are floats, but no delay, timeout or lease can be one (a nan crawl delay
+    never elapses; a nan lease breaks the scripts' arithmetic)."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{env_name(f.name)} must be a finite number, got {value}")
+
+
+def known_variables() -> set[str]:
+    """Every ``CRAWLFLEET_*`` variable crawlfleet reads, renamed old names included."""
+    return {env_name(f.name) for f in dataclasses.fields(Settings)} | {
+        env_name(old) for old in RENAMED}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``CRAWLFLEET_*`` variable that is no setting (a typo is otherwise
+    silently ignored), with the closest known name."""
+    known = known_variables()
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"{shorten(name, 60)} is not a crawlfleet setting{hint}; ignored")
+    return warnings
+
+
+_warned: set[str] = set()
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    for warning in unknown_variables(environ):
+        if warning not in _warned:  # once per process, however many times settings are read
+            _warned.add(warning)
+            print(f"crawlfleet: warning: {warning}", file=sys.stderr)
 
 
 def _check_nameserver(server: str) -> None:
@@ -230,13 +371,16 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
         if hint is int:
             return int(text.replace("_", ""))
         if hint is float:
-            return float(text)
+            number = float(text)
+            if not math.isfinite(number):
+                raise ValueError("must be a finite number")
+            return number
         if typing.get_origin(hint) is tuple:
             return tuple(part.strip() for part in text.split(",") if part.strip())
         return raw
     except ValueError as exc:
         raise SettingsError(
-            f"{env_name(name)}={raw!r} is not a valid {_type_name(hint)}: {exc}"
+            f"{env_name(name)}={shorten(raw)!r} is not a valid {_type_name(hint)}: {exc}"
         ) from None
 
 

@@ -71,6 +71,10 @@ def test_flags_override_the_environment_and_none_is_ignored() -> None:
     ("CRAWLFLEET_DNS_NAMESERVERS", "127.0.0.1:99999"),
     ("CRAWLFLEET_LOG_FORMAT", "xml"),
     ("CRAWLFLEET_NAMESPACE", "a:b"),
+    ("CRAWLFLEET_CRAWL_DELAY", "nan"),
+    ("CRAWLFLEET_LEASE_SECONDS", "inf"),
+    ("CRAWLFLEET_LOG_LEVEL", "loud"),
+    ("CRAWLFLEET_REDIS_URL", "notaurl"),
 ])
 def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,9 +24,13 @@ from redis.exceptions import RedisError
 
 from crawlfleet.common.connections import (
     REDIS_UNAVAILABLE,
+    is_refused,
     is_transient,
     open_redis,
+    redact_url,
+    redis_problem,
     retry_while_unavailable,
+    wait_for_redis,
 )
 from crawlfleet.common.frontier import Frontier, StateLost
 from crawlfleet.common.keys import Keys
@@ -36,7 +41,7 @@ from crawlfleet.common.messages import (
     job_deserializer,
     job_serializer,
 )
-from crawlfleet.common.settings import Settings
+from crawlfleet.common.settings import Settings, SettingsError
 
 from .batch import BatchRun
 from .fetch import GuardedResolver
@@ -179,6 +184,25 @@ class CrawlWorker(Worker):
     ending the process (and, under Kubernetes, starting a crash loop)."""
 
     _backoff = 0.1
+    redis_url = ""  # for messages only, always shown through redact_url()
+
+    async def main(self) -> None:
+        # arq's main() first pings Redis (log_redis_info) and ends the process if it is not
+        # there, long before _poll_iteration could ride the outage out. Wait for it first, as
+        # the scheduler does; meanwhile no health check is written, so the worker shows as not
+        # ready. A Redis that refuses us (a wrong password) raises RedisProblem instead.
+        while True:
+            await wait_for_redis(self.pool, self.redis_url, role="worker")
+            try:
+                await super().main()
+                return
+            except POLL_FAILURES as exc:
+                # Lost again between the ping and the start-up hook: wait again. Once the hook
+                # has run, the poll loop rides outages out itself, so this is something else.
+                if "resources" in self.ctx or not is_transient(exc):
+                    if is_refused(exc):
+                        raise redis_problem(exc, self.redis_url) from None
+                    raise
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # arq 0.28 takes a job slot (semaphore and counter) before its WATCH and does not give
@@ -197,7 +221,7 @@ class CrawlWorker(Worker):
             await super()._poll_iteration()
         except POLL_FAILURES as exc:
             event = "redis_unavailable" if is_transient(exc) else "redis_error"
-            log.warning(event, error=str(exc), retry_in=self._backoff)
+            log.warning(event, error=redact_url(str(exc)), retry_in=self._backoff)
             await asyncio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, 5.0)
         else:
@@ -207,18 +231,31 @@ class CrawlWorker(Worker):
         try:
             await super().close()
         except POLL_FAILURES as exc:  # the health-check key expires by itself
-            log.warning("redis_unavailable_at_shutdown", error=str(exc))
+            log.warning("redis_unavailable_at_shutdown", error=redact_url(str(exc)))
+            # arq stops at the failed DELETE: the start-up's resources (the session and its
+            # resolver) and the pool must still be closed.
+            if "resources" in self.ctx and self.on_shutdown:
+                with contextlib.suppress(*POLL_FAILURES):
+                    await self.on_shutdown(self.ctx)
+            if self._pool is not None:
+                with contextlib.suppress(*POLL_FAILURES):
+                    await self._pool.aclose(close_connection_pool=True)
+                self._pool = None
 
 
 def make_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
-    return CrawlWorker(
+    worker = CrawlWorker(
         **worker_options(settings),
         redis_pool=open_redis(settings.redis_url, queue_name=Keys(settings.namespace).arq_queue),
         handle_signals=handle_signals,
     )
+    worker.redis_url = settings.redis_url
+    return worker
 
 
 def run_worker(settings: Settings) -> None:
+    """Run a worker until SIGTERM/SIGINT. A Redis that is not there yet is waited for; one
+    that refuses us raises :class:`RedisProblem` (the CLI prints it on one line)."""
     configure_logging(settings.log_format, settings.log_level, worker_id=settings.worker_id)
     with contextlib.suppress(asyncio.CancelledError):
         make_worker(settings).run()
@@ -226,9 +263,14 @@ def run_worker(settings: Settings) -> None:
 
 def __getattr__(name: str) -> Any:
     """``WorkerSettings`` for ``arq crawlfleet.workers.worker.WorkerSettings``, built on first use
-    from the environment, so importing this module never fails on a bad variable."""
+    from the environment, so importing this module never fails on a bad variable (a bad one
+    ends ``arq`` with the one-line message, exit 2, instead of a traceback)."""
     if name == "WorkerSettings":
-        settings = Settings.from_env()
+        try:
+            settings = Settings.from_env()
+        except SettingsError as exc:
+            print(f"crawlfleet worker: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         options = worker_options(settings)
         options["redis_pool"] = open_redis(
             settings.redis_url, queue_name=Keys(settings.namespace).arq_queue
