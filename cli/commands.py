@@ -22,6 +22,7 @@ from typing import IO, Any, TypeVar
 import msgspec
 from redis.exceptions import RedisError
 
+from crawlfleet.common.addresses import literal_host_refusal
 from crawlfleet.common.connections import (
     RedisProblem,
     as_text,
@@ -126,10 +127,12 @@ _REASONS = {
 
 
 def parse_seed_lines(lines: Iterable[str | bytes], *, sort_query: bool = False,
-                     source: str = "line") -> tuple[list[str], list[SeedError]]:
+                     source: str = "line", settings: Settings | None = None,
+                     ) -> tuple[list[str], list[SeedError]]:
     """Canonical seeds and the lines refused, by line number; blank lines and #comments skip.
     A line given as bytes must be UTF-8 (a BOM before line 1 is dropped); one that is not is
-    refused with its number, never mangled."""
+    refused with its number, never mangled. With ``settings``, a seed the SSRF guard refuses
+    on its face (an IP literal in a refused range, a port or scheme not allowed) is refused."""
     seeds: list[str] = []
     errors: list[SeedError] = []
     for number, raw in enumerate(lines, start=1):
@@ -151,12 +154,18 @@ def parse_seed_lines(lines: Iterable[str | bytes], *, sort_query: bool = False,
             errors.append(SeedError(number, "not an absolute http(s) URL", text, source))
             continue
         try:
-            seeds.append(canonicalize(text, sort_query=sort_query))
+            url = canonicalize(text, sort_query=sort_query)
         except URLError as exc:
             reason = _REASONS.get(exc.reason, exc.reason)
             if exc.reason == "too_long":
                 reason += f" ({len(text)} characters)"
             errors.append(SeedError(number, reason, text, source))
+            continue
+        refused = literal_host_refusal(url, settings) if settings is not None else None
+        if refused:
+            errors.append(SeedError(number, f"blocked_address: {refused}", text, source))
+            continue
+        seeds.append(url)
     return seeds, errors
 
 
@@ -190,7 +199,8 @@ def seed(settings: Settings, urls: list[str], file: str | None) -> int:
     seeds: list[str] = []
     errors: list[SeedError] = []
     for source, lines in sources:
-        found, refused = parse_seed_lines(lines, sort_query=settings.sort_query, source=source)
+        found, refused = parse_seed_lines(lines, sort_query=settings.sort_query, source=source,
+                                          settings=settings)
         seeds += found
         errors += refused
     for error in errors:

@@ -43,7 +43,8 @@ def crawl(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("crawlfleet crawl: --workers must be at least 1", file=sys.stderr)
         return 2
-    seeds, errors = parse_seed_lines(args.urls, sort_query=settings.sort_query, source="argument")
+    seeds, errors = parse_seed_lines(args.urls, sort_query=settings.sort_query, source="argument",
+                                     settings=settings)
     for error in errors:
         print(f"crawlfleet crawl: seed {error}", file=sys.stderr)
     if not seeds:

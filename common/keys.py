@@ -33,6 +33,7 @@ _FIXED = {
     "crawl": "crawl",  # HASH: the crawl marker (id, created_at, state_lost_at, lost_id)
     "seen": "seen",  # SET of URL fingerprints ever admitted
     "scope_hosts": "scope:hosts",  # SET of host names in scope (the seeds' hosts)
+    "scope_ports": "scope:ports",  # SET of the ports the seeds name (allowed besides 80, 443)
     "ready": "ready",  # ZSET host -> earliest time its next batch may go out
     "not_before": "host:not-before",  # HASH host -> earliest next request (delay, backoff)
     "lease_batch": "lease:batch",  # HASH host -> id of the batch that holds its lease
@@ -126,6 +127,10 @@ class Keys:
     @property
     def scope_hosts(self) -> str:
         return self._k(_FIXED["scope_hosts"])
+
+    @property
+    def scope_ports(self) -> str:
+        return self._k(_FIXED["scope_ports"])
 
     @property
     def ready(self) -> str:

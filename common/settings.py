@@ -136,10 +136,19 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     # Links followed from one page; the rest are counted in the result, not followed.
     max_links_per_page: int = 5000
+    # Longest response status line or header field; a longer one fails the page as protocol.
+    max_header_bytes: int = 8190
     user_agent: str = "crawlfleet/0.1 (+https://github.com/crawlfleet/crawlfleet)"
     dns_nameservers: tuple[str, ...] = ()
     dns_cache_ttl: int = 300
     allow_private: bool = False
+    # The SSRF guard (common/addresses.py). allow_networks: CIDRs; when set, ONLY addresses in
+    # them are fetched, private ones included. allowed_ports: when set, the only ports fetched;
+    # unset, 80, 443 and the ports the seeds name. proxy: an http:// proxy (user:password@
+    # allowed) every request goes through, robots.txt included.
+    allow_networks: tuple[str, ...] = ()
+    allowed_ports: tuple[str, ...] = ()
+    proxy: str | None = None
 
     # robots.txt: how long a fetched copy is trusted, and how soon an unreachable one is retried.
     robots_ttl: float = 86400.0
@@ -186,7 +195,7 @@ class Settings:
         positive = (
             "max_in_flight", "per_host_concurrency", "batch_size", "jobs_per_worker",
             "max_body_bytes", "dispatch_ahead", "max_worker_losses", "max_query_variants",
-            "max_repeated_segments", "max_url_length", "max_links_per_page",
+            "max_repeated_segments", "max_url_length", "max_links_per_page", "max_header_bytes",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -236,6 +245,7 @@ class Settings:
             )
         for server in self.dns_nameservers:
             _check_nameserver(server)
+        _check_guard(self)
 
     def __repr__(self) -> str:
         # Credentials in URLs (the Redis password, a proxy's) never reach a log or a traceback.
@@ -337,6 +347,39 @@ def _warn_unknown(environ: Mapping[str, str]) -> None:
             print(f"crawlfleet: warning: {warning}", file=sys.stderr)
 
 
+def _check_guard(settings: Settings) -> None:
+    """allow_networks, allowed_ports and proxy; a proxy's password never enters a message."""
+    from .addresses import allowed_port_numbers, parse_networks
+
+    try:
+        parse_networks(settings.allow_networks)
+    except ValueError as exc:
+        raise SettingsError(f"{env_name('allow_networks')}: {exc}") from None
+    try:
+        allowed_port_numbers(settings.allowed_ports)
+    except ValueError:
+        raise SettingsError(
+            f"{env_name('allowed_ports')} must be port numbers 1..65535, comma-separated, "
+            f"got {','.join(settings.allowed_ports)!r}"
+        ) from None
+    if settings.proxy is not None:
+        shown = redact_url(settings.proxy)
+        try:
+            parts = urlsplit(settings.proxy)
+            port = parts.port
+        except ValueError:
+            raise SettingsError(f"{env_name('proxy')}: {shown!r} has a bad port") from None
+        if parts.scheme.lower() != "http" or not parts.hostname:
+            raise SettingsError(
+                f"{env_name('proxy')} must be http://[user:password@]host[:port], got {shown!r}"
+            )
+        if port == 0 or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise SettingsError(
+                f"{env_name('proxy')} must be http://[user:password@]host[:port] with a port "
+                f"1..65535 and no path, got {shown!r}"
+            )
+
+
 def _check_nameserver(server: str) -> None:
     import ipaddress
 
@@ -398,5 +441,5 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, tuple):
-        return ",".join(value) or "unset (system resolver)"
+        return ",".join(value) or "unset"
     return str(value)

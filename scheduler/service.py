@@ -20,6 +20,7 @@ import msgspec
 from arq.connections import ArqRedis
 from redis.exceptions import ResponseError
 
+from crawlfleet.common.addresses import port_allowed, url_port
 from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedded
 from crawlfleet.common.frontier import ADMIT_CHUNK, Admission, Frontier, Limits, StateLost
 from crawlfleet.common.keys import CONSUMER_GROUP, Keys
@@ -64,6 +65,7 @@ class Scheduler:
                              settings.max_query_variants)
         self.crawl_id = ""  # the crawl marker's id, once known
         self.allowed_hosts: set[str] = set()
+        self.seed_ports: set[int] = set()  # allowed besides 80 and 443 (CRAWLFLEET_ALLOWED_PORTS)
         self.rules = ScopeRules.from_settings(settings)
         # fakeredis does not block on XREADGROUP; the embedded backend polls instead.
         self._blocking = not is_embedded(settings.redis_url)
@@ -118,6 +120,7 @@ class Scheduler:
         """Work while the lock stays ours."""
         await self.open_crawl()
         self.allowed_hosts |= {as_text(h) for h in await self.redis.smembers(self.keys.scope_hosts)}
+        self.seed_ports |= {int(p) for p in await self.redis.smembers(self.keys.scope_ports)}
         log.info("scheduler_leading", instance=self.instance, namespace=self.settings.namespace,
                  crawl=self.crawl_id, scope_hosts=len(self.allowed_hosts))
         # Events a leader read but had not acknowledged when it stopped come first.
@@ -188,11 +191,19 @@ class Scheduler:
         if isinstance(event, Seeds):
             groups = [(0, event.urls)]
             seed_hosts = set()
+            seed_ports = set()
             for url in event.urls:
                 try:
-                    seed_hosts.add(host_key(canonicalize(url)))
+                    canonical = canonicalize(url)
                 except URLError:
                     continue
+                seed_hosts.add(host_key(canonical))
+                port = url_port(canonical)
+                if port is not None:
+                    seed_ports.add(port)
+            if seed_ports - self.seed_ports:
+                self.seed_ports |= seed_ports
+                pipe.sadd(self.keys.scope_ports, *sorted(seed_ports))
             new_hosts = seed_hosts - self.allowed_hosts
             if new_hosts:
                 self.allowed_hosts |= new_hosts
@@ -234,7 +245,8 @@ class Scheduler:
                     continue
                 host = host_key(canonical)
                 if out_of_scope(canonical, host, depth, allowed_hosts=self.allowed_hosts,
-                                rules=self.rules):
+                                rules=self.rules) or not port_allowed(
+                                    canonical, self.settings.allowed_ports, self.seed_ports):
                     scope_refused += 1
                     continue
                 fp = fingerprint(canonical)

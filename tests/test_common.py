@@ -163,3 +163,14 @@ def test_seed_lines_are_canonicalised_and_bad_ones_numbered() -> None:
     assert [(e.line, e.text) for e in errors] == [
         (4, "mailto:x@example.org"), (5, "example.org/no-scheme"), (6, "http://")]
     assert all(e.reason for e in errors)
+
+
+def test_a_seed_the_guard_refuses_on_its_face_is_refused_by_line() -> None:
+    lines = ["http://127.0.0.1:8080/", "http://[::ffff:10.0.0.1]/", "http://a.test/",
+             "http://169.254.169.254/latest/meta-data/"]
+    seeds, errors = parse_seed_lines(lines, settings=Settings())
+    assert seeds == ["http://a.test/"]
+    assert [e.line for e in errors] == [1, 2, 4]
+    assert all(e.reason.startswith("blocked_address") for e in errors)
+    allowed, none = parse_seed_lines(lines, settings=Settings(allow_private=True))
+    assert len(allowed) == 4 and not none

@@ -795,9 +795,10 @@ async def test_guarded_resolver_filters_answers(dns: Dns) -> None:
             await asyncio.wait_for(
                 guarded.resolve("loop6.test", 80, socket.AF_INET6), FETCH_DEADLINE
             )
-        # Mixed answers: the loopback one is dropped, the public one kept.
-        mixed = await asyncio.wait_for(guarded.resolve("mixed.test", 80), FETCH_DEADLINE)
-        assert [a["host"] for a in mixed] == ["8.8.8.8"]
+        # Mixed answers refuse the name: filtering would still connect where its owner chose.
+        with pytest.raises(BlockedAddressError) as mixed:
+            await asyncio.wait_for(guarded.resolve("mixed.test", 80), FETCH_DEADLINE)
+        assert mixed.value.detail == "127.0.0.1 is loopback (beside 1 allowed address)"
         allowed = await asyncio.wait_for(open_.resolve("loop.test", 80), FETCH_DEADLINE)
         assert [(a["host"], a["port"]) for a in allowed] == [("127.0.0.1", 80)]
     finally:
@@ -832,13 +833,13 @@ def test_is_private_address(address: str, private: bool) -> None:
     ("address", "rule"),
     [
         ("127.0.0.1", "loopback"),
-        ("::ffff:127.0.0.1", "loopback"),  # named by the IPv4 address it maps
+        ("::ffff:127.0.0.1", "IPv4-mapped to 127.0.0.1 (loopback)"),  # by the IPv4 inside
         ("10.0.0.1", "private"),
         ("fe80::1", "link-local"),
         ("169.254.1.1", "link-local"),
         ("0.0.0.0", "unspecified"),
         ("224.0.0.1", "multicast"),
-        ("100.64.0.1", "not global"),
+        ("100.64.0.1", "shared address space"),
         ("8.8.8.8", None),
     ],
 )
@@ -986,3 +987,124 @@ def test_build_result_keeps_fetch_error_and_skips_parsing() -> None:
     assert result.status == 404
     assert result.title is None
     assert links == []
+
+
+# --------------------------------------------------------------------------------------------
+# 12. The guard's settings: mixed answers, allow_networks, ports (stub resolver and loopback)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stub_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """aiohttp's AsyncResolver answers from this table instead of asking any nameserver."""
+    table: dict[str, list[str]] = {}
+
+    async def resolve(self: Any, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        return [{"hostname": host, "host": a, "port": port, "family": socket.AF_INET,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST} for a in table[host]]
+
+    monkeypatch.setattr(aiohttp.AsyncResolver, "resolve", resolve)
+    return table
+
+
+@pytest.mark.parametrize(
+    ("answers", "detail"),
+    [
+        (["8.8.8.8"], None),
+        (["8.8.8.8", "10.0.0.1"], "10.0.0.1 is private (beside 1 allowed address)"),
+        (["64:ff9b::a9fe:a9fe"], "64:ff9b::a9fe:a9fe is NAT64 to 169.254.169.254 (link-local)"),
+        (["64:ff9b::808:808"], None),
+        (["2002:7f00:1::1"], "2002:7f00:1::1 is 6to4 to 127.0.0.1 (loopback)"),
+    ],
+)
+async def test_resolver_refuses_a_name_with_any_blocked_answer(
+    stub_dns: dict[str, list[str]], answers: list[str], detail: str | None
+) -> None:
+    stub_dns["name.test"] = answers
+    resolver = GuardedResolver(allow_private=False)
+    try:
+        if detail is None:
+            got = await resolver.resolve("name.test", 80)
+            assert [a["host"] for a in got] == answers
+        else:
+            with pytest.raises(BlockedAddressError) as blocked:
+                await resolver.resolve("name.test", 80)
+            assert blocked.value.detail == detail
+            assert classify_error(blocked.value) == "blocked_address"
+    finally:
+        await resolver.close()
+
+
+async def test_resolver_allow_networks_and_exempt_proxy(stub_dns: dict[str, list[str]]) -> None:
+    from crawlfleet.common.addresses import parse_networks
+
+    stub_dns.update({"inside.test": ["10.1.0.5"], "public.test": ["8.8.8.8"],
+                     "proxy.test": ["10.9.9.9"]})
+    resolver = GuardedResolver(allow_private=False, allow_networks=parse_networks(["10.1.0.0/16"]),
+                               exempt_hosts=("proxy.test",))
+    try:
+        assert [a["host"] for a in await resolver.resolve("inside.test", 80)] == ["10.1.0.5"]
+        with pytest.raises(BlockedAddressError, match="outside CRAWLFLEET_ALLOW_NETWORKS"):
+            await resolver.resolve("public.test", 80)
+        # The configured proxy is resolved unchecked by the connector...
+        assert [a["host"] for a in await resolver.resolve("proxy.test", 3128)] == ["10.9.9.9"]
+        # ...but never when it is a fetch's target.
+        with pytest.raises(BlockedAddressError):
+            await resolver.checked("proxy.test", 80)
+    finally:
+        await resolver.close()
+
+
+async def test_proxy_target_is_checked_before_the_request(stub_dns: dict[str, list[str]]) -> None:
+    """Through a proxy the connector resolves only the proxy: the session's guard resolves the
+    target itself. Nothing listens on the proxy's port; the refusal comes before any request."""
+    stub_dns["internal.test"] = ["8.8.8.8", "192.168.0.10"]
+    settings = _settings(allow_private=False, proxy=f"http://u:pw@{HOST}:{_closed_port()}")
+    async with worker_session(settings) as session:
+        result, _ = await timed_fetch(session, "http://internal.test/", allow_private=False)
+    assert result.error == "blocked_address"
+    assert result.detail == "192.168.0.10 is private (beside 1 allowed address)"
+
+
+async def test_allow_networks_admits_loopback_literal(site: Site) -> None:
+    settings = _settings(allow_private=False, allow_networks=("127.0.0.0/8",))
+    async with worker_session(settings) as session:
+        result, _ = await timed_fetch(session, site.url("/page"), allow_private=False)
+    assert result.error is None and result.status == 200
+    settings = _settings(allow_private=False, allow_networks=("10.0.0.0/8",))
+    async with worker_session(settings) as session:
+        result, _ = await timed_fetch(session, site.url("/page"), allow_private=False)
+    assert result.error == "blocked_address"
+    assert result.detail == "127.0.0.1 is outside CRAWLFLEET_ALLOW_NETWORKS"
+    assert site.hits["/page"] == 1
+
+
+async def test_redirect_to_another_port_is_refused(site: Site) -> None:
+    other = _closed_port()
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(f"HTTP/1.1 302 Found\r\nLocation: http://{HOST}:{other}/\r\n"
+                     "Content-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+
+    server, port, _ = await _raw_server(redirect)
+    try:
+        async with worker_session(_settings()) as session:
+            result, _ = await timed_fetch(session, f"http://{HOST}:{port}/")
+        assert result.error == "blocked_address"
+        assert result.detail == (
+            f"port {other} is not allowed (only 80, 443 and the port the fetch started on)")
+        # Listed in CRAWLFLEET_ALLOWED_PORTS, it is followed (and refused by nobody there).
+        async with worker_session(_settings(allowed_ports=(str(port), str(other)))) as session:
+            result, _ = await timed_fetch(session, f"http://{HOST}:{port}/")
+        assert result.error == "connect"
+        async with worker_session(_settings(allowed_ports=("80",))) as session:
+            result, _ = await timed_fetch(session, site.url("/page"))
+        assert result.error == "blocked_address"
+        site_port = site.base.rsplit(":", 1)[1]
+        assert result.detail == f"port {site_port} is not in CRAWLFLEET_ALLOWED_PORTS"
+    finally:
+        server.close()
+        await server.wait_closed()

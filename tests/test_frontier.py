@@ -545,3 +545,29 @@ async def test_dispatch_writes_a_job_arq_can_read(env: dict[str, Any]) -> None:
     assert msgspec.json.decode(raw)["k"] == {}
     assert claimed.batch.crawl == crawl(env) and claimed.batch.host == "a.test"
     assert claimed.batch.batch_id.startswith("t:b")
+
+
+async def test_links_only_to_80_443_and_the_seeds_ports(env: dict[str, Any]) -> None:
+    from crawlfleet.cli.commands import enqueue_seeds
+
+    scheduler: Scheduler = env["scheduler"]
+    await enqueue_seeds(env["redis"], env["keys"], ["http://a.test:8080/"])
+    await scheduler.read_events()
+    admissions, refused, _ = await scheduler.admissions([(1, [
+        "http://a.test:8080/x", "http://a.test/y", "https://a.test/z", "http://a.test:6379/",
+    ])])
+    assert sorted(a.entry.decode().split('"url":"')[1].split('"')[0] for a in admissions) == [
+        "http://a.test/y", "http://a.test:8080/x", "https://a.test/z"]
+    assert refused == 1
+    # A new scheduler (a standby taking over) knows the seeds' ports from Redis.
+    standby = Scheduler(env["settings"], env["redis"])
+    await standby.lead(_stopped())
+    assert standby.seed_ports == {8080}
+
+
+def _stopped() -> Any:
+    import asyncio
+
+    stop = asyncio.Event()
+    stop.set()
+    return stop

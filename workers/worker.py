@@ -22,6 +22,7 @@ from arq import func
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
+from crawlfleet.common.addresses import allowed_port_numbers, parse_networks, proxy_host_of
 from crawlfleet.common.connections import (
     REDIS_UNAVAILABLE,
     is_refused,
@@ -44,7 +45,7 @@ from crawlfleet.common.messages import (
 from crawlfleet.common.settings import Settings, SettingsError
 
 from .batch import BatchRun
-from .fetch import GuardedResolver
+from .fetch import GuardedResolver, HostCookieJar, SessionGuard, guard_session
 from .pacing import pacing_trace
 from .robots import RobotsCache
 
@@ -54,9 +55,18 @@ log = get_logger("crawlfleet.worker")
 @contextlib.asynccontextmanager
 async def worker_session(settings: Settings) -> AsyncIterator[aiohttp.ClientSession]:
     """The worker's one session and its aiodns resolver, both closed on the way out: aiohttp
-    does not close a resolver it was handed, and one left open calls back into a closed loop."""
+    does not close a resolver it was handed, and one left open calls back into a closed loop.
+
+    The SSRF guard is the resolver (every name the connector resolves) plus the session's
+    ``SessionGuard`` (IP literals, ports, and through a proxy each target's name)."""
+    proxy_host = proxy_host_of(settings.proxy) if settings.proxy else None
     resolver = GuardedResolver(
-        allow_private=settings.allow_private, nameservers=list(settings.dns_nameservers)
+        allow_private=settings.allow_private,
+        allow_networks=parse_networks(settings.allow_networks),
+        # The proxy is the operator's own choice, private address or not; the targets behind
+        # it are checked by the session's guard instead.
+        exempt_hosts=(proxy_host,) if proxy_host else (),
+        nameservers=list(settings.dns_nameservers),
     )
     session = _build_session(settings, resolver)
     try:
@@ -81,14 +91,29 @@ def _build_session(settings: Settings, resolver: GuardedResolver) -> aiohttp.Cli
         sock_connect=settings.connect_timeout,
         sock_read=settings.read_timeout,
     )
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
         headers={"User-Agent": settings.user_agent},
-        cookie_jar=aiohttp.DummyCookieJar(),  # no cross-page state: every fetch is independent
+        cookie_jar=HostCookieJar(),  # per host: set by one page, sent to that host only
+        # Every request, robots.txt included, through CRAWLFLEET_PROXY. Its credentials stay in
+        # the URL: aiohttp turns them into Proxy-Authorization (on the request, or on CONNECT
+        # for https), and they appear in no error message. trust_env stays off, so HTTP_PROXY
+        # and friends are ignored.
+        proxy=settings.proxy,
+        # Explicit, so that a later aiohttp cannot loosen them (a 1 MB header is 'protocol').
+        max_line_size=settings.max_header_bytes,
+        max_field_size=settings.max_header_bytes,
         raise_for_status=False,
         trace_configs=[pacing_trace()],
     )
+    guard_session(session, SessionGuard(
+        resolver,
+        allowed_ports=allowed_port_numbers(settings.allowed_ports),
+        via_proxy=settings.proxy is not None,
+        cache_ttl=settings.dns_cache_ttl,
+    ))
+    return session
 
 
 async def startup(ctx: dict[str, Any]) -> None:

@@ -1,0 +1,243 @@
+"""The SSRF guard's pure decisions (common/addresses.py): every refused range by an address in
+it, the IPv6 forms that embed an IPv4 address (with a private and a public one inside), mixed
+answers, CRAWLFLEET_ALLOW_NETWORKS, CRAWLFLEET_ALLOW_PRIVATE, ports, schemes and redaction.
+No sockets: nothing here connects anywhere."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from crawlfleet.common.addresses import (
+    OUTSIDE_ALLOWED,
+    address_rule,
+    blocked_rule,
+    literal_block,
+    literal_host_refusal,
+    parse_networks,
+    port_allowed,
+    redact_url,
+    refusal_detail,
+)
+from crawlfleet.common.settings import Settings, SettingsError
+
+REFUSED = [
+    # IPv4
+    ("0.0.0.0", "unspecified"),
+    ("0.1.2.3", "this network"),
+    ("10.0.0.1", "private"),
+    ("10.255.255.255", "private"),
+    ("100.64.0.1", "shared address space"),
+    ("100.127.255.254", "shared address space"),
+    ("127.0.0.1", "loopback"),
+    ("127.255.0.9", "loopback"),
+    ("169.254.169.254", "link-local"),  # cloud metadata
+    ("172.16.0.1", "private"),
+    ("172.31.255.255", "private"),
+    ("192.0.0.9", "reserved"),  # Python's is_global calls this one public
+    ("192.0.2.1", "documentation"),
+    ("192.88.99.1", "reserved"),
+    ("192.168.1.1", "private"),
+    ("198.18.0.1", "benchmarking"),
+    ("198.19.255.255", "benchmarking"),
+    ("198.51.100.7", "documentation"),
+    ("203.0.113.7", "documentation"),
+    ("224.0.0.1", "multicast"),
+    ("239.255.255.250", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "broadcast"),
+    # IPv6
+    ("::", "unspecified"),
+    ("::1", "loopback"),
+    ("fc00::1", "private"),
+    ("fd12:3456::1", "private"),
+    ("fe80::1", "link-local"),
+    ("fe80::1%eth0", "link-local"),
+    ("fec0::1", "site-local"),
+    ("ff02::1", "multicast"),
+    ("100::1", "reserved"),
+    ("2001:db8::1", "documentation"),
+    ("3fff::1", "documentation"),
+    ("2001:2::1", "reserved"),  # benchmarking, inside the IETF block
+    ("2001:10::1", "reserved"),  # ORCHID
+    ("5f00::1", "reserved"),
+    ("1::1", "reserved"),  # outside 2000::/3
+    # The forms that reach an IPv4 address, with a private one inside.
+    ("::ffff:127.0.0.1", "IPv4-mapped to 127.0.0.1 (loopback)"),
+    ("::ffff:169.254.169.254", "IPv4-mapped to 169.254.169.254 (link-local)"),
+    ("::10.0.0.1", "IPv4-compatible to 10.0.0.1 (private)"),
+    ("64:ff9b::a00:1", "NAT64 to 10.0.0.1 (private)"),
+    ("64:ff9b::7f00:1", "NAT64 to 127.0.0.1 (loopback)"),
+    ("64:ff9b:1::a00:1", "NAT64 local-use"),
+    ("64:ff9b:1::808:808", "NAT64 local-use"),  # where its IPv4 sits is unknowable: all refused
+    ("2002:a00:1::1", "6to4 to 10.0.0.1 (private)"),
+    ("2002:a9fe:a9fe::1", "6to4 to 169.254.169.254 (link-local)"),
+    # Teredo: server 65.54.227.120, client 192.168.1.1 (stored inverted: 3f57:fefe).
+    ("2001:0:4136:e378:8000:63bf:3f57:fefe", "Teredo client to 192.168.1.1 (private)"),
+    # Teredo: server 10.0.0.1, client 8.8.8.8 (inverted: f7f7:f7f7).
+    ("2001:0:a00:1::f7f7:f7f7", "Teredo server to 10.0.0.1 (private)"),
+]
+
+ALLOWED = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "100.63.255.255",  # just below the shared address space
+    "100.128.0.0",  # just above
+    "172.32.0.1",
+    "198.20.0.1",
+    "223.255.255.255",
+    "2001:4860:4860::8888",
+    "2606:4700:4700::1111",
+    # The forms that reach an IPv4 address, with a public one inside.
+    "::ffff:8.8.8.8",
+    "::8.8.8.8",
+    "64:ff9b::808:808",  # what DNS64 answers for a public IPv4-only site
+    "2002:808:808::1",
+    "2001:0:4136:e378:8000:63bf:f7f7:f7f7",  # Teredo: server 65.54.227.120, client 8.8.8.8
+]
+
+
+@pytest.mark.parametrize(("address", "rule"), REFUSED)
+def test_every_refused_range(address: str, rule: str) -> None:
+    assert address_rule(address) == rule
+    assert blocked_rule(address, allow_private=False) == rule
+    assert blocked_rule(address, allow_private=True) is None  # CRAWLFLEET_ALLOW_PRIVATE=1
+
+
+@pytest.mark.parametrize("address", ALLOWED)
+def test_public_addresses_are_allowed(address: str) -> None:
+    assert blocked_rule(address) is None
+
+
+def test_not_an_address_raises() -> None:
+    with pytest.raises(ValueError):
+        blocked_rule("example.com")
+
+
+def test_mixed_answers_refuse_the_name() -> None:
+    assert refusal_detail(["8.8.8.8", "1.1.1.1"]) is None
+    assert refusal_detail(["8.8.8.8", "10.0.0.1"]) == (
+        "10.0.0.1 is private (beside 1 allowed address)")
+    assert refusal_detail(["127.0.0.1", "127.0.0.1"]) == "127.0.0.1 is loopback"
+    many = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "8.8.8.8", "1.1.1.1"]
+    assert refusal_detail(many) == (
+        "10.0.0.1 is private, 10.0.0.2 is private, 10.0.0.3 is private (and 1 more)"
+        " (beside 2 allowed addresses)")
+    assert refusal_detail(["8.8.8.8", "10.0.0.1"], allow_private=True) is None
+
+
+def test_allow_networks_allows_only_those() -> None:
+    nets = parse_networks(["10.1.0.0/16", "fd00:1::/32", "127.0.0.1/32"])
+    assert blocked_rule("10.1.2.3", allow_networks=nets) is None  # private, but listed
+    assert blocked_rule("127.0.0.1", allow_networks=nets) is None
+    assert blocked_rule("::ffff:10.1.2.3", allow_networks=nets) is None  # the same host
+    assert blocked_rule("fd00:1::5", allow_networks=nets) is None
+    assert blocked_rule("10.2.0.1", allow_networks=nets) == OUTSIDE_ALLOWED
+    assert blocked_rule("8.8.8.8", allow_networks=nets) == OUTSIDE_ALLOWED  # public, not listed
+    assert blocked_rule("127.0.0.2", allow_networks=nets) == OUTSIDE_ALLOWED
+    assert blocked_rule("64:ff9b::a01:203", allow_networks=nets) == OUTSIDE_ALLOWED
+    assert refusal_detail(["10.1.0.1", "8.8.8.8"], allow_networks=nets) == (
+        f"8.8.8.8 is {OUTSIDE_ALLOWED} (beside 1 allowed address)")
+    # allow_private still turns the guard off altogether.
+    assert blocked_rule("8.8.8.8", allow_private=True, allow_networks=nets) is None
+
+
+def test_parse_networks_names_the_bad_entry() -> None:
+    assert parse_networks(["10.1.2.3/16"])[0].with_prefixlen == "10.1.0.0/16"  # host bits ok
+    with pytest.raises(ValueError, match=re.escape("'10.0.0.0/33'")):
+        parse_networks(["10.0.0.0/8", "10.0.0.0/33"])
+
+
+@pytest.mark.parametrize(
+    ("url", "detail"),
+    [
+        ("http://127.0.0.1:8080/x", "127.0.0.1 is loopback"),
+        ("http://[::1]/", "::1 is loopback"),
+        ("http://[::ffff:a00:1]/", "::ffff:a00:1 is IPv4-mapped to 10.0.0.1 (private)"),
+        ("https://169.254.169.254/latest/meta-data/", "169.254.169.254 is link-local"),
+        ("http://8.8.8.8/", None),
+        ("http://example.com/", None),  # names are the resolver's business
+    ],
+)
+def test_literal_block(url: str, detail: str | None) -> None:
+    assert literal_block(url) == detail
+    assert literal_block(url, allow_private=True) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed_ports", "seed_ports", "ok"),
+    [
+        ("http://example.com/", (), (), True),  # 80
+        ("https://example.com/", (), (), True),  # 443
+        ("http://example.com:443/", (), (), True),
+        ("http://example.com:8080/", (), (), False),
+        ("http://example.com:8080/", (), (8080,), True),  # a seed named it
+        ("http://example.com:22/", (), (8080,), False),
+        ("http://example.com:8080/", ("8080",), (), True),
+        ("http://example.com/", ("8080",), (), False),  # set: only those, not even 80
+        ("http://example.com:9000/", ("8080", "9000"), (), True),
+        ("ftp://example.com/", (), (), False),
+        ("http://example.com:99999/", (), (), False),
+    ],
+)
+def test_port_allowed(
+    url: str, allowed_ports: tuple[str, ...], seed_ports: tuple[int, ...], ok: bool
+) -> None:
+    assert port_allowed(url, allowed_ports, seed_ports) is ok
+
+
+@pytest.mark.parametrize(
+    ("url", "settings", "refusal"),
+    [
+        ("http://example.com:8080/", Settings(), None),  # a seed may name any port...
+        ("http://example.com:8080/", Settings(allowed_ports=("80",)),
+         "port 8080 is not in CRAWLFLEET_ALLOWED_PORTS"),  # ...unless the ports are set
+        ("ftp://example.com/", Settings(), "scheme 'ftp' is not fetched: only http and https"),
+        ("http://10.0.0.1/", Settings(), "10.0.0.1 is private"),
+        ("http://10.0.0.1/", Settings(allow_private=True), None),
+        ("http://10.0.0.1/", Settings(allow_networks=("10.0.0.0/8",)), None),
+        ("http://8.8.8.8/", Settings(allow_networks=("10.0.0.0/8",)),
+         f"8.8.8.8 is {OUTSIDE_ALLOWED}"),
+        ("http://internal.example/", Settings(), None),  # names: decided by the resolver
+    ],
+)
+def test_literal_host_refusal(url: str, settings: Settings, refusal: str | None) -> None:
+    assert literal_host_refusal(url, settings) == refusal
+
+
+def test_redact_url() -> None:
+    assert redact_url("http://bob:s3cret@proxy.local:3128") == "http://bob:***@proxy.local:3128"
+    assert redact_url("http://proxy.local:3128") == "http://proxy.local:3128"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"allow_networks": ("10.0.0.0/8", "nope")}, "CRAWLFLEET_ALLOW_NETWORKS"),
+        ({"allowed_ports": ("0",)}, "CRAWLFLEET_ALLOWED_PORTS"),
+        ({"allowed_ports": ("65536",)}, "CRAWLFLEET_ALLOWED_PORTS"),
+        ({"allowed_ports": ("http",)}, "CRAWLFLEET_ALLOWED_PORTS"),
+        ({"proxy": "https://u:hunter2@proxy:3128"}, "CRAWLFLEET_PROXY"),
+        ({"proxy": "socks5://u:hunter2@proxy:1080"}, "CRAWLFLEET_PROXY"),
+        ({"proxy": "http://u:hunter2@:3128"}, "CRAWLFLEET_PROXY"),
+        ({"proxy": "http://u:hunter2@proxy:99999"}, "CRAWLFLEET_PROXY"),
+        ({"proxy": "http://u:hunter2@proxy:3128/path"}, "CRAWLFLEET_PROXY"),
+    ],
+)
+def test_guard_settings_are_validated(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(SettingsError, match=message) as error:
+        Settings(**changes)  # type: ignore[arg-type]
+    assert "hunter2" not in str(error.value)
+
+
+def test_guard_settings_from_env() -> None:
+    settings = Settings.from_env({
+        "CRAWLFLEET_ALLOW_NETWORKS": "10.1.0.0/16, fd00::/8",
+        "CRAWLFLEET_ALLOWED_PORTS": "80,443,8080",
+        "CRAWLFLEET_PROXY": "http://bob:s3cret@127.0.0.1:3128",
+    })
+    assert settings.allow_networks == ("10.1.0.0/16", "fd00::/8")
+    assert settings.allowed_ports == ("80", "443", "8080")
+    assert settings.proxy == "http://bob:s3cret@127.0.0.1:3128"
+    assert "s3cret" not in repr(settings)
