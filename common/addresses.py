@@ -1,9 +1,9 @@
 """The SSRF guard's decisions, as pure functions: which addresses, ports and schemes a worker may
-connect to, and how to show a proxy URL without its password.
+connect to (a proxy URL is shown with common.settings.redact_url).
 
 Nothing here does I/O. ``workers/fetch.py`` applies :func:`blocked_rule` to every address its
 resolver returns and to IP-literal hosts; ``crawlfleet seed`` can refuse a seed early with
-:func:`literal_host_refusal`; :func:`redact_url` shows a proxy URL without its password.
+:func:`literal_host_refusal`.
 
 Addresses are decided with explicit networks, not with ``ipaddress``' ``is_global`` (which calls
 6to4, Teredo and NAT64 addresses public whatever IPv4 address they lead to). The IPv6 forms
@@ -20,17 +20,14 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
-from .settings import redact_url
-
 if TYPE_CHECKING:
     from .settings import Settings
 
-# redact_url(url): the password replaced by *** (http://user:***@proxy:3128), fit for a log line
 # or an error. One helper for the whole project; it lives in common/settings.py.
 __all__ = [
     "DEFAULT_PORTS", "SCHEMES", "address_rule", "allowed_port_numbers", "blocked_rule",
     "literal_block", "literal_host_refusal", "parse_networks", "port_allowed", "proxy_host_of",
-    "redact_url", "refusal_detail", "url_port",
+    "refusal_detail", "url_port",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

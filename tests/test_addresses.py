@@ -17,10 +17,9 @@ from crawlfleet.common.addresses import (
     literal_host_refusal,
     parse_networks,
     port_allowed,
-    redact_url,
     refusal_detail,
 )
-from crawlfleet.common.settings import Settings, SettingsError
+from crawlfleet.common.settings import Settings, SettingsError, redact_url
 
 REFUSED = [
     # IPv4

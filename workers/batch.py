@@ -21,6 +21,7 @@ import aiohttp
 import msgspec
 from redis.exceptions import RedisError
 
+from crawlfleet.common.connections import retry_while_unavailable
 from crawlfleet.common.frontier import (
     ALIAS,
     DEAD,
@@ -331,23 +332,16 @@ class BatchRun:
             self.log.error("state_lost", detail="the crawl's state in Redis is gone; "
                                                 "this batch's work cannot be stored")
             return None
-        delay = 0.1
-        deadline = time.monotonic() + FINAL_REPORT_PATIENCE
-        while True:
-            try:
-                return await self.flush(final=True)
-            except StateLost:
-                self.state_lost = True
-                self.log.error("state_lost", detail="the crawl's state in Redis is gone")
-                return None
-            except RedisError as exc:
-                if time.monotonic() + delay > deadline:
-                    self.log.error("batch_report_failed", error=str(exc),
-                                   detail="left to the lease's expiry")
-                    return None
-                self.log.warning("batch_report_retry", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        try:
+            return await retry_while_unavailable(lambda: self.flush(final=True),
+                                                 give_up_after=FINAL_REPORT_PATIENCE)
+        except StateLost:
+            self.state_lost = True
+            self.log.error("state_lost", detail="the crawl's state in Redis is gone")
+        except RedisError as exc:
+            self.log.error("batch_report_failed", error=str(exc),
+                           detail="left to the lease's expiry")
+        return None
 
     async def _renew_lease(self) -> None:
         interval = self.settings.lease_seconds / 3
