@@ -1,56 +1,93 @@
-"""Throughput of crawlfleet on the local test web, next to the floor it is compared to.
+"""Throughput of crawlfleet on the local test web, next to a naive crawler and two floors.
 
 Usage::
 
-    .venv/bin/python benchmarks/throughput.py [--hosts 20] [--pages 150] [--workers 1,2,4]
-                                              [--latency-ms 20] [--repeat 3]
+    .venv/bin/python benchmarks/throughput.py [--shape many|one|both] [--repeat 3]
+        [--workers 1,2] [--write-docs [docs/benchmarks.md]] [--no-embedded]
+        [--hosts 20 --pages 150 --links 8 --per-host-concurrency 2]     # the "many" shape
+        [--one-pages 1200 --one-links 100 --one-concurrency 16]         # the "one" shape
+        [--latency-ms 20] [--crawl-delay 0] [--max-in-flight 64] [--set NAME=VALUE]
 
-Everything runs on loopback: one ``crawlfleet testweb`` (HTTP + DNS), one private
-``redis-server`` on a free port, and the crawler's own processes. Every run stops by itself
-(deadlines everywhere), and every process started here is stopped (its process group gets
-SIGTERM, then SIGKILL) on the way out, Ctrl-C and errors included.
+Everything runs on loopback: one ``crawlfleet testweb`` (HTTP + DNS) per shape, one private
+``redis-server`` on a free port (never the machine's 6379), and the crawlers' own processes.
+Every run stops by itself (deadlines everywhere), and every process started here is stopped
+(its process group gets SIGTERM, then SIGKILL) on the way out, Ctrl-C and errors included.
 
-Rates are URLs fetched per second: pages plus failures (the test web's 404s are one HTTP request
-and one result each, like a page). URLs that robots.txt disallows are recorded by the crawler
-without a request and are not counted.
+Two site shapes (``--shape``, default both):
 
-floor
-    The bare fetch-and-parse loop in ONE process: no Redis, no scheduler, no arq. One aiohttp
+many
+    ``--hosts`` hosts x ``--pages`` HTML pages, ``--links`` links a page, ``--per-host-
+    concurrency`` fetches in flight per host (default 20 x 150, 8 links, 2 in flight).
+one
+    ONE host of ``--one-pages`` pages with ``--one-links`` links a page and ``--one-concurrency``
+    fetches in flight (default 1200 pages, 100 links, 16 in flight): a big documentation site.
+
+Both have ``--latency-ms`` per answer and ``--crawl-delay`` (default 0: the machinery is
+measured, not politeness). robots.txt answers 404 on every host of both shapes (RFC 9309
+"unavailable": nothing is disallowed), so that the naive crawler, which ignores robots.txt, and
+crawlfleet, which obeys it, fetch exactly the same URLs: the test web's reachable set, which
+every crawl's results are checked against (count and URL set). crawlfleet still requests each
+host's robots.txt; that request is not counted as a page.
+
+Rates are URLs fetched per second ("pages/s"): pages plus failures (the test web's 404s are one
+HTTP request and one result each, like a page).
+
+What is measured, per shape, in each repeat (interleaved, so that drift on the machine spreads
+over all of them; each figure is the median of ``--repeat`` runs):
+
+fetch floor / fetch+parse floor
+    The bare loop in ONE process (this one): no Redis, no scheduler, no arq. One aiohttp
     session made by ``crawlfleet.workers.worker.worker_session`` (the worker's resolver,
     connector limits and timeouts), the same per-host concurrency and global in-flight cap (one
-    ``asyncio.Semaphore`` per host, one for the process), the same start-to-start delay per host
-    (``--crawl-delay``), and every HTML body parsed with ``crawlfleet.workers.parse.parse_page``.
-    It fetches exactly the URLs a polite crawl fetches (``crawlfleet testweb --print-reachable
-    --obey-robots``), known in advance: no discovery, no dedup, no robots.txt, no waiting for a
-    parent page before its links can be fetched, every host busy from the first second. That
-    favours the floor, most of all at the start of a crawl, when the crawler knows only the
-    seeds.
-
+    ``asyncio.Semaphore`` per host, one for the process) and the worker's own pacer. It fetches
+    the reachable list, known in advance: no discovery, no dedup, no robots.txt, every host busy
+    from the first second; the fetch+parse floor also parses every HTML body with
+    ``crawlfleet.workers.parse.parse_page``. That favours both, most of all at the start of a
+    crawl, when a crawler knows only the seeds.
+naive
+    ``benchmarks/naive.py`` in its own process: asyncio + aiohttp + one Redis SET (on the
+    private redis-server) for dedup, the same politeness limits, no robots.txt, no leases, no
+    crash safety, no result store: "what an afternoon gives". Timed from its start signal
+    (sent once its session and Redis connection are up) to its last page.
 crawlfleet embedded
     ``crawlfleet crawl <seeds> --workers 2`` without ``CRAWLFLEET_REDIS_URL``: scheduler and two
     arq workers in one process over fakeredis. Its elapsed time is the one its summary line
     reports (seeding to finished, plus writing the results file).
-
 crawlfleet fleet, N workers
     ``crawlfleet scheduler`` and N ``crawlfleet worker`` processes on the private Redis, in a
     fresh namespace, started and polling before the clock starts. Timed from the moment
     ``crawlfleet seed`` reports its seeds enqueued (its stderr line, read as it is written) to
     the first status poll that says ``finished`` (``read_status`` through redis-py, every
-    ``POLL_S``). Redis commands: ``CONFIG RESETSTAT`` before seeding, ``INFO commandstats`` at
-    the end. The benchmark's own status polls are subtracted exactly (their commands are
-    measured once at start-up) and ``INFO``/``CONFIG`` are never counted. commandstats counts
-    the commands that Lua scripts run (``redis.call``) as well as those clients send;
-    ``--redis-breakdown`` adds one untimed crawl per fleet size under ``MONITOR`` to tell the two
-    apart.
+    ``POLL_S``).
 
-CPU: the CPU seconds each process used during each timed run (``/proc/PID/stat``), shown as
-cores busy, so one can see whether the machine's cores, the test web or the crawler bound a run.
-The test web is one Python process on the same cores as everything else.
+And for each of them:
 
-Each figure is the median of ``--repeat`` runs. The runs of one repeat are interleaved (floor,
-embedded, fleet 1, fleet 2, ...) so that drift on the machine spreads over all of them. Every
-crawl's results are checked against the test web's reachable list (count and URL set), and its
-count of fetched URLs against the floor's list.
+CPU ms per page, per process
+    The CPU seconds each process used during the timed run (``/proc/PID/stat``; the floors:
+    this process; embedded: the crawl process's whole life, from ``wait4``), divided by the
+    pages. Also shown as cores busy, so one can see whether the machine's cores, the test web
+    or the crawler bound a run. The test web is one Python process on the same cores as
+    everything else.
+Redis commands per page
+    ``CONFIG RESETSTAT`` before the start, ``INFO commandstats`` at the end. The benchmark's
+    own status polls are subtracted exactly (their commands are measured once at start-up) and
+    ``INFO``/``CONFIG``/``MEMORY`` are never counted. commandstats counts the commands that Lua
+    scripts run (``redis.call``) as well as those clients send; ``--redis-breakdown`` adds one
+    untimed crawl per fleet size under ``MONITOR`` to tell the two apart.
+Redis bytes per seen URL
+    ``INFO memory`` used_memory after the crawl minus before the start, divided by the URLs
+    seen (everything the crawl keeps in Redis: results, seen set, stats ...); and the seen set
+    alone: the sum of ``MEMORY USAGE`` over the ``{ns}:seen:*`` buckets (the naive crawler: its
+    one SET), divided by the URLs seen. A small crawl has far fewer URLs than buckets hold, so
+    its seen set is mostly per-key overhead; ``benchmarks/scheduler.py`` measures it at 1 M.
+Peak RSS per process
+    VmHWM from ``/proc/PID/status``, read just before the process is stopped (the redis-server's
+    is reset through ``/proc/PID/clear_refs`` before each run; the floors': this process's,
+    reset alike; embedded: ``ru_maxrss`` from ``wait4``).
+
+``--write-docs [PATH]`` writes the tables, the machine, the date, the command line and the
+project's targets (met / not met, from the measured figures) to PATH (default
+docs/benchmarks.md), keeping the section ``benchmarks/scheduler.py --write-docs`` put there.
 """
 
 from __future__ import annotations
@@ -64,6 +101,7 @@ import platform
 import re
 import resource
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -94,16 +132,31 @@ from crawlfleet.workers.worker import worker_session
 
 BIN = Path(sys.executable).parent
 CRAWLFLEET = str(BIN / "crawlfleet") if (BIN / "crawlfleet").exists() else "crawlfleet"
+NAIVE = str(Path(__file__).with_name("naive.py"))
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 POLL_S = 0.025  # status poll interval while a fleet crawls
 STARTUP_TIMEOUT_S = 30.0  # for the test web, redis-server and the fleet's processes
 CRAWL_TIMEOUT_S = 300.0  # one crawl; a crawl that takes longer fails the benchmark
 STOP_TIMEOUT_S = 15.0  # SIGTERM -> exit, before SIGKILL
 SHUTDOWN_GRACE_S = 5  # CRAWLFLEET_SHUTDOWN_GRACE for the fleet's workers (they are idle by then)
-MEASUREMENT_COMMANDS = ("info", "config|resetstat", "client|list", "client|setname", "monitor")
+MEASUREMENT_COMMANDS = ("info", "config|resetstat", "client|list", "client|setname", "monitor",
+                        "memory|usage")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULTS = Settings()
 TIMES = "\N{MULTIPLICATION SIGN}"
+
+# The benchmark's rows, in the order they run and are shown.
+FETCH_FLOOR, PARSE_FLOOR, NAIVE_ROW, EMBEDDED = ("fetch floor", "fetch+parse floor", "naive",
+                                                 "embedded")
+FLEET_PREFIX = "fleet of "
+
+# The project's targets (the issue), next to the figures in the report and the docs.
+TARGET_RATIO = {"one": (1.0, 1.2), "many": (1.3, None)}  # x naive: (target, goal)
+TARGET_REDIS_CMDS = 6.0  # per page
+TARGET_CPU_MS = {"workers": 1.2, "scheduler": 0.05, "redis-server": 0.05}  # per page
+TARGET_SEEN_BYTES = 12.0  # per URL
+TARGET_WORKER_RSS_MB = 120.0
 
 
 class BenchError(RuntimeError):
@@ -149,6 +202,26 @@ class Processes:
         finally:
             self.stop(proc)
         return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
+
+    def run_to_exit(
+        self, argv: Sequence[str], *, env: dict[str, str], timeout: float, stderr: Path
+    ) -> tuple[int, resource.struct_rusage]:
+        """Run a command to completion with its stderr in a file; its exit code and its own
+        resource usage (``wait4``: CPU time and peak RSS of that one process)."""
+        with stderr.open("wb") as err:
+            proc = self.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid == proc.pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    return proc.returncode, usage
+                time.sleep(0.01)
+            command = " ".join(map(str, argv[:3]))
+            raise BenchError(f"{command} ... did not finish in {timeout:.0f} s")
+        finally:
+            self.stop(proc)
 
     def stop(self, proc: subprocess.Popen[bytes]) -> int | None:
         """SIGTERM to the process group, wait, SIGKILL if it lingers; returns the exit code."""
@@ -212,13 +285,39 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one live process (0 if it is gone)."""
+    """CPU seconds of one live process (0 if it is gone): the sum over its threads of
+    ``/proc/PID/task/TID/schedstat`` (nanoseconds, where ``/proc/PID/stat`` counts 10 ms
+    ticks: a scheduler's few ms per run need the finer clock). A thread that ends is no longer
+    listed, so the CPU of threads that end during a run would be missed; the processes measured
+    here keep theirs (asyncio's executor, Redis's bio threads). Without schedstat: utime +
+    stime from ``/proc/PID/stat``."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        total = 0
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                total += int(Path(task.path, "schedstat").read_text().split()[0])
+        return total / 1e9
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     fields = stat.rsplit(")", 1)[1].split()  # the command name may contain spaces
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM of a live process in kB (0 if it is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start a process's VmHWM again from its current RSS (Linux 4.0+; a no-op elsewhere)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def machine_cpu_seconds() -> float:
@@ -267,25 +366,70 @@ class CpuMeter:
 
 
 # --------------------------------------------------------------------------------------------
-# The test web and Redis
+# Site shapes, the test web and Redis
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class Shape:
+    name: str  # "many" or "one"
+    hosts: int
+    pages: int
+    links: int
+    per_host_concurrency: int
+    latency_ms: float
+    crawl_delay: float
+    max_in_flight: int
+
+    def web_args(self) -> list[str]:
+        """The test web's options: robots.txt answers 404 (nothing disallowed) everywhere."""
+        robots = [arg for i in range(self.hosts)
+                  for arg in ("--robots", f"site{i}.test=status:404")]
+        return ["--hosts", str(self.hosts), "--pages", str(self.pages), "--links",
+                str(self.links), *robots]
+
+    def describe(self) -> str:
+        hosts = "1 host" if self.hosts == 1 else f"{self.hosts} hosts"
+        return (f"{hosts} {TIMES} {self.pages} pages, {self.links} links a page, "
+                f"{self.per_host_concurrency} in flight per host, {self.latency_ms:g} ms latency, "
+                f"crawl delay {self.crawl_delay:g} s, {self.max_in_flight} in flight per process")
+
+    def bound(self) -> float | None:
+        """Pages/s nobody can beat: hosts x fetches in flight / latency (or the crawl delay)."""
+        if self.latency_ms <= 0:
+            return None
+        per_host = self.per_host_concurrency / (self.latency_ms / 1000)
+        if self.crawl_delay > 0:
+            per_host = min(per_host, 1 / self.crawl_delay)
+        return self.hosts * per_host
+
+
+def shapes_from(args: argparse.Namespace) -> list[Shape]:
+    many = Shape("many", args.hosts, args.pages, args.links, args.per_host_concurrency,
+                 args.latency_ms, args.crawl_delay, args.max_in_flight)
+    one = Shape("one", 1, args.one_pages, args.one_links, args.one_concurrency,
+                args.latency_ms, args.crawl_delay, args.max_in_flight)
+    return {"many": [many], "one": [one], "both": [many, one]}[args.shape]
+
+
+@dataclass(frozen=True)
 class TestWeb:
-    pid: int
+    proc: subprocess.Popen[bytes]
     dns: str
     seeds: list[str]
-    reachable: list[str]  # a crawl's results: every URL it reaches, robots-skipped ones too
-    fetched: list[str]  # the URLs a polite crawl requests (robots.txt obeyed): the floor's list
+    reachable: list[str]  # what every crawl fetches (nothing is robots-disallowed)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
 
-def start_testweb(procs: Processes, args: argparse.Namespace, logdir: Path) -> TestWeb:
-    web_args = ["--hosts", str(args.hosts), "--pages", str(args.pages)]
-    with (logdir / "testweb.log").open("wb") as log:
+def start_testweb(procs: Processes, shape: Shape, logdir: Path) -> TestWeb:
+    web_args = shape.web_args()
+    with (logdir / f"testweb-{shape.name}.log").open("wb") as log:
         proc = procs.start(
             [CRAWLFLEET, "testweb", "--port", "0", "--dns-port", "0", *web_args,
-             "--latency-ms", str(args.latency_ms)],
+             "--latency-ms", str(shape.latency_ms)],
             stdout=subprocess.PIPE, stderr=log,
         )
     assert proc.stdout is not None
@@ -297,7 +441,10 @@ def start_testweb(procs: Processes, args: argparse.Namespace, logdir: Path) -> T
         if listed.returncode != 0:
             raise BenchError(f"crawlfleet testweb --print-reachable failed: {listed.stderr}")
         lists.append(listed.stdout.split())
-    return TestWeb(proc.pid, ready["dns"], list(ready["seeds"]), *lists)
+    if lists[0] != lists[1]:
+        raise BenchError("the test web's robots.txt disallows URLs; the shapes must have none, "
+                         "so that the naive crawler and crawlfleet fetch the same ones")
+    return TestWeb(proc, ready["dns"], list(ready["seeds"]), lists[0])
 
 
 @dataclass(frozen=True)
@@ -347,10 +494,16 @@ class Run:
     elapsed_s: float
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per component...
     cpu_window_s: float = 0.0  # ...over this wall time
-    redis_calls: Counter[str] = field(default_factory=Counter)  # fleet only
+    redis_calls: Counter[str] = field(default_factory=Counter)  # naive and fleets
     polls: int = 0
     by_source: Counter[tuple[str, str]] = field(default_factory=Counter)  # --redis-breakdown
     progress: list[tuple[float, int]] = field(default_factory=list)  # (seconds, URLs done)
+    rss_kb: dict[str, int] = field(default_factory=dict)  # peak RSS per process
+    seen: int = 0  # URLs in the seen set at the end (naive and fleets)
+    redis_bytes: int | None = None  # used_memory after the crawl minus before it
+    seen_bytes: int | None = None  # MEMORY USAGE of the seen set's keys
+    seen_keys: int = 0
+    incomplete: bool = False  # its results were not exactly the reachable set
 
     def time_to(self, fraction: float) -> float | None:
         """Seconds until ``fraction`` of the URLs were fetched (None if not recorded)."""
@@ -365,9 +518,12 @@ class Run:
     def redis_total(self) -> int:
         return sum(self.redis_calls.values())
 
+    def cpu_ms(self, name: str) -> float:
+        return 1000 * self.cpu.get(name, 0.0) / self.urls if self.urls else 0.0
+
 
 # --------------------------------------------------------------------------------------------
-# Floor: fetch-and-parse of the known URL list, one process, no Redis
+# Floors: fetch (and parse) of the known URL list, one process, no Redis
 # --------------------------------------------------------------------------------------------
 
 
@@ -381,7 +537,7 @@ class HostPace:
 
 
 async def _floor(
-    urls: list[str], settings: Settings, delay: float
+    urls: list[str], settings: Settings, delay: float, parse: bool
 ) -> tuple[int, float, list[tuple[float, int]]]:
     resources = contextlib.AsyncExitStack()
     session = await resources.enter_async_context(worker_session(settings))
@@ -405,7 +561,7 @@ async def _floor(
                 return
             finally:
                 turn.done()
-        if status < 400 and is_html(content_type):
+        if parse and status < 400 and is_html(content_type):
             try:
                 parse_page(body, content_type, url)
             except BodyError as exc:
@@ -425,17 +581,92 @@ async def _floor(
     return len(urls), elapsed, [(t - started, i) for i, t in enumerate(finished, 1)]
 
 
-def measure_floor(web: TestWeb, args: argparse.Namespace) -> Run:
+def measure_floor(web: TestWeb, shape: Shape, *, parse: bool) -> Run:
     settings = Settings(
         dns_nameservers=(web.dns,), allow_private=True,
-        max_in_flight=args.max_in_flight, per_host_concurrency=args.per_host_concurrency,
+        max_in_flight=shape.max_in_flight, per_host_concurrency=shape.per_host_concurrency,
     )
+    reset_peak_rss(os.getpid())
     meter = CpuMeter({"testweb": [web.pid]})
     meter.start()
-    urls, elapsed, progress = asyncio.run(_floor(web.fetched, settings, args.crawl_delay))
+    urls, elapsed, progress = asyncio.run(_floor(web.reachable, settings, shape.crawl_delay,
+                                                 parse))
     cpu, window = meter.stop()
     cpu = {"floor": cpu.pop(CpuMeter.SELF), **cpu}
-    return Run(urls, elapsed, cpu, window, progress=progress)
+    return Run(urls, elapsed, cpu, window, progress=progress,
+               rss_kb={"benchmark process": peak_rss_kb(os.getpid())})
+
+
+# --------------------------------------------------------------------------------------------
+# The naive crawler (benchmarks/naive.py), in its own process
+# --------------------------------------------------------------------------------------------
+
+
+def parse_commandstats(stats: dict[str, Any]) -> Counter[str]:
+    """Calls per command since the last CONFIG RESETSTAT, without the benchmark's own."""
+    calls: Counter[str] = Counter()
+    for name, values in stats.items():
+        command = name.removeprefix("cmdstat_")
+        if command not in MEASUREMENT_COMMANDS:
+            calls[command] = int(values["calls"])
+    return calls
+
+
+def used_memory(client: Any) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def measure_naive(
+    procs: Processes, web: TestWeb, shape: Shape, server: RedisServer, workdir: Path,
+    warnings: list[str],
+) -> Run:
+    out = workdir / "naive.txt"
+    key = f"naive{uuid.uuid4().hex}:seen"
+    argv = [sys.executable, NAIVE, *web.seeds, "--redis-url", server.url, "--key", key,
+            "--dns", web.dns, "--max-in-flight", str(shape.max_in_flight),
+            "--per-host-concurrency", str(shape.per_host_concurrency),
+            "--crawl-delay", str(shape.crawl_delay), "--out", str(out), "--wait-go", "--linger"]
+    with (workdir / "naive.log").open("ab") as log:
+        proc = procs.start(argv, stdout=subprocess.PIPE, stderr=log)
+    # redis-py types its commands as `Awaitable[T] | T`; this client is the synchronous one.
+    client: Any = redis.Redis.from_url(server.url)
+    try:
+        assert proc.stdout is not None
+        ready = read_line(proc.stdout, STARTUP_TIMEOUT_S, "benchmarks/naive.py")
+        if not json.loads(ready).get("ready"):
+            raise BenchError(f"benchmarks/naive.py: {ready.strip()}")
+        client.config_resetstat()
+        memory_before = used_memory(client)
+        reset_peak_rss(server.proc.pid)
+        meter = CpuMeter({"testweb": [web.pid], "redis-server": [server.proc.pid],
+                          "naive": [proc.pid]})
+        meter.start()
+        os.kill(proc.pid, signal.SIGUSR1)
+        line = read_line(proc.stdout, CRAWL_TIMEOUT_S, "benchmarks/naive.py")
+        cpu, window = meter.stop()
+        rss = {"naive": peak_rss_kb(proc.pid), "redis-server": peak_rss_kb(server.proc.pid)}
+        calls = parse_commandstats(client.info("commandstats"))
+        memory = used_memory(client) - memory_before
+        seen = int(client.scard(key))
+        seen_bytes = int(client.memory_usage(key, samples=0) or 0)
+        client.flushdb()
+    finally:
+        client.close()
+        if procs.stop(proc) not in (0, None):
+            warnings.append(f"WARNING naive: exited with {proc.returncode}; see "
+                            f"{workdir / 'naive.log'} (--keep-logs keeps it)")
+    try:
+        summary = json.loads(line)
+        fetched = int(summary["pages"]) + int(summary["failed"])
+        elapsed = float(summary["elapsed_s"])
+    except (ValueError, KeyError, TypeError):
+        raise BenchError(f"benchmarks/naive.py: {line.strip()[:300]}") from None
+    problems = check_results(out.read_text().split(), fetched, web, "naive")
+    warnings += problems
+    out.unlink()
+    return Run(fetched, elapsed, cpu, window, calls, rss_kb=rss, seen=seen,
+               redis_bytes=memory, seen_bytes=seen_bytes, seen_keys=1,
+               incomplete=bool(problems))
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +674,8 @@ def measure_floor(web: TestWeb, args: argparse.Namespace) -> Run:
 # --------------------------------------------------------------------------------------------
 
 
-def crawl_env(web: TestWeb, args: argparse.Namespace, **extra: str) -> dict[str, str]:
+def crawl_env(web: TestWeb, shape: Shape, args: argparse.Namespace,
+              **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRAWLFLEET_")}
     env.update(
         CRAWLFLEET_NAMESPACE=f"bench{uuid.uuid4().hex}",
@@ -451,9 +683,9 @@ def crawl_env(web: TestWeb, args: argparse.Namespace, **extra: str) -> dict[str,
         CRAWLFLEET_ALLOW_PRIVATE="1",
         CRAWLFLEET_LOG_LEVEL="warning",
         CRAWLFLEET_LOG_FORMAT="json",
-        CRAWLFLEET_MAX_IN_FLIGHT=str(args.max_in_flight),
-        CRAWLFLEET_PER_HOST_CONCURRENCY=str(args.per_host_concurrency),
-        CRAWLFLEET_CRAWL_DELAY=str(args.crawl_delay),
+        CRAWLFLEET_MAX_IN_FLIGHT=str(shape.max_in_flight),
+        CRAWLFLEET_PER_HOST_CONCURRENCY=str(shape.per_host_concurrency),
+        CRAWLFLEET_CRAWL_DELAY=str(shape.crawl_delay),
         CRAWLFLEET_SHUTDOWN_GRACE=str(SHUTDOWN_GRACE_S),
     )
     env.update(args.env)
@@ -461,20 +693,23 @@ def crawl_env(web: TestWeb, args: argparse.Namespace, **extra: str) -> dict[str,
     return env
 
 
-def check_results(path: Path, fetched: int, web: TestWeb, label: str) -> list[str]:
+def check_results(urls: list[str], fetched: int, web: TestWeb, label: str) -> list[str]:
     """Warnings if the results are not exactly the reachable set, or the fetch count is off."""
-    urls = [json.loads(line)["url"] for line in path.read_text().splitlines() if line.strip()]
     got, expected = set(urls), set(web.reachable)
     warnings = []
     if len(urls) != len(web.reachable) or got != expected:
         warnings.append(
-            f"WARNING {label}: export has {len(urls)} lines for {len(web.reachable)} reachable "
+            f"WARNING {label}: {len(urls)} results for {len(web.reachable)} reachable "
             f"URLs ({len(expected - got)} missing, {len(got - expected)} unexpected, "
             f"{len(urls) - len(got)} duplicated)")
-    if fetched != len(web.fetched):
-        warnings.append(f"WARNING {label}: {fetched} URLs fetched (pages + failed), the floor "
-                        f"fetches {len(web.fetched)}")
+    if fetched != len(web.reachable):
+        warnings.append(f"WARNING {label}: {fetched} URLs fetched (pages + failed) for "
+                        f"{len(web.reachable)} reachable")
     return warnings
+
+
+def exported_urls(path: Path) -> list[str]:
+    return [json.loads(line)["url"] for line in path.read_text().splitlines() if line.strip()]
 
 
 _SUMMARY = re.compile(
@@ -484,37 +719,32 @@ _SUMMARY = re.compile(
 
 
 def measure_embedded(
-    procs: Processes, web: TestWeb, args: argparse.Namespace, workdir: Path, warnings: list[str]
+    procs: Processes, web: TestWeb, shape: Shape, args: argparse.Namespace, workdir: Path,
+    warnings: list[str],
 ) -> Run:
-    out = workdir / "embedded.jsonl"
+    out, log = workdir / "embedded.jsonl", workdir / "embedded.log"
     meter = CpuMeter({"testweb": [web.pid]})
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     meter.start()
-    done = procs.run([CRAWLFLEET, "crawl", *web.seeds, "--workers", "2", "--out", str(out)],
-                     env=crawl_env(web, args), timeout=CRAWL_TIMEOUT_S)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    crawl_cpu = (children.ru_utime + children.ru_stime
-                 - children_before.ru_utime - children_before.ru_stime)
-    cpu, window = meter.stop({"crawl process": crawl_cpu})
+    code, usage = procs.run_to_exit(
+        [CRAWLFLEET, "crawl", *web.seeds, "--workers", "2", "--out", str(out)],
+        env=crawl_env(web, shape, args), timeout=CRAWL_TIMEOUT_S, stderr=log)
+    cpu, window = meter.stop({"crawl process": usage.ru_utime + usage.ru_stime})
     del cpu[CpuMeter.SELF]
-    match = _SUMMARY.search(done.stderr)
-    if done.returncode != 0 or match is None or match["state"] != "finished":
-        raise BenchError(f"crawlfleet crawl failed ({done.returncode}): {done.stderr[-2000:]}")
+    stderr = log.read_text(errors="replace")
+    match = _SUMMARY.search(stderr)
+    if code != 0 or match is None or match["state"] != "finished":
+        raise BenchError(f"crawlfleet crawl failed ({code}): {stderr[-2000:]}")
     fetched = int(match["pages"]) + int(match["failed"])
-    warnings += check_results(out, fetched, web, "embedded")
+    problems = check_results(exported_urls(out), fetched, web, "embedded")
+    warnings += problems
     out.unlink()
-    return Run(fetched, float(match["elapsed"]), cpu, window)
+    return Run(fetched, float(match["elapsed"]), cpu, window,
+               rss_kb={"crawl process": int(usage.ru_maxrss)}, incomplete=bool(problems))
 
 
 async def command_calls(client: Redis) -> Counter[str]:
     """Calls per command since the last CONFIG RESETSTAT, without the benchmark's own."""
-    stats = await client.info("commandstats")
-    calls: Counter[str] = Counter()
-    for name, values in stats.items():
-        command = name.removeprefix("cmdstat_")
-        if command not in MEASUREMENT_COMMANDS:
-            calls[command] = int(values["calls"])
-    return calls
+    return parse_commandstats(await client.info("commandstats"))
 
 
 BENCH_CLIENT_NAME = "crawlfleet-benchmark"
@@ -549,6 +779,15 @@ async def calls_per_poll(redis_url: str) -> Counter[str]:
             raise BenchError(f"calibration: {n} {command} calls in {polls} status polls")
         per_poll[command] = n // polls
     return per_poll
+
+
+async def seen_set_usage(client: Redis, keys: Keys) -> tuple[int, int]:
+    """(bytes, keys) of the seen set's buckets: MEMORY USAGE of every ``{ns}:seen:*`` key."""
+    total = count = 0
+    async for key in client.scan_iter(match=keys.seen_pattern, count=1000):
+        total += int(await client.memory_usage(key, samples=0) or 0)
+        count += 1
+    return total, count
 
 
 @dataclass
@@ -644,6 +883,7 @@ def monitor_counts(
     return counts
 
 
+
 async def _fleet(
     fleet: Fleet, web: TestWeb, server: RedisServer, workers: int,
     per_poll: Counter[str], monitor_log: Path | None,
@@ -663,6 +903,8 @@ async def _fleet(
         meter = CpuMeter({"testweb": [web.pid], "redis-server": [server.proc.pid],
                           "scheduler": fleet.pids("scheduler"), "workers": fleet.pids("worker")})
         await client.config_resetstat()
+        memory_before = int((await client.info("memory"))["used_memory"])
+        reset_peak_rss(server.proc.pid)
         counting_since = time.time()
         started = fleet.seed(web.seeds, on_seeded=meter.start)
         polls = 0
@@ -681,11 +923,17 @@ async def _fleet(
             await asyncio.sleep(POLL_S)
         cpu, window = meter.stop()
         counting_until = time.time()
+        rss = {"worker": max(map(peak_rss_kb, fleet.pids("worker"))),
+               "scheduler": max(map(peak_rss_kb, fleet.pids("scheduler"))),
+               "redis-server": peak_rss_kb(server.proc.pid)}
         calls = await command_calls(client)
         for command, n in per_poll.items():
             calls[command] -= n * polls
+        memory = int((await client.info("memory"))["used_memory"]) - memory_before
+        seen_bytes, seen_keys = await seen_set_usage(client, keys)
         run = Run(status["pages"] + status["failed"], elapsed, cpu, window, +calls, polls,
-                  progress=progress)
+                  progress=progress, rss_kb=rss, seen=status["seen"], redis_bytes=memory,
+                  seen_bytes=seen_bytes, seen_keys=seen_keys)
         if monitor is not None and monitor_log is not None:
             fleet.procs.stop(monitor)
             run.by_source = monitor_counts(monitor_log, await own_addresses(client),
@@ -698,11 +946,12 @@ async def _fleet(
 
 
 def measure_fleet(
-    procs: Processes, web: TestWeb, args: argparse.Namespace, server: RedisServer, workers: int,
-    per_poll: Counter[str], workdir: Path, warnings: list[str], *, breakdown: bool = False,
+    procs: Processes, web: TestWeb, shape: Shape, args: argparse.Namespace, server: RedisServer,
+    workers: int, per_poll: Counter[str], workdir: Path, warnings: list[str], *,
+    breakdown: bool = False,
 ) -> Run:
-    env = crawl_env(web, args, CRAWLFLEET_REDIS_URL=server.url)
-    logdir = Path(tempfile.mkdtemp(prefix=f"fleet{workers}-", dir=workdir))
+    env = crawl_env(web, shape, args, CRAWLFLEET_REDIS_URL=server.url)
+    logdir = Path(tempfile.mkdtemp(prefix=f"{shape.name}-fleet{workers}-", dir=workdir))
     fleet = Fleet(procs, env, logdir)
     try:
         fleet.spawn("scheduler", "scheduler")
@@ -716,7 +965,10 @@ def measure_fleet(
     exported = procs.run([CRAWLFLEET, "export", "--out", str(out)], env=env)
     if exported.returncode != 0:
         raise BenchError(f"crawlfleet export failed: {exported.stderr[-2000:]}")
-    warnings += check_results(out, run.urls, web, f"fleet of {workers}")
+    problems = check_results(exported_urls(out), run.urls, web,
+                             f"{shape.name}, {FLEET_PREFIX}{workers}")
+    warnings += problems
+    run.incomplete = bool(problems)
     out.unlink()
     with redis.Redis.from_url(server.url) as client:
         client.flushdb()  # keep the private Redis small between runs
@@ -751,99 +1003,220 @@ def median_of(runs: list[Run]) -> Run:
 
 
 NOT_CRAWLER = ("testweb", CpuMeter.SELF, CpuMeter.OTHERS)  # CPU that is not the crawl's own
+PROCESS_ORDER = ("floor", "naive", "crawl process", "workers", "worker", "scheduler",
+                 "redis-server")
 
 
-def cores_busy(runs: list[Run]) -> str:
-    """Cores busy per component, and the crawler's (or the floor's) own CPU ms per URL."""
-    names = list(runs[0].cpu)
-    busy = {n: statistics.median(r.cpu.get(n, 0.0) / r.cpu_window_s for r in runs)
-            for n in names}
-    others = busy.pop(CpuMeter.OTHERS, 0.0)
-    own_ms = statistics.median(
-        1000 * sum(v for n, v in r.cpu.items() if n not in NOT_CRAWLER) / r.urls for r in runs
-    )
-    parts = ", ".join(f"{n} {b:.2f}" for n, b in busy.items())
-    return (f"{parts}; total {sum(busy.values()):.2f} (+ other processes {others:.2f}) | "
-            f"{own_ms:.2f} ms CPU/URL without the test web")
+def median(values: Iterator[float | None] | list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
-def report(
-    args: argparse.Namespace, web: TestWeb, results: dict[str, list[Run]],
-    per_poll: Counter[str], breakdowns: dict[int, Run], warnings: list[str],
-    load_before: tuple[float, float, float],
-) -> None:
-    n = args.repeat
-    floor_rate = statistics.median(r.rate for r in results["floor"])
+@dataclass
+class Row:
+    """One measurement of one shape: its runs and their medians."""
+
+    label: str
+    runs: list[Run]
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(r.rate for r in self.runs)
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(r.elapsed_s for r in self.runs)
+
+    @property
+    def shown(self) -> str:
+        """The label, flagged when some runs' results were not the reachable set."""
+        bad = sum(r.incomplete for r in self.runs)
+        return f"{self.label} (!{bad}/{len(self.runs)})" if bad else self.label
+
+    @property
+    def is_fleet(self) -> bool:
+        return self.label.startswith(FLEET_PREFIX)
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.runs[0].redis_bytes is not None
+
+    def processes(self) -> list[str]:
+        """The crawler's own processes (CPU components), then the test web."""
+        names = [n for n in self.runs[0].cpu if n not in NOT_CRAWLER]
+        names.sort(key=lambda n: PROCESS_ORDER.index(n) if n in PROCESS_ORDER else 99)
+        return [*names, "testweb"]
+
+    def cpu_ms(self, name: str) -> float:
+        return statistics.median(r.cpu_ms(name) for r in self.runs)
+
+    def own_cpu_ms(self) -> float:
+        return statistics.median(
+            1000 * sum(v for n, v in r.cpu.items() if n not in NOT_CRAWLER) / r.urls
+            for r in self.runs)
+
+    def cores(self, name: str) -> float:
+        return statistics.median(r.cpu.get(name, 0.0) / r.cpu_window_s for r in self.runs
+                                 if r.cpu_window_s > 0)
+
+    def redis_per_page(self) -> float | None:
+        return median([r.redis_total / r.urls for r in self.runs]) if self.uses_redis else None
+
+    def bytes_per_seen(self) -> float | None:
+        return median([r.redis_bytes / r.seen if r.redis_bytes is not None and r.seen else None
+                       for r in self.runs])
+
+    def seen_bytes_per_url(self) -> float | None:
+        return median([r.seen_bytes / r.seen if r.seen_bytes is not None and r.seen else None
+                       for r in self.runs])
+
+    def rss_mb(self, name: str) -> float:
+        return statistics.median(r.rss_kb.get(name, 0) for r in self.runs) / 1024
+
+
+@dataclass
+class ShapeResult:
+    shape: Shape
+    web: TestWeb
+    rows: dict[str, Row]
+    breakdowns: dict[int, Run] = field(default_factory=dict)
+
+    def ratio(self, label: str, to: str) -> float | None:
+        base = self.rows.get(to)
+        return self.rows[label].rate / base.rate if base and base.rate > 0 else None
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def cpu_cells(row: Row) -> str:
+    return " · ".join(f"{n} {row.cpu_ms(n):.2f}" for n in row.processes())
+
+
+def rss_cells(row: Row) -> str:
+    return " · ".join(f"{n} {row.rss_mb(n):.0f}" for n in row.runs[0].rss_kb)
+
+
+def redis_cells(row: Row) -> str:
+    if not row.uses_redis:
+        return "-"
+    run = median_of(row.runs)
+    top = ", ".join(f"{cmd} {calls / run.urls:.1f}"
+                    for cmd, calls in run.redis_calls.most_common(4))
+    seen = "dedup SET" if row.label == NAIVE_ROW else f"seen set ({run.seen_keys} keys)"
+    return (f"{_fmt(row.redis_per_page(), '.1f')} cmds/page (top: {top}) · "
+            f"{_fmt(row.bytes_per_seen(), '.0f')} B per seen URL in all · {seen} "
+            f"{_fmt(row.seen_bytes_per_url(), '.1f')} B/URL")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    shape: str
+    row: str
+    measured: str
+    met: bool | None  # None: no figure
+
+
+def verdicts(result: ShapeResult) -> list[Verdict]:
+    """Each of the project's targets against the measured figures of each fleet."""
+    out = []
+    name = result.shape.name
+    for label, row in result.rows.items():
+        if not row.is_fleet:
+            continue
+
+        def add(target: str, value: float | None, limit: float, unit: str, spec: str,
+                at_least: bool = False, label: str = label) -> None:
+            met = None if value is None else (value >= limit if at_least else value <= limit)
+            out.append(Verdict(target, name, label, _fmt(value, spec, unit), met))
+
+        low, goal = TARGET_RATIO.get(name, (None, None))
+        ratio = result.ratio(label, NAIVE_ROW)
+        if low is not None:
+            target = f"{'one site' if name == 'one' else 'many sites'} ≥ {low:.1f}{TIMES} naive"
+            if goal is not None:
+                reached = ratio is not None and ratio >= goal
+                target += f" (goal {goal:.1f}{TIMES}: {'reached' if reached else 'not reached'})"
+            add(target, ratio, low, TIMES, ".2f", at_least=True)
+        add(f"≤ {TARGET_REDIS_CMDS:g} Redis commands per page", row.redis_per_page(),
+            TARGET_REDIS_CMDS, "", ".1f")
+        for process, limit in TARGET_CPU_MS.items():
+            what = {"workers": "worker(s)", "redis-server": "Redis"}.get(process, process)
+            add(f"{what} ≤ {limit:g} CPU-ms per page", row.cpu_ms(process), limit, " ms",
+                ".2f" if limit >= 1 else ".3f")
+        add(f"seen set ≤ {TARGET_SEEN_BYTES:g} B per URL", row.seen_bytes_per_url(),
+            TARGET_SEEN_BYTES, " B", ".1f")
+        add(f"worker RSS ≤ {TARGET_WORKER_RSS_MB:g} MB", row.rss_mb("worker"),
+            TARGET_WORKER_RSS_MB, " MB", ".0f")
+    return out
+
+
+def met_word(met: bool | None) -> str:
+    return {True: "met", False: "NOT MET", None: "no figure"}[met]
+
+
+def report_shape(args: argparse.Namespace, result: ShapeResult, per_poll: Counter[str]) -> None:
+    shape, rows, n = result.shape, result.rows, args.repeat
     rule = "-" * 100
     print()
     print("=" * 100)
-    print(f"Throughput: {len(web.fetched)} URLs fetched per crawl ({len(web.reachable)} results; "
-          f"{len(web.reachable) - len(web.fetched)} are robots.txt-disallowed, recorded without a "
-          f"request), {args.hosts} hosts; median of {n}")
+    print(f"Shape {shape.name!r}: {shape.describe()}; {len(result.web.reachable)} URLs per "
+          f"crawl (robots.txt 404 everywhere: nothing disallowed); median of {n}")
     print(rule)
-    rows = []
-    for label, runs in results.items():
-        rate = statistics.median(r.rate for r in runs)
-        secs = statistics.median(r.elapsed_s for r in runs)
-        every = ", ".join(f"{r.rate:.0f}" for r in runs)
-        if label == "floor":
-            rows.append(("floor (1 process, no Redis, URLs known):", f"{rate:6.0f} pages/s",
-                         f"  (median of {n})", f"   {secs:6.2f} s; runs {every}"))
-            continue
-        ratio = f"  = {rate / floor_rate:.2f} {TIMES} floor"
-        if label == "embedded":
-            rows.append(("crawlfleet embedded, 2 in-process workers:", f"{rate:6.0f} pages/s",
-                         ratio, f"   {secs:6.2f} s; runs {every}"))
-            continue
-        workers = int(label)
-        per_page = statistics.median(r.redis_total / r.urls for r in runs)
-        rows.append((f"crawlfleet fleet, {workers} worker{'s' if workers > 1 else ''}:",
-                     f"{rate:6.0f} pages/s", ratio,
-                     f"   {secs:6.2f} s; runs {every}   Redis cmds/page: {per_page:.1f}"))
-    width = max(len(r[0]) for r in rows)
-    for row in rows:
-        print(f"{row[0]:<{width}} {row[1]}{row[2]:<18}{row[3]}")
-
+    width = max(len(row.shown) for row in rows.values()) + 2
+    print(f"{'':<{width}}{'pages/s':>8}{TIMES + ' naive':>9}{TIMES + ' floor':>9}{'seconds':>9}"
+          f"   runs (pages/s)          ({TIMES} floor: to the fetch+parse floor)")
+    for label, row in rows.items():
+        every = ", ".join(f"{r.rate:.0f}" for r in row.runs)
+        print(f"{row.shown:<{width}}{row.rate:8.0f}"
+              f"{_fmt(result.ratio(label, NAIVE_ROW), '9.2f')}"
+              f"{_fmt(result.ratio(label, PARSE_FLOOR), '9.2f')}{row.seconds:9.2f}   {every}")
+    if any(row.shown != row.label for row in rows.values()):
+        print("(!k/n): in k of n runs the crawl's results were NOT the reachable set (see the "
+              "warnings at the end); their pages/s are over fewer URLs")
     print(rule)
-    print(f"CPU, in cores busy during each run (median; {len(os.sched_getaffinity(0))} cores in "
-          "all; embedded: over the crawl process's whole life, start-up included; 'other "
-          "processes': the rest of the machine, not part of the benchmark):")
-    for label, runs in results.items():
-        name = label if label in ("floor", "embedded") else f"fleet of {label}"
-        print(f"  {name:<11} {cores_busy(runs)}")
-
+    print("CPU ms per page, per process (median; floors: this process; embedded: the crawl "
+          "process's whole life, start-up included):")
+    for label, row in rows.items():
+        print(f"  {label:<{width}}{cpu_cells(row)}")
+    print(f"Cores busy during each run (median; {len(os.sched_getaffinity(0))} cores in all; "
+          "'others': the rest of the machine, not part of the benchmark):")
+    for label, row in rows.items():
+        names = [*row.processes(), CpuMeter.SELF, CpuMeter.OTHERS]
+        busy = {nm: row.cores(nm) for nm in names if nm in row.runs[0].cpu}
+        others = busy.pop(CpuMeter.OTHERS, 0.0)
+        parts = ", ".join(f"{nm} {b:.2f}" for nm, b in busy.items())
+        print(f"  {label:<{width}}{parts}; total {sum(busy.values()):.2f} (+ others "
+              f"{others:.2f}) | {row.own_cpu_ms():.2f} ms CPU/page without the test web")
+    print(rule)
+    print("Redis (median): commands per page (INFO commandstats: commands inside Lua scripts "
+          f"count too; the benchmark's status polls, {sum(per_poll.values())} commands each, "
+          "are subtracted), used_memory growth per seen URL, the seen set per URL:")
+    for label, row in rows.items():
+        if row.uses_redis:
+            print(f"  {label:<{width}}{redis_cells(row)}")
+    print("Peak RSS, MB (VmHWM just before the process stopped; fleets: the largest worker):")
+    for label, row in rows.items():
+        print(f"  {label:<{width}}{rss_cells(row)}")
     print(rule)
     marks = (0.1, 0.5, 0.9, 1.0)
     print(f"Progress, seconds until {' / '.join(f'{m:.0%}' for m in marks)} of the URLs were "
-          "fetched (median; fleet: from its status polls):")
-    for label, runs in results.items():
-        if not runs[0].progress:
+          "fetched (median; fleets: from their status polls):")
+    for label, row in rows.items():
+        if not row.runs[0].progress:
             continue
-        name = label if label == "floor" else f"fleet of {label}"
         times = []
         for mark in marks:
-            reached = [t for r in runs if (t := r.time_to(mark)) is not None]
+            reached = [t for r in row.runs if (t := r.time_to(mark)) is not None]
             times.append(f"{statistics.median(reached):5.2f}" if reached else "    -")
-        print(f"  {name:<11} {' / '.join(times)}")
-
-    fleets = {int(k): v for k, v in results.items() if k.isdigit()}
-    if fleets:
-        print(rule)
-        print("Redis commands, fleet (median run; INFO commandstats, so commands run inside Lua "
-              f"scripts count too; the benchmark's status polls, {sum(per_poll.values())} "
-              "commands each, are subtracted):")
-        for workers, runs in fleets.items():
-            run = median_of(runs)
-            top = ", ".join(f"{cmd} {calls / run.urls:.1f}"
-                            for cmd, calls in run.redis_calls.most_common(5))
-            print(f"  {workers} worker(s): {run.redis_total} commands = "
-                  f"{run.redis_total / run.urls:.1f}/page, {run.redis_total / run.elapsed_s:.0f}/s"
-                  f" ({run.polls} polls subtracted); top 5 per page: {top}")
-    if breakdowns:
+        print(f"  {label:<{width}}{' / '.join(times)}")
+    if result.breakdowns:
         print(rule)
         print("Sent by clients vs run inside Lua scripts (one extra, untimed crawl per fleet size "
               "under MONITOR; the benchmark's own connection excluded), per page:")
-        for workers, run in breakdowns.items():
+        for workers, run in result.breakdowns.items():
             print(f"  {workers} worker(s): MONITOR saw {sum(run.by_source.values())} commands, "
                   f"commandstats counted {run.redis_total} in the same crawl")
             for source in ("client", "lua"):
@@ -851,30 +1224,38 @@ def report(
                 top = ", ".join(f"{c} {k / run.urls:.1f}" for c, k in calls.most_common(6))
                 print(f"  {workers} worker(s), {source:<6}: {sum(calls.values()) / run.urls:5.1f}"
                       f"/page; {top}")
+    print(rule)
+    print("Targets (fleets):")
+    for v in verdicts(result):
+        print(f"  {v.row:<12} {v.target:<58} {v.measured:>9}  {met_word(v.met)}")
+    bound = shape.bound()
+    if bound:
+        floor = rows[PARSE_FLOOR].rate if PARSE_FLOOR in rows else 0.0
+        print(f"  * Per-host bound: {shape.hosts} host(s) {TIMES} {shape.per_host_concurrency} "
+              f"in flight / {shape.latency_ms:g} ms: at most {bound:.0f} pages/s for anyone; "
+              f"the fetch+parse floor reaches {floor / bound:.0%} of it.")
 
+
+def report(args: argparse.Namespace, results: list[ShapeResult], per_poll: Counter[str],
+           warnings: list[str], load_before: tuple[float, float, float]) -> None:
+    for result in results:
+        report_shape(args, result, per_poll)
+    rule = "-" * 100
     print(rule)
     print("Notes:")
-    print("  * The floor fetches a list it is given: no link discovery, no dedup, no robots.txt, "
-          "every host busy from the first second. That favours it.")
-    if args.latency_ms > 0:
-        per_host = args.per_host_concurrency / (args.latency_ms / 1000)
-        if args.crawl_delay > 0:
-            per_host = min(per_host, 1 / args.crawl_delay)
-        bound = args.hosts * per_host
-        print(f"  * Per-host bound: {args.hosts} hosts, {args.per_host_concurrency} in flight, "
-              f"{args.latency_ms:g} ms latency, crawl delay {args.crawl_delay:g} s: at most "
-              f"{bound:.0f} pages/s for anyone; the floor reaches {floor_rate / bound:.0%} of it.")
+    print("  * The floors fetch a list they are given: no link discovery, no dedup, no "
+          "robots.txt, every host busy from the first second. That favours them.")
+    print("  * naive: benchmarks/naive.py, robots.txt ignored (never fetched), one SADD per link "
+          "(pipelined per page), no retries, no leases, no crash safety, no result store.")
     print("  * Fleet time: from `crawlfleet seed`'s 'enqueued' line to the first status poll "
           f"saying finished (every {POLL_S * 1000:.0f} ms); the processes were already up. "
-          "Embedded time: its own summary line (includes writing its results file).")
-    print(f"  * parameters: --hosts {args.hosts} --pages {args.pages} --latency-ms "
-          f"{args.latency_ms:g} --workers {','.join(map(str, args.workers))} --repeat {n} "
-          f"--crawl-delay {args.crawl_delay:g} --max-in-flight {args.max_in_flight} "
-          f"--per-host-concurrency {args.per_host_concurrency}"
-          f"{''.join(f' --set {k}={v}' for k, v in args.env)}; other settings at their "
-          f"defaults unless set (batch size {DEFAULTS.batch_size}, jobs per worker "
+          "Embedded time: its own summary line (includes writing its results file). naive: "
+          "from its start signal to its last page.")
+    print(f"  * parameters: {' '.join(parameters(args))}; other settings at their defaults "
+          f"unless set (batch size {DEFAULTS.batch_size}, jobs per worker "
           f"{DEFAULTS.jobs_per_worker}, poll delay {DEFAULTS.poll_delay} s, dispatch ahead "
-          f"{DEFAULTS.dispatch_ahead})")
+          f"{DEFAULTS.dispatch_ahead}, host turn {DEFAULTS.host_turn_pages} pages / "
+          f"{DEFAULTS.host_turn_seconds:g} s)")
     for line in machine_facts():
         print(f"  * {line}")
     print("  * load average before the benchmark / now: "
@@ -886,7 +1267,126 @@ def report(
             print(warning)
     else:
         print("  * every crawl's results were exactly the reachable set (count and URLs), and "
-              "each fetched as many URLs as the floor")
+              "each fetched every reachable URL once")
+
+
+def parameters(args: argparse.Namespace) -> list[str]:
+    return [f"--shape {args.shape}", f"--hosts {args.hosts}", f"--pages {args.pages}",
+            f"--links {args.links}", f"--per-host-concurrency {args.per_host_concurrency}",
+            f"--one-pages {args.one_pages}", f"--one-links {args.one_links}",
+            f"--one-concurrency {args.one_concurrency}", f"--latency-ms {args.latency_ms:g}",
+            f"--crawl-delay {args.crawl_delay:g}", f"--max-in-flight {args.max_in_flight}",
+            f"--workers {','.join(map(str, args.workers))}", f"--repeat {args.repeat}",
+            *(f"--set {k}={v}" for k, v in args.env)]
+
+
+# --------------------------------------------------------------------------------------------
+# docs/benchmarks.md (and its figures as JSON, for benchmarks/scheduler.py)
+# --------------------------------------------------------------------------------------------
+
+# benchmarks/scheduler.py --write-docs keeps its own section between these lines.
+SCHEDULER_BEGIN = "<!-- benchmarks/scheduler.py: begin -->"
+SCHEDULER_END = "<!-- benchmarks/scheduler.py: end -->"
+
+
+def kept_section(path: Path) -> str:
+    """The section another script wrote into ``path`` (with its markers), or ''."""
+    with contextlib.suppress(OSError):
+        text = path.read_text()
+        start, end = text.find(SCHEDULER_BEGIN), text.find(SCHEDULER_END)
+        if 0 <= start < end:
+            return text[start:end + len(SCHEDULER_END)] + "\n"
+    return ""
+
+
+def docs_markdown(args: argparse.Namespace, argv: list[str], results: list[ShapeResult],
+                  warnings: list[str], load: tuple[float, float, float]) -> str:
+    n = args.repeat
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `benchmarks/throughput.py --write-docs`: every figure below is measured, "
+        "none is typed in. Run it again to refresh this file.",
+        "",
+        f"* date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"* command: `{shlex.join(['python', 'benchmarks/throughput.py', *argv])}`",
+        f"* parameters: `{' '.join(parameters(args))}`",
+        *(f"* {fact}" for fact in machine_facts()),
+        f"* load average at the start / at the end: {' '.join(f'{x:.2f}' for x in load)} / "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (other work on the machine makes "
+        "every figure noisier)",
+        "",
+        f"Each figure is the median of {n} run{'s' if n > 1 else ''}. pages/s counts every URL "
+        f"fetched (pages and 404s). {TIMES} naive and {TIMES} floor are ratios of pages/s to the "
+        "naive crawler and to the fetch+parse floor. CPU is milliseconds per page of each process. "
+        "Redis B/URL is used_memory growth over the crawl per seen URL; seen B/URL the seen "
+        "set alone (MEMORY USAGE of its keys). RSS is the peak (VmHWM) in MB. robots.txt "
+        "answers 404 on every host, so every crawler fetches exactly the reachable set, which "
+        "each crawl's results were checked against.",
+        "",
+    ]
+    for result in results:
+        shape = result.shape
+        lines += [f"## Shape `{shape.name}`: {shape.describe()}", "",
+                  f"{len(result.web.reachable)} URLs per crawl.", "",
+                  f"| what | pages/s | {TIMES} naive | {TIMES} floor | CPU ms/page | "
+                  "Redis cmds/page | "
+                  "Redis B/URL | seen B/URL | peak RSS MB |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+        for label, row in result.rows.items():
+            lines.append(
+                f"| {row.shown} | {row.rate:,.0f} | {_fmt(result.ratio(label, NAIVE_ROW), '.2f')} "
+                f"| {_fmt(result.ratio(label, PARSE_FLOOR), '.2f')} | {cpu_cells(row)} | "
+                f"{_fmt(row.redis_per_page(), '.1f')} | {_fmt(row.bytes_per_seen(), ',.0f')} | "
+                f"{_fmt(row.seen_bytes_per_url(), '.1f')} | {rss_cells(row)} |")
+        if any(row.shown != row.label for row in result.rows.values()):
+            lines += ["", "(!k/n): in k of n runs the crawl's results were NOT the reachable "
+                      "set (see Warnings); their pages/s are over fewer URLs."]
+        bound = shape.bound()
+        if bound:
+            lines += ["", f"No crawler can pass {bound:,.0f} pages/s here ({shape.hosts} host(s) "
+                      f"{TIMES} {shape.per_host_concurrency} in flight / {shape.latency_ms:g} ms)."]
+        lines.append("")
+    lines += ["## Targets", "",
+              "From the issue, judged on each fleet's measured median. The seen set's bytes per "
+              "URL at this crawl size are mostly per-key overhead (the buckets are nearly "
+              "empty); see the frontier section for 1 M URLs when it is there.", "",
+              "| target | shape | run | measured | |", "| --- | --- | --- | ---: | --- |"]
+    for result in results:
+        for v in verdicts(result):
+            word = met_word(v.met)
+            lines.append(f"| {v.target} | {v.shape} | {v.row} | {v.measured} | "
+                         f"{word if v.met else f'**{word}**'} |")
+    lines.append("")
+    if warnings:
+        lines += ["## Warnings", "", *(f"* {w}" for w in warnings), ""]
+    return "\n".join(lines)
+
+
+def docs_figures(results: list[ShapeResult]) -> dict[str, Any]:
+    """The medians as JSON (benchmarks/scheduler.py reads a worker's page rate from it)."""
+    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "shapes": {}}
+    for result in results:
+        rows = {}
+        for label, row in result.rows.items():
+            rows[label] = {
+                "pages_per_s": round(row.rate, 1),
+                "cpu_ms_per_page": {n: round(row.cpu_ms(n), 4) for n in row.processes()},
+                "redis_commands_per_page": row.redis_per_page(),
+                "redis_bytes_per_seen_url": row.bytes_per_seen(),
+                "seen_bytes_per_url": row.seen_bytes_per_url(),
+                "peak_rss_mb": {n: round(row.rss_mb(n), 1) for n in row.runs[0].rss_kb},
+            }
+        out["shapes"][result.shape.name] = {"describe": result.shape.describe(),
+                                            "urls": len(result.web.reachable), "rows": rows}
+    return out
+
+
+def write_docs(path: Path, text: str, figures: dict[str, Any]) -> None:
+    kept = kept_section(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + ("\n" + kept if kept else ""))
+    path.with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -922,24 +1422,35 @@ def worker_counts(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Throughput of crawlfleet (embedded, and fleets of N workers) against the "
-        "bare fetch-and-parse floor, on the local test web. See the module docstring.")
-    p.add_argument("--hosts", type=int, default=20, help="test web hosts (default 20)")
-    p.add_argument("--pages", type=int, default=150, help="HTML pages per host (default 150)")
-    p.add_argument("--workers", type=worker_counts, default=[1, 2, 4],
-                   help="fleet sizes, comma-separated (default 1,2,4)")
-    p.add_argument("--latency-ms", type=float, default=20.0,
-                   help="test web latency per response (default 20)")
+        description="Throughput of crawlfleet (embedded, and fleets of N workers) against a "
+        "naive crawler and the bare fetch (and parse) floors, on the local test web, for two "
+        "site shapes. See the module docstring.")
+    p.add_argument("--shape", choices=("many", "one", "both"), default="both",
+                   help="site shape(s) to measure (default both)")
+    many = p.add_argument_group("the 'many' shape")
+    many.add_argument("--hosts", type=int, default=20, help="test web hosts (default 20)")
+    many.add_argument("--pages", type=int, default=150, help="HTML pages per host (default 150)")
+    many.add_argument("--links", type=int, default=8, help="links per page (default 8)")
+    many.add_argument("--per-host-concurrency", type=int, default=DEFAULTS.per_host_concurrency,
+                      help="fetches in flight per host (CRAWLFLEET_PER_HOST_CONCURRENCY, "
+                      f"default {DEFAULTS.per_host_concurrency})")
+    one = p.add_argument_group("the 'one' shape (one host)")
+    one.add_argument("--one-pages", type=int, default=1200, help="HTML pages (default 1200)")
+    one.add_argument("--one-links", type=int, default=100, help="links per page (default 100)")
+    one.add_argument("--one-concurrency", type=int, default=16,
+                     help="fetches in flight to the host (default 16)")
+    both = p.add_argument_group("both shapes")
+    both.add_argument("--latency-ms", type=float, default=20.0,
+                      help="test web latency per response (default 20)")
+    both.add_argument("--crawl-delay", type=float, default=0.0,
+                      help="seconds between request starts per host, for every crawler "
+                      "(CRAWLFLEET_CRAWL_DELAY; default 0: measure the machinery, not "
+                      f"politeness; crawlfleet's own default is {DEFAULTS.crawl_delay})")
+    both.add_argument("--max-in-flight", type=int, default=DEFAULTS.max_in_flight,
+                      help="fetches in flight per process (CRAWLFLEET_MAX_IN_FLIGHT)")
+    p.add_argument("--workers", type=worker_counts, default=[1, 2],
+                   help="fleet sizes, comma-separated (default 1,2)")
     p.add_argument("--repeat", type=int, default=3, help="runs per measurement (default 3)")
-    p.add_argument("--crawl-delay", type=float, default=0.0,
-                   help="seconds between request starts per host, for the crawler "
-                   "(CRAWLFLEET_CRAWL_DELAY) and the floor alike (default 0: measure the "
-                   "machinery, not politeness; crawlfleet's own default is "
-                   f"{DEFAULTS.crawl_delay})")
-    p.add_argument("--max-in-flight", type=int, default=DEFAULTS.max_in_flight,
-                   help="fetches in flight per process (CRAWLFLEET_MAX_IN_FLIGHT)")
-    p.add_argument("--per-host-concurrency", type=int, default=DEFAULTS.per_host_concurrency,
-                   help="fetches in flight per host (CRAWLFLEET_PER_HOST_CONCURRENCY)")
     p.add_argument("--set", dest="env", type=crawler_setting, action="append", default=[],
                    metavar="NAME=VALUE",
                    help="a crawler setting for every crawl, e.g. --set BATCH_SIZE=50 "
@@ -948,6 +1459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-breakdown", action="store_true",
                    help="one more crawl per fleet size under MONITOR: commands sent by clients "
                    "vs run inside Lua scripts (untimed)")
+    p.add_argument("--write-docs", nargs="?", const=str(DOCS), default=None, metavar="PATH",
+                   help=f"write the tables and targets to PATH (default {DOCS}) and the "
+                   "figures to PATH with .json")
     p.add_argument("--keep-logs", action="store_true", help="keep the temporary log folder")
     return p
 
@@ -964,56 +1478,80 @@ def workspace(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def progress(i: int, label: str, run: Run) -> None:
+def progress(i: int, shape: Shape, label: str, run: Run) -> None:
     extra = f", {run.redis_total} Redis commands" if run.redis_calls else ""
-    print(f"  run {i}: {label:<12} {run.urls} URLs in {run.elapsed_s:6.2f} s = "
+    print(f"  run {i}: {shape.name:<4} {label:<18} {run.urls} URLs in {run.elapsed_s:6.2f} s = "
           f"{run.rate:5.0f} pages/s{extra}", file=sys.stderr, flush=True)
 
 
+def measure_shape(
+    procs: Processes, shape: Shape, args: argparse.Namespace, server: RedisServer,
+    per_poll: Counter[str], workdir: Path, warnings: list[str],
+) -> ShapeResult:
+    web = start_testweb(procs, shape, workdir)
+    labels = [FETCH_FLOOR, PARSE_FLOOR, NAIVE_ROW, *([] if args.no_embedded else [EMBEDDED]),
+              *(f"{FLEET_PREFIX}{w}" for w in args.workers)]
+    result = ShapeResult(shape, web, {label: Row(label, []) for label in labels})
+    print(f"test web {shape.name!r}: {shape.describe()}; {len(web.reachable)} URLs to fetch; "
+          f"redis-server on port {server.port}; work folder {workdir}", file=sys.stderr)
+    try:
+        for i in range(1, args.repeat + 1):
+            for label in labels:
+                if label == FETCH_FLOOR:
+                    run = measure_floor(web, shape, parse=False)
+                elif label == PARSE_FLOOR:
+                    run = measure_floor(web, shape, parse=True)
+                elif label == NAIVE_ROW:
+                    run = measure_naive(procs, web, shape, server, workdir, warnings)
+                elif label == EMBEDDED:
+                    run = measure_embedded(procs, web, shape, args, workdir, warnings)
+                else:
+                    workers = int(label.removeprefix(FLEET_PREFIX))
+                    run = measure_fleet(procs, web, shape, args, server, workers, per_poll,
+                                        workdir, warnings)
+                result.rows[label].runs.append(run)
+                progress(i, shape, label, run)
+        if args.redis_breakdown:
+            for w in args.workers:
+                result.breakdowns[w] = run = measure_fleet(
+                    procs, web, shape, args, server, w, per_poll, workdir, warnings,
+                    breakdown=True)
+                progress(0, shape, f"{FLEET_PREFIX}{w} under MONITOR", run)
+    finally:
+        procs.stop(web.proc)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.repeat < 1 or args.hosts < 1 or args.pages < 1:
-        raise SystemExit("--repeat, --hosts and --pages must be at least 1")
+    if min(args.repeat, args.hosts, args.pages, args.one_pages, args.per_host_concurrency,
+           args.one_concurrency, args.max_in_flight) < 1 or min(args.links, args.one_links) < 0:
+        raise SystemExit("--repeat, --hosts, --pages, --one-pages and the concurrencies must be "
+                         "at least 1, the link counts at least 0")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     load_before = os.getloadavg()
     began = time.monotonic()
     procs = Processes()
     warnings: list[str] = []
-    results: dict[str, list[Run]] = {"floor": []}
-    if not args.no_embedded:
-        results["embedded"] = []
-    results |= {str(n): [] for n in args.workers}
-    breakdowns: dict[int, Run] = {}
+    results: list[ShapeResult] = []
     try:
         with workspace(args.keep_logs) as workdir:
             try:
-                web = start_testweb(procs, args, workdir)
                 server = start_redis(procs, workdir)
                 per_poll = asyncio.run(calls_per_poll(server.url))
-                print(f"test web: {args.hosts} hosts {TIMES} {args.pages} pages, "
-                      f"{args.latency_ms:g} ms latency, {len(web.fetched)} URLs to fetch; "
-                      f"redis-server on port {server.port}; work folder {workdir}", file=sys.stderr)
-                for i in range(1, args.repeat + 1):
-                    results["floor"].append(run := measure_floor(web, args))
-                    progress(i, "floor", run)
-                    if not args.no_embedded:
-                        run = measure_embedded(procs, web, args, workdir, warnings)
-                        results["embedded"].append(run)
-                        progress(i, "embedded", run)
-                    for w in args.workers:
-                        run = measure_fleet(procs, web, args, server, w, per_poll, workdir,
-                                            warnings)
-                        results[str(w)].append(run)
-                        progress(i, f"fleet of {w}", run)
-                if args.redis_breakdown:
-                    for w in args.workers:
-                        breakdowns[w] = measure_fleet(procs, web, args, server, w, per_poll,
-                                                      workdir, warnings, breakdown=True)
-                        progress(0, f"fleet of {w} under MONITOR", breakdowns[w])
+                for shape in shapes_from(args):
+                    results.append(measure_shape(procs, shape, args, server, per_poll, workdir,
+                                                 warnings))
             finally:
                 procs.stop_all()  # before the work folder (their logs) goes
-            report(args, web, results, per_poll, breakdowns, warnings, load_before)
+            report(args, results, per_poll, warnings, load_before)
+            if args.write_docs:
+                path = Path(args.write_docs)
+                write_docs(path, docs_markdown(args, argv, results, warnings, load_before),
+                           docs_figures(results))
+                print(f"wrote {path} and {path.with_suffix('.json')}")
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1

@@ -169,12 +169,13 @@ def parse_seed_lines(lines: Iterable[str | bytes], *, sort_query: bool = False,
     return seeds, errors
 
 
-async def enqueue_seeds(redis: Any, keys: Keys, seeds: list[str]) -> None:
-    """Seeds go onto the same stream as discovered links: same scope and dedup path. The
-    crawl marker (and the scheduler's consumer group) is created first if there is none."""
+async def enqueue_seeds(redis: Any, keys: Keys, seeds: list[str], *,
+                        expected_urls: int = 1_000_000) -> None:
+    """Seeds go onto the events stream, which the scheduler admits (scope, dedup). The crawl
+    marker (and the scheduler's consumer group) is created first if there is none."""
     from crawlfleet.common.frontier import Frontier
 
-    await Frontier(redis, keys).open_crawl()
+    await Frontier(redis, keys).open_crawl(expected_urls=expected_urls)
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(0, len(seeds), SEEDS_PER_MESSAGE):
             pipe.xadd(keys.events, {"m": encode(Seeds(urls=seeds[i:i + SEEDS_PER_MESSAGE]))})
@@ -209,7 +210,8 @@ def seed(settings: Settings, urls: list[str], file: str | None) -> int:
     async def go() -> None:
         redis = open_redis(settings.redis_url)
         try:
-            await enqueue_seeds(redis, Keys(settings.namespace), seeds)
+            await enqueue_seeds(redis, Keys(settings.namespace), seeds,
+                                expected_urls=settings.expected_urls)
         finally:
             await redis.aclose()
 

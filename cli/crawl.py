@@ -74,7 +74,7 @@ async def _run_crawl(settings: Settings, seeds: list[str], workers: int, out: IO
     started = time.monotonic()
     if fresh and not is_embedded(settings.redis_url):
         await _delete_namespace(redis, keys)
-    await enqueue_seeds(redis, keys, seeds)
+    await enqueue_seeds(redis, keys, seeds, expected_urls=settings.expected_urls)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,10 +21,9 @@ How the structures count:
 
 * ``pages``/``skipped``/``failed``: results whose ``error`` is null / ``"robots"`` / anything
   else. An unreadable result is counted in none of them (and reported).
-* ``queued``: queue entries whose fingerprint has no result yet, plus unreadable queue entries
-  (still counted in ``queued`` until dispatch quarantines them; they are reported). An entry
-  whose result exists is *stale*: dispatch drops it, and ``queued`` no longer counts it. Stale
-  entries are counted and shown, but they are not a problem.
+* ``queued``: queue entries, readable or not (an unreadable one stays counted in ``queued``
+  until dispatch quarantines it; they are reported). An entry whose result exists too is an fp
+  in two places: results are stored only as an fp leaves its lease, so that is a problem.
 * ``in_flight``: every entry of every host's lease hash (readable or not).
 * ``quarantined``: quarantine entries with ``counted`` = ``"1"``.
 """
@@ -98,19 +97,14 @@ def counter_values(snap: Snapshot) -> dict[str, int | None]:
     return values
 
 
-def _live_and_stale(snap: Snapshot) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    live: list[tuple[str, str]] = []
-    stale: list[tuple[str, str]] = []
-    for host, fps in snap.queues.items():
-        for fp in fps:
-            (stale if fp in snap.results else live).append((fp, host))
-    return live, stale
+def _queued(snap: Snapshot) -> list[tuple[str, str]]:
+    return [(fp, host) for host, fps in snap.queues.items() for fp in fps]
 
 
 def structure_counts(snap: Snapshot) -> dict[str, int]:
     """What the structures hold, named after the counters they stand for, and the rest."""
     outcomes = Counter(snap.results.values())
-    live, stale = _live_and_stale(snap)
+    live = _queued(snap)
     unreadable_queue = sum(snap.queue_unreadable.values())
     return {
         "seen": len(snap.seen),
@@ -122,8 +116,7 @@ def structure_counts(snap: Snapshot) -> dict[str, int]:
         "quarantined": len(snap.quarantine_counted),
         "results": len(snap.results),
         "results_unreadable": outcomes["unreadable"],
-        "queue_entries": len(live) + len(stale) + unreadable_queue,
-        "queue_entries_stale": len(stale),
+        "queue_entries": len(live) + unreadable_queue,
         "queue_entries_unreadable": unreadable_queue,
         "dead": len(snap.dead),
         "quarantine_entries": snap.quarantine_entries,
@@ -135,11 +128,6 @@ def structure_counts(snap: Snapshot) -> dict[str, int]:
         "hosts_ready": len(snap.ready),
         "fetching": sum(len(fps) for fps in snap.fetching.values()),
     }
-
-
-def stale_entries(snap: Snapshot) -> list[str]:
-    """``fp@host`` of each stale queue entry (its result exists; dispatch drops it)."""
-    return [f"{fp}@{host}" for fp, host in _live_and_stale(snap)[1]]
 
 
 _COUNTER_MEANING = {
@@ -240,10 +228,9 @@ def compare(snap: Snapshot) -> list[Problem]:
             "dead_not_in_results", f"{len(dead_missing)} dead letters have no result",
             dead_missing))
 
-    # No fp in two places (a result, a live queue entry, a lease entry).
+    # No fp in two places (a result, a queue entry, a lease entry).
     where: dict[str, list[str]] = {fp: ["result"] for fp in snap.results}
-    live, _ = _live_and_stale(snap)
-    for fp, host in live:
+    for fp, host in _queued(snap):
         where.setdefault(fp, []).append(f"queue {host}")
     for host, fps in snap.leases.items():
         for fp in fps:
@@ -297,16 +284,13 @@ def compare(snap: Snapshot) -> list[Problem]:
 # Reporting
 
 def report(snap: Snapshot, problems: list[Problem] | None = None) -> dict[str, Any]:
-    """The ``--json`` object: ``{ok, counters, structures, problems}`` (and ``stale``, the stale
-    queue entries, and ``scheduler_running``)."""
+    """The ``--json`` object: ``{ok, counters, structures, problems, scheduler_running}``."""
     problems = compare(snap) if problems is None else problems
-    stale = stale_entries(snap)
     return {
         "ok": not problems,
         "counters": counter_values(snap),
         "structures": structure_counts(snap),
         "problems": [p.as_dict() for p in problems],
-        "stale": {"count": len(stale), "examples": stale[:EXAMPLES]},
         "scheduler_running": snap.scheduler_running,
     }
 
@@ -332,11 +316,6 @@ def format_report(snap: Snapshot, problems: list[Problem] | None = None) -> str:
                  f"{counts['hosts_leased']}, waiting {counts['hosts_waiting']}, ready "
                  f"{counts['hosts_ready']}; dead letters {counts['dead']}; quarantine entries "
                  f"{counts['quarantine_entries']}")
-    stale = stale_entries(snap)
-    if stale:
-        more = f" (+{len(stale) - EXAMPLES} more)" if len(stale) > EXAMPLES else ""
-        lines.append(f"stale queue entries: {len(stale)} (their results exist; dispatch drops "
-                     f"them; not a problem), e.g. {', '.join(stale[:EXAMPLES])}{more}")
     if snap.scheduler_running:
         lines.append("note: a scheduler holds the lock, so the crawl may be running and moving "
                      "while it is counted; check a finished or stopped crawl for exact answers")

@@ -18,12 +18,22 @@ from redis.asyncio import Redis
 
 from .commands import COMMANDS, source
 from .connections import as_text
-from .keys import CONSUMER_GROUP, Keys
-from .messages import FETCH_BATCH_JOB, HostBatch, PageResult, QueuedURL, decode_entry, encode
+from .keys import CONSUMER_GROUP, Keys, seen_digits
+from .messages import (
+    FETCH_BATCH_JOB,
+    VERSION,
+    HostBatch,
+    PageResult,
+    QueuedURL,
+    decode_entry,
+    encode,
+)
+from .scope import query_variant_key
+from .urls import fingerprint
 
-# What a report says of each URL (report.lua's outcomes).
+# What a progress call says of each URL (progress.lua's outcomes).
 PAGE, FAILED, SKIPPED, DEAD, RETRY, ALIAS = "p", "f", "s", "d", "r", "a"
-ADMIT_CHUNK = 500  # admissions per admit.lua call: keeps one script well under ~10 ms
+ADMIT_CHUNK = 250  # admissions per script call: keeps one script well under ~10 ms
 JOB_EXPIRY_MS = 86_400_000  # arq's default job expiry
 
 # The result of a URL given up on after its batches kept losing their worker (expire.lua fills
@@ -48,6 +58,13 @@ class Admission:
     entry: bytes
     variant: str = ""  # fingerprint of the URL without its query, when it has one
 
+    @classmethod
+    def of(cls, canonical: str, host: str, depth: int, fp: str | None = None) -> Admission:
+        fp = fp or fingerprint(canonical)
+        variant = query_variant_key(canonical)
+        return cls(fp, host, encode(QueuedURL(v=VERSION, fp=fp, url=canonical, depth=depth)),
+                   fingerprint(variant) if variant else "")
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -64,11 +81,34 @@ class StoredResult:
 
 
 @dataclass(frozen=True, slots=True)
-class ReportOutcome:
+class Progress:
+    """What a worker sends in one progress.lua call."""
+
+    results: Sequence[StoredResult] = ()
+    marks: Sequence[str] = ()  # fps about to be fetched
+    admissions: Sequence[Admission] = ()
+    discarded_scope: int = 0
+    discarded_invalid: int = 0
+    want: int = 0  # URLs wanted from the host queue
+    yield_to_others: bool = False  # refill only while no other host is ready
+    final: bool = False
+    wait_s: float = 0.0  # before the host's next lease, when final
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressOutcome:
     lease_held: bool
     stored: int
-    duplicates: int
     handed_back: int
+    admitted: int
+    refill: list[QueuedURL]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    urls: list[QueuedURL]
+    seen_digits: int
+    scope_size: int  # hosts and ports in scope (re-read them when this changes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +124,7 @@ class CrawlMarker:
     id: str
     state: str  # "new", "ok" or "lost"
     state_lost_at: float | None
+    seen_digits: int = 3
 
 
 def _none(limit: int | None) -> int:
@@ -114,10 +155,13 @@ class Frontier:
         return [word, *raw[1:]]
 
     # -- the crawl marker ---------------------------------------------------------------
-    async def open_crawl(self, known: str = "") -> CrawlMarker:
-        word, crawl_id, lost_at = await self._run("crawl", known, secrets.token_hex(8))
+    async def open_crawl(self, known: str = "", *,
+                         expected_urls: int = 1_000_000) -> CrawlMarker:
+        word, crawl_id, lost_at, digits = await self._run(
+            "crawl", known, secrets.token_hex(8), seen_digits(expected_urls))
         lost = as_text(lost_at)
-        return CrawlMarker(as_text(crawl_id), as_text(word), float(lost) if lost else None)
+        return CrawlMarker(as_text(crawl_id), as_text(word), float(lost) if lost else None,
+                           int(digits))
 
     # -- scheduler ----------------------------------------------------------------------
     def admit_args(
@@ -173,34 +217,45 @@ class Frontier:
     async def release_lock(self, instance: str) -> bool:
         return bool(await self._run("unlock", "", instance))
 
-    # -- workers ------------------------------------------------------------------------
+    # -- workers ----------------------------------------------------------------------
     async def claim(self, batch: HostBatch, *, lease_seconds: float,
-                    job_id: str) -> list[QueuedURL] | None:
+                    job_id: str) -> Claim | None:
         """Start a batch: its URLs, or None when its lease is not this batch's any more.
         The arq job leaves arq's queue either way."""
         raw = self._answer(await self._run("claim", batch.crawl, batch.host, batch.batch_id,
                                            lease_seconds, job_id))
         if raw[0] != "ok":
             return None
-        return [decode_entry(e) for e in raw[1:]]
+        return Claim([decode_entry(e) for e in raw[3:]], int(raw[1]), int(raw[2]))
 
     async def renew(self, batch: HostBatch, *, lease_seconds: float) -> bool:
         raw = await self._run("renew", batch.crawl, batch.host, batch.batch_id, lease_seconds)
         return self._word(raw) == "ok"
 
-    async def mark_fetching(self, batch: HostBatch, fp: str) -> bool:
-        raw = await self._run("fetching", batch.crawl, batch.host, batch.batch_id, fp)
-        return self._word(raw) == "ok"
-
-    async def report(self, batch: HostBatch, results: Sequence[StoredResult],
-                     events: Sequence[bytes], *, final: bool, wait_s: float) -> ReportOutcome:
-        args: list[Any] = [batch.host, batch.batch_id, "1" if final else "0", max(wait_s, 0.0),
-                           len(events), *events]
-        for r in results:
+    def progress_args(self, batch: HostBatch, p: Progress, limits: Limits) -> list[Any]:
+        args: list[Any] = [
+            batch.host, batch.batch_id, "1" if p.final else "0", max(p.wait_s, 0.0), p.want,
+            "1" if p.yield_to_others else "0", _none(limits.max_pages),
+            _none(limits.max_pages_per_host), limits.max_query_variants, p.discarded_scope,
+            p.discarded_invalid, len(p.marks), len(p.results), len(p.admissions), *p.marks,
+        ]
+        for r in p.results:
             args += (r.fp, r.outcome, r.data)
-        _, held, stored, duplicates, handed_back = self._answer(
-            await self._run("report", batch.crawl, *args))
-        return ReportOutcome(bool(held), int(stored), int(duplicates), int(handed_back))
+        for a in p.admissions:
+            args += (a.fp, a.host, a.entry, a.variant)
+        return args
+
+    async def progress(self, batch: HostBatch, p: Progress, limits: Limits) -> ProgressOutcome:
+        """Report results, mark the next fetches, admit links and refill, in one step."""
+        raw = self._answer(await self._run("progress", batch.crawl,
+                                           *self.progress_args(batch, p, limits)))
+        _, held, stored, handed_back, admitted, *refill = raw
+        return ProgressOutcome(bool(held), int(stored), int(handed_back), int(admitted),
+                               [decode_entry(e) for e in refill])
+
+    async def is_seen(self, fp: str, digits: int) -> bool:
+        key, member = self.keys.seen_slot(fp, digits)
+        return bool(await self.redis.sismember(key, member))
 
     async def quarantine(self, source_key: str, reason: str, data: bytes, *,
                          delete_source: bool = False, withdraw_job: str = "") -> None:

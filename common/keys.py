@@ -22,6 +22,25 @@ HOST_KINDS = ("q", "lease", "fetching")  # per-host key kinds, see Keys.host_*
 ARQ_PREFIXES = ("arq:job:", "arq:in-progress:", "arq:retry:")
 
 
+# The seen set's buckets stay intsets (Redis's set-max-intset-entries, 512 by default) while they
+# hold fewer members than that; aiming at 384 on average leaves room for the spread between
+# buckets (a few standard deviations of a Poisson count at that mean).
+INTSET_LIMIT = 512
+BUCKET_FILL = 384
+
+
+def seen_digits(expected_urls: int) -> int:
+    """Hex digits of the fingerprint that name its seen bucket, for a crawl of about
+    ``expected_urls`` URLs: the fewest (at least 3, so the member fits a Lua number exactly)
+    that keep buckets at BUCKET_FILL members on average. 3 digits (4,096 buckets) stay compact
+    up to ~1.6 M URLs, 4 up to ~25 M, 5 up to ~400 M; past that buckets turn into hash tables,
+    still exact, at ~60 bytes a member instead of 8."""
+    digits = 3
+    while digits < 8 and expected_urls > BUCKET_FILL * 16**digits:
+        digits += 1
+    return digits
+
+
 def escape_host(host: str) -> str:
     """The host as it stands between the braces of its keys (``%``, ``{`` and ``}`` escaped)."""
     return host.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
@@ -29,9 +48,11 @@ def escape_host(host: str) -> str:
 
 # The names of the fixed keys, relative to the namespace. Keys.fixed() lists them for tests.
 _FIXED = {
-    "events": "events",  # STREAM: seeds and workers' link reports; read by the scheduler's group
+    "events": "events",  # STREAM: seeds, read by the scheduler's consumer group
     "crawl": "crawl",  # HASH: the crawl marker (id, created_at, state_lost_at, lost_id)
-    "seen": "seen",  # SET of URL fingerprints ever admitted
+    # Prefix of the seen set's buckets: SETs of integers, {ns}:seen:{first digits of the fp}
+    # -> the fp's other digits as an integer (intset-encoded while small; see seen_slot).
+    "seen": "seen:",
     "scope_hosts": "scope:hosts",  # SET of host names in scope (the seeds' hosts)
     "scope_ports": "scope:ports",  # SET of the ports the seeds name (allowed besides 80, 443)
     "ready": "ready",  # ZSET host -> earliest time its next batch may go out
@@ -122,7 +143,22 @@ class Keys:
 
     @property
     def seen(self) -> str:
+        """The prefix of the seen set's buckets (see :func:`seen_slot`)."""
         return self._k(_FIXED["seen"])
+
+    @property
+    def seen_pattern(self) -> str:
+        return self.seen + "*"
+
+    def seen_slot(self, fp: str, digits: int) -> tuple[str, int]:
+        """The bucket key and member of fingerprint ``fp`` (16 hex digits): its first
+        ``digits`` hex digits name the bucket, the rest is the member. lib.lua splits alike."""
+        return self.seen + fp[:digits], int(fp[digits:], 16)
+
+    def seen_fp(self, bucket_key: str, member: int | str) -> str:
+        """The fingerprint back from a bucket key and one of its members."""
+        head = bucket_key[len(self.seen):]
+        return f"{head}{int(member):0{16 - len(head)}x}"
 
     @property
     def scope_hosts(self) -> str:

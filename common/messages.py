@@ -62,32 +62,13 @@ class PageResult(msgspec.Struct, kw_only=True, frozen=True):
     redirects: list[str] = []
 
 
-class LinkGroup(msgspec.Struct, array_like=True, frozen=True):
-    """Links found on pages of one depth; the links themselves are at ``depth``."""
-
-    depth: int
-    urls: list[str]
-
-
 class Seeds(msgspec.Struct, tag="seeds", kw_only=True, frozen=True):
     v: int = VERSION
     urls: list[str]
 
 
-class Discovered(msgspec.Struct, tag="links", kw_only=True, frozen=True):
-    """A worker's report of one batch (or part of it): the links its pages led to."""
-
-    v: int = VERSION
-    batch_id: str
-    host: str
-    worker: str
-    groups: list[LinkGroup]
-    pages: int
-    failed: int
-    final: bool
-
-
-Event = Seeds | Discovered
+# The events stream carries seeds; workers admit the links they find themselves (progress.lua).
+Event = Seeds
 
 _event_decoder = msgspec.json.Decoder(Event)
 _result_decoder = msgspec.json.Decoder(PageResult)

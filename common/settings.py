@@ -157,8 +157,18 @@ class Settings:
     # URLs fail as robots_unavailable.
     robots_max_wait: float = 3600.0
 
-    # Frontier and scheduling.
+    # Frontier and scheduling. batch_size: URLs a host's lease holds at a time (the worker
+    # refills it from the host queue as it goes). A worker keeps a host for up to
+    # host_turn_seconds, and gives it back after host_turn_pages when other hosts are waiting.
     batch_size: int = 20
+    host_turn_seconds: float = 120.0
+    host_turn_pages: int = 500
+    # About how many URLs the crawl will see: it sizes the seen set's buckets when the crawl
+    # opens (common/keys.py seen_digits); a bigger crawl stays exact, at more bytes per URL.
+    expected_urls: int = 1_000_000
+    # Fingerprints of links a worker remembers having sent, so that a site's navigation links
+    # cost Redis nothing after their first page (two generations of half this size each).
+    link_cache_size: int = 200_000
     max_depth: int | None = None
     max_pages: int | None = None
     sort_query: bool = False
@@ -177,12 +187,16 @@ class Settings:
     max_worker_losses: int = 3
     dispatch_ahead: int = 32
 
-    # arq worker loop.
-    jobs_per_worker: int = 16
+    # arq worker loop. jobs_per_worker: hosts one worker holds at once; with max_in_flight 64
+    # and 2 fetches a host, 32 slots let the fetch cap, not the slots, bound the worker.
+    jobs_per_worker: int = 32
     poll_delay: float = 0.05
     # Seconds a worker has after SIGTERM to finish or hand back its batches; deployment files
     # set terminationGracePeriodSeconds / stop_grace_period a little above it.
     shutdown_grace: float = 25.0
+
+    # The event loop: uvloop when installed (0 keeps asyncio's own).
+    uvloop: bool = True
 
     # Logging: "json", "console" or "auto" (console on a TTY, JSON otherwise).
     log_format: str = "auto"
@@ -196,6 +210,7 @@ class Settings:
             "max_in_flight", "per_host_concurrency", "batch_size", "jobs_per_worker",
             "max_body_bytes", "dispatch_ahead", "max_worker_losses", "max_query_variants",
             "max_repeated_segments", "max_url_length", "max_links_per_page", "max_header_bytes",
+            "host_turn_pages", "expected_urls", "link_cache_size",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -203,9 +218,11 @@ class Settings:
                     f"{env_name(name)} must be at least 1, got {getattr(self, name)}"
                 )
         for name in ("fetch_timeout", "read_timeout", "connect_timeout", "lease_seconds",
-                     "poll_delay", "robots_ttl", "robots_retry", "robots_max_wait"):
+                     "poll_delay", "host_turn_seconds", "robots_ttl", "robots_retry",
+                     "robots_max_wait"):
             if getattr(self, name) <= 0:
-                raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
+                raise SettingsError(
+                    f"{env_name(name)} must be positive, got {getattr(self, name)}")
         for name in ("crawl_delay", "max_crawl_delay", "max_retries", "max_redirects",
                      "retry_base", "retry_max"):
             if getattr(self, name) < 0:

@@ -138,9 +138,22 @@ async def collect(redis: Any, keys: Keys, *, page: int = PAGE) -> Snapshot:
         raw = await redis.hgetall(keys.stats)
         snap.stats = {_text(k): _text(v) for k, v in raw.items()}
 
+    async def read_seen_bucket(key: str) -> None:
+        async for member in redis.sscan_iter(key, count=page):
+            try:
+                snap.seen.add(keys.seen_fp(key, int(member)))
+            except ValueError:
+                snap.malformed.append(Malformed("seen", key, "member is not an integer",
+                                                sample(member)))
+
     async def read_seen() -> None:
-        async for fp in redis.sscan_iter(keys.seen, count=page):
-            snap.seen.add(_text(fp))
+        async for key_raw in redis.scan_iter(match=keys.seen_pattern, count=page):
+            key = _text(key_raw)
+            head = key[len(keys.seen):]
+            if not (3 <= len(head) <= 8 and all(c in "0123456789abcdef" for c in head)):
+                snap.other_keys.append(key)
+                continue
+            await guarded(key, lambda k=key: read_seen_bucket(k))
 
     async def read_results() -> None:
         async for fp_raw, data in redis.hscan_iter(keys.results, count=page):
@@ -228,7 +241,7 @@ async def collect(redis: Any, keys: Keys, *, page: int = PAGE) -> Snapshot:
             fps.add(_text(fp))
 
     await guarded(keys.stats, read_stats)
-    await guarded(keys.seen, read_seen)
+    await read_seen()
     await guarded(keys.results, read_results)
     await guarded(keys.dead_letter, read_dead)
     await guarded(keys.lease_batch, read_lease_batch)

@@ -1,8 +1,10 @@
-"""The scheduler process: reads events, grows the frontier, hands out host batches as arq jobs.
+"""The scheduler process: admits seeds, hands out host turns as arq jobs, expires leases.
 
-One loop, all state in Redis: events (seeds, workers' link reports) are read with a consumer
-group and acknowledged inside the same Lua script that admits their URLs, so a scheduler killed
-at any instant loses nothing (its pending events are read again by whoever leads next).
+It is not on the per-page path: a worker holding a host admits the links it finds and refills
+its lease itself (progress.lua). What is left here is per host turn: dispatch, the expiry pass,
+the finish check. Seeds arrive on a stream, read with a consumer group and acknowledged inside
+the same Lua script that admits their URLs, so a scheduler killed at any instant loses nothing
+(its pending events are read again by whoever leads next).
 
 Several schedulers may run: one holds a lock with a short expiry and works; the others wait and
 take over within ``LOCK_TTL`` seconds of its death. A Redis outage pauses the loop (with
@@ -25,19 +27,10 @@ from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedde
 from crawlfleet.common.frontier import ADMIT_CHUNK, Admission, Frontier, Limits, StateLost
 from crawlfleet.common.keys import CONSUMER_GROUP, Keys
 from crawlfleet.common.logs import get_logger
-from crawlfleet.common.messages import (
-    VERSION,
-    Discovered,
-    MessageVersionError,
-    QueuedURL,
-    Seeds,
-    decode_event,
-    encode,
-)
+from crawlfleet.common.messages import MessageVersionError, decode_event
+from crawlfleet.common.scope import ScopeRules, out_of_scope
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import URLError, canonicalize, fingerprint, host_key
-
-from .scope import ScopeRules, out_of_scope, query_variant_key
 
 CONSUMER = "scheduler"  # one name for every leader, so a new one reads the old one's pending
 READ_COUNT = 256
@@ -108,7 +101,8 @@ class Scheduler:
         """Learn the crawl's id, or notice that Redis lost the frontier's state (the marker is
         gone or another): say so, and carry on with what Redis has now (consumer group
         included) instead of crash-looping."""
-        marker = await self.frontier.open_crawl(self.crawl_id)
+        marker = await self.frontier.open_crawl(self.crawl_id,
+                                                expected_urls=self.settings.expected_urls)
         if marker.state == "lost" and marker.id != self.crawl_id:
             log.error("state_lost", lost_crawl=self.crawl_id, crawl=marker.id,
                       detail="the frontier's state disappeared from Redis (restarted without "
@@ -188,29 +182,25 @@ class Scheduler:
                                          event_id=message_id, ack=True,
                                          quarantine_reason=str(exc)[:200] or "unreadable")
             return
-        if isinstance(event, Seeds):
-            groups = [(0, event.urls)]
-            seed_hosts = set()
-            seed_ports = set()
-            for url in event.urls:
-                try:
-                    canonical = canonicalize(url)
-                except URLError:
-                    continue
-                seed_hosts.add(host_key(canonical))
-                port = url_port(canonical)
-                if port is not None:
-                    seed_ports.add(port)
-            if seed_ports - self.seed_ports:
-                self.seed_ports |= seed_ports
-                pipe.sadd(self.keys.scope_ports, *sorted(seed_ports))
-            new_hosts = seed_hosts - self.allowed_hosts
-            if new_hosts:
-                self.allowed_hosts |= new_hosts
-                pipe.sadd(self.keys.scope_hosts, *sorted(new_hosts))
-        else:
-            assert isinstance(event, Discovered)
-            groups = [(g.depth, g.urls) for g in event.groups]
+        groups = [(0, event.urls)]
+        seed_hosts = set()
+        seed_ports = set()
+        for url in event.urls:
+            try:
+                canonical = canonicalize(url)
+            except URLError:
+                continue
+            seed_hosts.add(host_key(canonical))
+            port = url_port(canonical)
+            if port is not None:
+                seed_ports.add(port)
+        if seed_ports - self.seed_ports:
+            self.seed_ports |= seed_ports
+            pipe.sadd(self.keys.scope_ports, *sorted(seed_ports))
+        new_hosts = seed_hosts - self.allowed_hosts
+        if new_hosts:
+            self.allowed_hosts |= new_hosts
+            pipe.sadd(self.keys.scope_hosts, *sorted(new_hosts))
         admissions, discarded_scope, discarded_invalid = await self.admissions(groups)
         # In chunks, so that no script runs long enough to stall Redis for everyone; the
         # event is acknowledged with its last chunk (re-admitting a chunk is a no-op).
@@ -253,10 +243,7 @@ class Scheduler:
                 if fp in batch_seen:
                     continue
                 batch_seen.add(fp)
-                entry = encode(QueuedURL(v=VERSION, fp=fp, url=canonical, depth=depth))
-                variant = query_variant_key(canonical)
-                admissions.append(Admission(fp, host, entry,
-                                            fingerprint(variant) if variant else ""))
+                admissions.append(Admission.of(canonical, host, depth, fp))
         return admissions, scope_refused, invalid
 
     async def housekeeping(self, now: float) -> None:

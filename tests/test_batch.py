@@ -16,11 +16,12 @@ from redis.exceptions import ResponseError
 
 from crawlfleet.common.connections import open_redis
 from crawlfleet.common.keys import Keys
-from crawlfleet.common.messages import HostBatch, QueuedURL, decode_result
+from crawlfleet.common.messages import HostBatch, decode_result
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.stats import read_status
 from crawlfleet.scheduler.service import Scheduler
 from crawlfleet.workers.batch import CRAWLER_FAULT_BACKOFF, BatchRun
+from crawlfleet.workers.links import LinkFilter
 
 URLS = [f"http://a.test/{i}" for i in range(3)]
 
@@ -48,19 +49,19 @@ async def claimed() -> AsyncIterator[dict[str, Any]]:
     await scheduler.frontier.dispatch(scheduler.crawl_id, batch_size=10, max_waiting=10)
     batch_id = (await redis.hget(keys.lease_batch, "a.test")).decode()
     batch = HostBatch(batch_id=batch_id, host="a.test", crawl=scheduler.crawl_id)
-    urls = await scheduler.frontier.claim(batch, lease_seconds=60, job_id=batch_id)
+    claim = await scheduler.frontier.claim(batch, lease_seconds=60, job_id=batch_id)
     async with aiohttp.ClientSession() as session:
         yield {"settings": settings, "redis": redis, "keys": keys, "batch": batch,
-               "urls": urls, "frontier": scheduler.frontier, "session": session}
+               "claim": claim, "frontier": scheduler.frontier, "session": session}
     await redis.aclose()
 
 
 def run_for(env: dict[str, Any], robots: Any) -> BatchRun:
     ctx = {"settings": env["settings"], "session": env["session"],
            "semaphore": asyncio.Semaphore(4), "frontier": env["frontier"], "robots": robots,
-           "redis": env["redis"], "keys": env["keys"], "job_id": env["batch"].batch_id}
-    urls: list[QueuedURL] = env["urls"]
-    return BatchRun(ctx, env["batch"], urls)
+           "redis": env["redis"], "keys": env["keys"], "job_id": env["batch"].batch_id,
+           "links": LinkFilter(env["settings"])}
+    return BatchRun(ctx, env["batch"], env["claim"])
 
 
 @pytest.mark.parametrize("exc", [RedisConnectionError("Connection refused"),
@@ -85,3 +86,30 @@ async def test_a_bug_of_ours_fails_the_urls_so_the_crawl_ends(claimed: dict[str,
     results = [decode_result(r) for r in await claimed["redis"].hvals(claimed["keys"].results)]
     assert {r.error for r in results} == {"crawler_error"}
     assert sorted(r.url for r in results) == URLS
+
+
+async def test_links_found_while_an_overflow_chunk_is_admitted_are_kept(
+    claimed: dict[str, Any],
+) -> None:
+    """Pages that finish while a chunk of links is being admitted append their own links: none
+    of them may be dropped (the worker's link cache would never send them again)."""
+    from crawlfleet.common.frontier import ADMIT_CHUNK, Admission
+
+    run = run_for(claimed, FailingRobots(RuntimeError("unused")))
+    links = [Admission.of(f"http://a.test/l{i}", "a.test", 1) for i in range(ADMIT_CHUNK * 3)]
+    run.admissions = links[:ADMIT_CHUNK * 2 + 10]
+    late = links[ADMIT_CHUNK * 2 + 10:]
+    sent: list[Admission] = []
+    real_admit = run.frontier.admit
+
+    async def admit(crawl: str, chunk: list[Admission], limits: Any, **kw: Any) -> int:
+        if late:  # a page finishes during the first call
+            run.admissions.extend(late)
+            late.clear()
+        sent.extend(chunk)
+        return await real_admit(crawl, chunk, limits, **kw)
+
+    run.frontier.admit = admit  # type: ignore[method-assign]
+    await run._admit_overflow()
+    assert len(run.admissions) <= ADMIT_CHUNK
+    assert sorted(a.fp for a in sent + run.admissions) == sorted(a.fp for a in links)

@@ -28,7 +28,7 @@ from crawlfleet.common.keys import Keys
 
 NS = "chk"
 KEYS = Keys(NS)
-A, B = "a.example", "b.example"  # A: two queued URLs and a stale entry; B: a leased batch
+A, B = "a.example", "b.example"  # A: two queued URLs; B: a leased batch
 
 
 def fp(name: str) -> str:
@@ -55,17 +55,29 @@ def result(url: str, error: str | None) -> bytes:
         "elapsed_ms": 1.0, "fetched_at": 1.0, "error": error})
 
 
+DIGITS = 3  # the seen set's bucket digits (the crawl marker's default)
+
+
+async def seen_add(redis: Any, *fps: str) -> None:
+    """Into the seen set as the Lua commands write it: bucket by the first digits, the rest of
+    the fingerprint as an integer member."""
+    for f in fps:
+        await redis.sadd(*KEYS.seen_slot(f, DIGITS))
+
+
+async def seen_remove(redis: Any, f: str) -> None:
+    await redis.srem(*KEYS.seen_slot(f, DIGITS))
+
+
 async def build_consistent(redis: Any) -> None:
-    seen = [R_PAGE, R_ROBOTS, R_FAILED, Q1, Q2, L1, L2, QX]
-    await redis.sadd(KEYS.seen, *seen)
+    await seen_add(redis, R_PAGE, R_ROBOTS, R_FAILED, Q1, Q2, L1, L2, QX)
     await redis.hset(KEYS.results, mapping={
         R_PAGE: result("https://a/p", None),
         R_ROBOTS: result("https://a/r", "robots"),
         R_FAILED: result("https://a/f", "timeout"),
     })
     await redis.hset(KEYS.dead_letter, R_FAILED, result("https://a/f", "timeout"))
-    # A's queue: two live entries and a stale one (its result is stored already).
-    await redis.rpush(KEYS.host_queue(A), entry(Q1), entry(Q2), entry(R_PAGE))
+    await redis.rpush(KEYS.host_queue(A), entry(Q1), entry(Q2))
     await redis.zadd(KEYS.ready, {A: 1.0})
     # B's batch, claimed by a worker, one URL being fetched.
     await redis.hset(KEYS.host_lease(B), mapping={L1: entry(L1), L2: entry(L2)})
@@ -113,15 +125,23 @@ async def test_consistent_state_passes(redis: Any) -> None:
     counts = structure_counts(snap)
     assert counts["seen"] == 8
     assert (counts["pages"], counts["skipped"], counts["failed"]) == (1, 1, 1)
-    assert counts["queued"] == 2 and counts["queue_entries_stale"] == 1
+    assert counts["queued"] == 2 and counts["queue_entries"] == 2
     assert counts["in_flight"] == 2 and counts["quarantined"] == 1
     assert counts["quarantine_entries"] == 2 and counts["dead"] == 1
     text = format_report(snap)
     assert text.endswith("check: OK")
-    assert f"{R_PAGE}@{A}" in text  # the stale entry is shown, not counted as a problem
     obj = report(snap)
     assert obj["ok"] is True and obj["problems"] == []
     assert obj["counters"]["pages"] == 1 and obj["structures"]["in_flight"] == 2
+
+
+async def test_a_queued_url_with_a_result_is_in_two_places(redis: Any) -> None:
+    """Results are stored only as an fp leaves its lease, so a queue entry whose result exists
+    would be fetched and stored again."""
+    await redis.rpush(KEYS.host_queue(A), entry(R_PAGE))
+    await redis.hincrby(KEYS.stats, "queued", 1)
+    problem = only(await problems_of(redis), "fp_in_two_places")
+    assert any(R_PAGE in example for example in problem.examples)
 
 
 async def test_small_pages_read_the_same(redis: Any) -> None:
@@ -173,7 +193,7 @@ async def test_two_live_queue_entries_and_lease_plus_result(redis: Any) -> None:
 
 
 async def test_result_missing_from_seen(redis: Any) -> None:
-    await redis.srem(KEYS.seen, R_ROBOTS)
+    await seen_remove(redis, R_ROBOTS)
     await redis.hincrby(KEYS.stats, "seen", -1)
     problems = await problems_of(redis)
     missing = only(problems, "result_not_in_seen")
@@ -184,7 +204,7 @@ async def test_result_missing_from_seen(redis: Any) -> None:
 async def test_malformed_entries_are_problems_not_errors(redis: Any) -> None:
     # A malformed queue entry is still a URL counted in seen and queued: only it is reported.
     await redis.rpush(KEYS.host_queue(A), b"not json")
-    await redis.sadd(KEYS.seen, fp("junk"))
+    await seen_add(redis, fp("junk"))
     await redis.hincrby(KEYS.stats, "queued", 1)
     await redis.hincrby(KEYS.stats, "seen", 1)
     problems = await problems_of(redis)
@@ -243,11 +263,38 @@ async def test_queue_not_ready_and_wrong_type(redis: Any) -> None:
     assert only(problems, "queue_not_ready").examples == (A,)
 
 
+async def test_seen_is_read_from_every_bucket(redis: Any) -> None:
+    snap = await collect(redis, KEYS)
+    assert snap.seen == {R_PAGE, R_ROBOTS, R_FAILED, Q1, Q2, L1, L2, QX}
+    buckets = {k async for k in redis.scan_iter(match=KEYS.seen_pattern)}
+    assert len(buckets) > 1  # the fixture's fps start with several different digits
+    # A fingerprint whose member has leading zeros comes back whole.
+    edge = "abc0000000000001"
+    await seen_add(redis, edge)
+    await redis.hset(KEYS.results, edge, result("https://a/e", None))
+    await redis.hincrby(KEYS.stats, "seen", 1)
+    await redis.hincrby(KEYS.stats, "pages", 1)
+    assert await redis.smembers(f"{KEYS.seen}abc") == {b"1"}
+    assert await problems_of(redis) == []
+
+
+async def test_a_bad_seen_member_and_a_stray_seen_key(redis: Any) -> None:
+    await redis.sadd(f"{KEYS.seen}abc", "not-a-number")  # in a bucket, but no fingerprint
+    await redis.set(f"{KEYS.seen}xyz", "x")  # under the prefix, but no bucket
+    await redis.set(f"{KEYS.seen}123", "x")  # a bucket's name, of the wrong type
+    problems = await problems_of(redis)
+    assert kinds(problems) == {"malformed_seen", "malformed_key", "unknown_key"}
+    assert "not-a-number" in only(problems, "malformed_seen").examples[0]
+    assert only(problems, "unknown_key").examples == (f"{KEYS.seen}xyz",)
+    assert f"{KEYS.seen}123" in only(problems, "malformed_key").examples[0]
+
+
 def test_parse_host_key() -> None:
     host = "we{ird}%7B.example"
     for kind in ("q", "lease", "fetching"):
         assert parse_host_key(KEYS, KEYS.host_key(host, kind)) == (host, kind)
     assert parse_host_key(KEYS, f"{NS}:seen") is None
+    assert parse_host_key(KEYS, KEYS.seen_slot(Q1, DIGITS)[0]) is None  # a seen bucket
     assert parse_host_key(KEYS, f"{NS}:h:{{a{{b}}:q") is None  # not the escaped form
 
 

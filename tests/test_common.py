@@ -10,9 +10,7 @@ import pytest
 
 from crawlfleet.cli.commands import parse_seed_lines
 from crawlfleet.common.messages import (
-    Discovered,
     HostBatch,
-    LinkGroup,
     MessageVersionError,
     QueuedURL,
     Seeds,
@@ -23,14 +21,14 @@ from crawlfleet.common.messages import (
     job_deserializer,
     job_serializer,
 )
-from crawlfleet.common.settings import Settings, SettingsError
-from crawlfleet.scheduler.scope import (
+from crawlfleet.common.scope import (
     ScopeRules,
     host_allowed,
     out_of_scope,
     query_variant_key,
     repeated_segments,
 )
+from crawlfleet.common.settings import Settings, SettingsError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -94,10 +92,18 @@ def test_messages_round_trip_as_json_with_a_version() -> None:
     assert msgspec.json.decode(encode(entry))["fp"] == "0123456789abcdef"
     assert decode_entry(b'{"url":"http://a.test/","depth":2,"fp":"0123456789abcdef",'
                         b'"tries":1,"v":1}') == entry
-    event = Discovered(batch_id="b1", host="a.test", worker="w",
-                       groups=[LinkGroup(1, ["http://a.test/x"])], pages=1, failed=0, final=True)
-    assert decode_event(encode(event)) == event
-    assert decode_event(encode(Seeds(urls=["http://a.test/"]))) == Seeds(urls=["http://a.test/"])
+    seeds = Seeds(urls=["http://a.test/"])
+    assert decode_event(encode(seeds)) == seeds
+    assert msgspec.json.decode(encode(seeds))["type"] == "seeds"
+
+
+def test_the_stream_carries_only_seeds() -> None:
+    """Workers admit their links themselves (progress.lua): an old worker's link report on
+    the stream is refused, and the scheduler quarantines it."""
+    old_report = (b'{"type":"links","v":1,"batch_id":"b1","host":"a.test","worker":"w",'
+                  b'"groups":[[1,["http://a.test/x"]]],"pages":1,"failed":0,"final":true}')
+    with pytest.raises(msgspec.ValidationError):
+        decode_event(old_report)
 
 
 def test_a_newer_message_version_is_refused() -> None:

@@ -33,7 +33,6 @@ from dnslib.server import BaseResolver, DNSServer
 from crawlfleet.common.messages import QueuedURL
 from crawlfleet.common.settings import Settings
 from crawlfleet.testweb.dns import DnsServer
-from crawlfleet.workers.batch import build_result
 from crawlfleet.workers.fetch import (
     BlockedAddressError,
     CrawlerFault,
@@ -47,6 +46,7 @@ from crawlfleet.workers.fetch import (
     literal_private_host,
 )
 from crawlfleet.workers.pacing import Turn
+from crawlfleet.workers.results import build_result
 from crawlfleet.workers.worker import _build_session, worker_session
 
 HOST = "127.0.0.1"

@@ -1,4 +1,7 @@
-"""The frontier's commands (common/commands/*.lua through common/frontier.py), on fakeredis.
+"""The frontier's commands (common/commands/*.lua through common/frontier.py), each on the
+embedded backend (fakeredis) and on a real redis-server (conftest's private one, in a database
+of its own; never the machine's 6379). Every ``status`` read also runs ``crawlfleet check``'s
+comparison, so the structures agree with the counters after every step.
 
 Times come from Redis's clock inside the scripts, so expiry is driven by lease lengths
 (a negative lease is already over) rather than by a fake "now".
@@ -15,30 +18,41 @@ from typing import Any
 import msgspec
 import pytest
 
+from crawlfleet.common.check import collect, compare, structure_counts
 from crawlfleet.common.connections import open_redis
 from crawlfleet.common.frontier import (
+    ALIAS,
+    DEAD,
     FAILED,
     PAGE,
+    RETRY,
+    SKIPPED,
+    Admission,
     Frontier,
+    Limits,
+    Progress,
+    ProgressOutcome,
     StateLost,
     StoredResult,
 )
-from crawlfleet.common.keys import Keys
+from crawlfleet.common.keys import Keys, seen_digits
 from crawlfleet.common.messages import (
-    Discovered,
     HostBatch,
-    LinkGroup,
     PageResult,
     QueuedURL,
+    Seeds,
     batch_from_job,
+    decode_entry,
     decode_result,
     encode,
     job_deserializer,
 )
 from crawlfleet.common.settings import Settings
-from crawlfleet.common.stats import accounted, read_status
-from crawlfleet.common.urls import canonicalize, host_key
+from crawlfleet.common.stats import COUNTERS, DISCARDS, accounted, read_status
+from crawlfleet.common.urls import canonicalize, fingerprint, host_key
 from crawlfleet.scheduler.service import Scheduler
+
+REAL_DB = 3  # these tests' database on the shared test redis-server (integration tests use 0)
 
 
 @dataclass
@@ -51,15 +65,25 @@ class Claimed:
         return self.batch.host
 
 
+@pytest.fixture(params=["embedded", "redis"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "embedded":
+        return f"embedded://{uuid.uuid4().hex}"
+    server = request.getfixturevalue("redis_server")
+    return f"redis://127.0.0.1:{server.port}/{REAL_DB}"
+
+
 @pytest.fixture
-async def env() -> AsyncIterator[dict[str, Any]]:
-    settings = Settings(redis_url=f"embedded://{uuid.uuid4().hex}", namespace="t", batch_size=3)
+async def env(redis_url: str) -> AsyncIterator[dict[str, Any]]:
+    settings = Settings(redis_url=redis_url, namespace="t", batch_size=3)
     redis = open_redis(settings.redis_url)
+    await redis.flushdb()  # what an earlier test left in the real server's database
     keys = Keys(settings.namespace)
     scheduler = Scheduler(settings, redis)
     await scheduler.open_crawl()
     yield {"settings": settings, "redis": redis, "keys": keys, "scheduler": scheduler,
-           "frontier": scheduler.frontier}
+           "frontier": scheduler.frontier, "real": not redis_url.startswith("embedded://")}
+    await redis.flushdb()
     await redis.aclose()
 
 
@@ -67,21 +91,43 @@ def crawl(env: dict[str, Any]) -> str:
     return str(env["scheduler"].crawl_id)
 
 
+def limits(env: dict[str, Any]) -> Limits:
+    s: Settings = env["settings"]
+    return Limits(s.max_pages, s.max_pages_per_host, s.max_query_variants)
+
+
 async def admit(env: dict[str, Any], urls: list[str], depth: int = 0) -> int:
+    """Seeds' way in: the scheduler's scope check, then admit.lua."""
     scheduler: Scheduler = env["scheduler"]
     scheduler.allowed_hosts |= {host_key(canonicalize(u)) for u in urls}
-    scheduler.limits = type(scheduler.limits)(
-        env["settings"].max_pages, env["settings"].max_pages_per_host,
-        env["settings"].max_query_variants)
+    scheduler.limits = limits(env)
     admissions, _, _ = await scheduler.admissions([(depth, urls)])
     return int(await env["frontier"].admit(crawl(env), admissions, scheduler.limits))
+
+
+def admissions_of(urls: list[str], depth: int = 1) -> list[Admission]:
+    """Links as a worker sends them in a progress call (its own scope check passed)."""
+    return [Admission.of(canonicalize(u), host_key(canonicalize(u)), depth) for u in urls]
+
+
+async def checked(env: dict[str, Any]) -> dict[str, int]:
+    """`crawlfleet check` on the current state: no problem; what the structures hold."""
+    snap = await collect(env["redis"], env["keys"])
+    problems = compare(snap)
+    assert problems == [], "\n".join(str(p) for p in problems)
+    return structure_counts(snap)
 
 
 async def status(env: dict[str, Any]) -> dict[str, Any]:
     s = await read_status(env["redis"], env["keys"])
     assert accounted(s), s
     assert all(s[k] >= 0 for k in ("seen", "pages", "failed", "queued", "in_flight")), s
+    await checked(env)
     return s
+
+
+def counters(s: dict[str, Any]) -> dict[str, int]:
+    return {k: s[k] for k in (*COUNTERS, *DISCARDS, "retries")}
 
 
 async def jobs(env: dict[str, Any]) -> list[HostBatch]:
@@ -106,9 +152,9 @@ async def dispatch(env: dict[str, Any], *, max_waiting: int = 10,
         return [Claimed(b, []) for b in new]
     out = []
     for b in new:
-        urls = await env["frontier"].claim(b, lease_seconds=lease_seconds, job_id=b.batch_id)
-        assert urls is not None
-        out.append(Claimed(b, urls))
+        claimed = await env["frontier"].claim(b, lease_seconds=lease_seconds, job_id=b.batch_id)
+        assert claimed is not None
+        out.append(Claimed(b, claimed.urls))
     return out
 
 
@@ -123,17 +169,42 @@ def result_for(url: str, error: str | None = None) -> PageResult:
                       elapsed_ms=1.0, fetched_at=time.time(), error=error)
 
 
+ERRORS = {PAGE: None, SKIPPED: "robots", FAILED: "http_4xx", DEAD: "http_5xx"}
+
+
+def results_for(claimed: Claimed, urls: list[str] | None = None,
+                outcome: str = PAGE) -> list[StoredResult]:
+    chosen = [u for u in claimed.urls if urls is None or u.url in urls]
+    return [StoredResult(u.fp, outcome, encode(result_for(u.url, ERRORS[outcome])))
+            for u in chosen]
+
+
+async def progress(env: dict[str, Any], claimed: Claimed, **fields: Any) -> ProgressOutcome:
+    frontier: Frontier = env["frontier"]
+    return await frontier.progress(claimed.batch, Progress(**fields), limits(env))
+
+
 async def report(env: dict[str, Any], claimed: Claimed, *, final: bool = True,
                  urls: list[str] | None = None, links: list[str] | None = None,
-                 wait_s: float = 0.0, outcome: str = PAGE) -> Any:
-    chosen = [u for u in claimed.urls if urls is None or u.url in urls]
-    error = None if outcome == PAGE else "http_4xx"
-    results = [StoredResult(u.fp, outcome, encode(result_for(u.url, error))) for u in chosen]
-    event = encode(Discovered(batch_id=claimed.batch.batch_id, host=claimed.host, worker="w",
-                              groups=[LinkGroup(1, links or [])], pages=len(results), failed=0,
-                              final=final))
-    frontier: Frontier = env["frontier"]
-    return await frontier.report(claimed.batch, results, [event], final=final, wait_s=wait_s)
+                 wait_s: float = 0.0, outcome: str = PAGE) -> ProgressOutcome:
+    """A worker's call with results (its pages' links scope-checked as the scheduler does)."""
+    admissions, refused, invalid = await env["scheduler"].admissions([(1, links or [])])
+    return await progress(env, claimed, results=results_for(claimed, urls, outcome),
+                          admissions=admissions, discarded_scope=refused,
+                          discarded_invalid=invalid, final=final, wait_s=wait_s)
+
+
+async def queue_urls(env: dict[str, Any], host: str) -> list[str]:
+    raws = await env["redis"].lrange(env["keys"].host_queue(host), 0, -1)
+    return [decode_entry(raw).url for raw in raws]
+
+
+async def lease_fps(env: dict[str, Any], host: str) -> set[str]:
+    return {f.decode() for f in await env["redis"].hkeys(env["keys"].host_lease(host))}
+
+
+async def marks(env: dict[str, Any], host: str) -> set[str]:
+    return {f.decode() for f in await env["redis"].smembers(env["keys"].host_fetching(host))}
 
 
 async def test_admit_deduplicates_and_counts(env: dict[str, Any]) -> None:
@@ -193,36 +264,92 @@ async def test_the_lease_starts_at_the_claim(env: dict[str, Any]) -> None:
     assert all(u.tries == 0 for u in again.urls)
 
 
-async def test_an_expired_lease_charges_only_the_urls_in_flight(env: dict[str, Any]) -> None:
+async def test_the_claim_tells_the_worker_the_seen_digits_and_the_scope_size(
+    env: dict[str, Any],
+) -> None:
+    from crawlfleet.cli.commands import enqueue_seeds
+
+    await enqueue_seeds(env["redis"], env["keys"], ["http://a.test:8080/", "http://b.test/"])
+    assert await env["scheduler"].read_events() == 1
+    [waiting, _] = sorted(await dispatch(env, claim=False), key=lambda c: c.host)
+    claim = await env["frontier"].claim(waiting.batch, lease_seconds=60, job_id="")
+    assert claim is not None
+    assert [u.url for u in claim.urls] == ["http://a.test:8080/"]
+    assert claim.seen_digits == 3  # the crawl marker's, for ~1 M expected URLs
+    # What the worker re-reads its scope by: the seeds' two hosts and two ports (8080, 80).
+    redis, keys = env["redis"], env["keys"]
+    assert await redis.smembers(keys.scope_ports) == {b"80", b"8080"}
+    assert claim.scope_size == 4 == await redis.scard(keys.scope_hosts) + 2
+    await status(env)
+
+
+async def test_an_expired_lease_charges_only_the_marked_urls(env: dict[str, Any]) -> None:
     frontier: Frontier = env["frontier"]
     await admit(env, [f"http://a.test/{i}" for i in range(3)])
     [first] = await dispatch(env, lease_seconds=60)
     assert (await frontier.expire(crawl(env), max_losses=3, claim_timeout=60)).leases == 0
-    assert await frontier.mark_fetching(first.batch, first.urls[1].fp)
+    assert (await progress(env, first, marks=[first.urls[1].fp])).lease_held
     await lapse(env, "a.test")
     expired = await frontier.expire(crawl(env), max_losses=3, claim_timeout=60)
     assert (expired.leases, expired.requeued, expired.given_up) == (1, 3, 0)
     s = await status(env)
     assert (s["queued"], s["in_flight"], s["leases_expired"]) == (3, 0, 1)
     [again] = await dispatch(env)
-    assert [u.url for u in again.urls] == [u.url for u in first.urls]  # at the front
-    assert [u.tries for u in again.urls] == [0, 1, 0]  # only the one in flight is charged
+    # Only the marked one is charged. (A lease is a hash: on a real Redis its entries, longer
+    # than hash-max-listpack-value, come back in no particular order.)
+    assert {u.fp: u.tries for u in again.urls} == {
+        u.fp: int(u.fp == first.urls[1].fp) for u in first.urls}
+    s = await status(env)
+    assert (s["queued"], s["in_flight"], s["failed"]) == (0, 3, 0)
+
+
+async def test_a_page_that_keeps_losing_its_worker_fails_as_worker_lost(
+    env: dict[str, Any],
+) -> None:
+    """On a real Redis too: cjson writes an empty list as {}, so the result must still decode
+    as a PageResult."""
+    frontier: Frontier = env["frontier"]
+    await admit(env, [f"http://a.test/{i}" for i in range(3)])
+    [batch] = await dispatch(env)
     # The poison page: marked at every loss, it fails as worker_lost after three.
-    poison = again.urls[0]
-    batch = again
+    poison = batch.urls[0]
     for loss in range(1, 4):
-        assert await frontier.mark_fetching(batch.batch, poison.fp)
+        assert (await progress(env, batch, marks=[poison.fp])).lease_held
         await lapse(env, "a.test")
         expired = await frontier.expire(crawl(env), max_losses=3, claim_timeout=60)
         assert expired.given_up == (1 if loss == 3 else 0)
         [batch] = await dispatch(env)
         if loss < 3:
             assert next(u for u in batch.urls if u.fp == poison.fp).tries == loss
+    assert all(u.tries == 0 for u in batch.urls)  # the others were never charged
     stored = decode_result(await env["redis"].hget(env["keys"].results, poison.fp))
     assert stored.error == "worker_lost" and stored.url == poison.url
     assert await env["redis"].hexists(env["keys"].dead_letter, poison.fp)
     s = await status(env)
     assert (s["failed"], s["queued"], s["in_flight"], s["dead"]) == (1, 0, 2, 1)
+
+
+async def test_marks_are_set_only_under_a_held_lease(env: dict[str, Any]) -> None:
+    await admit(env, [f"http://a.test/{i}" for i in range(3)])
+    [batch] = await dispatch(env)
+    fps = [u.fp for u in batch.urls]
+    assert (await progress(env, batch, marks=fps[:2])).lease_held
+    assert await marks(env, "a.test") == set(fps[:2])
+    # A result takes its URL's mark away.
+    await progress(env, batch, results=results_for(batch, [batch.urls[0].url]))
+    assert await marks(env, "a.test") == {fps[1]}
+    # A final call sets none (nothing more will be fetched) and clears the set.
+    final = await progress(env, batch, marks=[fps[2]], final=True)
+    assert final.lease_held and final.handed_back == 2
+    assert not await env["redis"].exists(env["keys"].host_fetching("a.test"))
+    # The old batch, stale now, sets none in the new lease; the new holder does.
+    [new] = await dispatch(env)
+    stale = await progress(env, batch, marks=fps[1:])
+    assert not stale.lease_held
+    assert await marks(env, "a.test") == set()
+    assert (await progress(env, new, marks=[new.urls[0].fp])).lease_held
+    assert await marks(env, "a.test") == {new.urls[0].fp}
+    await status(env)
 
 
 async def test_a_lost_lease_stops_fetching(env: dict[str, Any]) -> None:
@@ -231,50 +358,111 @@ async def test_a_lost_lease_stops_fetching(env: dict[str, Any]) -> None:
     [claimed] = await dispatch(env)
     await lapse(env, "a.test")
     await frontier.expire(crawl(env), max_losses=3, claim_timeout=60)
-    assert not await frontier.mark_fetching(claimed.batch, claimed.urls[0].fp)
+    outcome = await progress(env, claimed, marks=[claimed.urls[0].fp])
+    assert not outcome.lease_held  # the worker learns it must stop
+    assert not await env["redis"].exists(env["keys"].host_fetching("a.test"))
     assert not await frontier.renew(claimed.batch, lease_seconds=60)
 
 
-async def test_stale_report_is_accepted_without_duplicates(env: dict[str, Any]) -> None:
+async def test_a_stale_worker_stores_nothing_and_its_links_are_admitted(
+    env: dict[str, Any],
+) -> None:
     frontier: Frontier = env["frontier"]
     await admit(env, [f"http://a.test/{i}" for i in range(3)])
     [old] = await dispatch(env, lease_seconds=-1)
     await frontier.expire(crawl(env), max_losses=3, claim_timeout=60)
     [new] = await dispatch(env)
+    leased = await lease_fps(env, "a.test")
+    before = counters(await status(env))
 
-    # The old holder wakes up and reports one page: stored once, counted once.
-    stale = await report(env, old, urls=[old.urls[0].url])
-    assert not stale.lease_held and stale.stored == 1
-    s = await status(env)
-    assert (s["pages"], s["in_flight"]) == (1, 2)
+    # The old holder wakes up and reports a page with its links: the page is the new holder's
+    # to fetch and store; the links are real, and admitted.
+    stale = await report(env, old, final=False, urls=[old.urls[0].url],
+                         links=["http://a.test/new"])
+    assert not stale.lease_held
+    assert (stale.stored, stale.handed_back, stale.admitted, stale.refill) == (0, 0, 1, [])
+    assert await env["redis"].hlen(env["keys"].results) == 0
+    assert await lease_fps(env, "a.test") == leased  # the new lease is untouched
+    after = counters(await status(env))
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
+        "seen": 1, "queued": 1}
+    # A final call from it releases nothing either.
+    stale = await report(env, old, urls=[u.url for u in old.urls])
+    assert not stale.lease_held and (stale.stored, stale.handed_back) == (0, 0)
+    assert await env["redis"].hget(env["keys"].lease_batch, "a.test") == new.batch.batch_id.encode()
 
     fresh = await report(env, new)
-    assert fresh.lease_held and (fresh.stored, fresh.duplicates) == (2, 1)
+    assert fresh.lease_held and fresh.stored == 3
     s = await status(env)
-    assert (s["pages"], s["queued"], s["in_flight"], s["hosts_leased"]) == (3, 0, 0, 0)
+    assert (s["pages"], s["queued"], s["in_flight"], s["hosts_leased"]) == (3, 1, 0, 0)
     assert await env["redis"].hlen(env["keys"].results) == 3
 
 
-async def test_stale_report_for_a_requeued_url(env: dict[str, Any]) -> None:
+async def test_a_stale_worker_leaves_requeued_urls_in_the_queue(env: dict[str, Any]) -> None:
     frontier: Frontier = env["frontier"]
     await admit(env, ["http://a.test/1", "http://a.test/2"])
     [old] = await dispatch(env, lease_seconds=-1)
     await frontier.expire(crawl(env), max_losses=3, claim_timeout=60)  # both back in queue
-    await report(env, old)  # the old holder stores both while they wait in the queue
+    queued = await queue_urls(env, "a.test")
+    before = counters(await status(env))
+    stale = await report(env, old)  # the old holder reports both while they wait in the queue
+    assert not stale.lease_held and stale.stored == 0
+    assert counters(await status(env)) == before
+    assert await queue_urls(env, "a.test") == queued
+    assert await env["redis"].zscore(env["keys"].ready, "a.test") is not None
+    [again] = await dispatch(env)  # fetched again, by the lease's new holder
+    assert sorted(u.url for u in again.urls) == sorted(queued)
+    await report(env, again)
     s = await status(env)
     assert (s["pages"], s["queued"], s["in_flight"]) == (2, 0, 0)
-    assert await dispatch(env) == []  # their entries are dropped, not fetched again
-    await env["scheduler"].read_events()
     assert await frontier.check_finished(crawl(env))
 
 
-async def test_final_report_hands_back_unreported_urls(env: dict[str, Any]) -> None:
+async def test_a_repeated_call_stores_nothing_twice(env: dict[str, Any]) -> None:
+    """A call whose answer was lost (a dropped connection) is sent again."""
     await admit(env, [f"http://a.test/{i}" for i in range(3)])
     [batch] = await dispatch(env)
-    outcome = await report(env, batch, urls=[batch.urls[0].url])
-    assert outcome.handed_back == 2
+    first = await report(env, batch, final=False, urls=[batch.urls[0].url])
+    assert first.stored == 1
+    stored = await env["redis"].hgetall(env["keys"].results)
+    before = counters(await status(env))
+    again = await report(env, batch, final=False, urls=[batch.urls[0].url])
+    assert again.lease_held and again.stored == 0
+    assert counters(await status(env)) == before
+    assert await env["redis"].hgetall(env["keys"].results) == stored
+    # The final call, repeated: the first released the lease, the second is stale.
+    assert (await report(env, batch)).stored == 2
+    before = counters(await status(env))
+    repeated = await report(env, batch)
+    assert not repeated.lease_held and (repeated.stored, repeated.handed_back) == (0, 0)
+    assert counters(await status(env)) == before
+    assert before["pages"] == 3
+
+
+async def test_a_final_call_hands_back_to_the_front_of_the_queue(env: dict[str, Any]) -> None:
+    redis, keys = env["redis"], env["keys"]
+    await admit(env, [f"http://a.test/{i}" for i in range(5)])
+    [batch] = await dispatch(env)
+    behind = await queue_urls(env, "a.test")
+    assert len(behind) == 2
+    await progress(env, batch, marks=[u.fp for u in batch.urls])
+    outcome = await progress(env, batch, results=results_for(batch, [batch.urls[0].url]),
+                             final=True, want=5)
+    assert outcome.lease_held
+    assert (outcome.stored, outcome.handed_back, outcome.refill) == (1, 2, [])
+    queue = await queue_urls(env, "a.test")
+    assert sorted(queue[:2]) == sorted(u.url for u in batch.urls[1:]) and queue[2:] == behind
+    assert all(decode_entry(e).tries == 0 for e in await redis.lrange(keys.host_queue("a.test"),
+                                                                       0, -1))
+    # The lease is released whole, and the host is ready for its next turn.
+    assert await redis.hget(keys.lease_batch, "a.test") is None
+    assert await redis.zscore(keys.leases, "a.test") is None
+    assert not await redis.exists(keys.host_lease("a.test"), keys.host_fetching("a.test"))
+    assert await redis.zscore(keys.ready, "a.test") is not None
     s = await status(env)
-    assert (s["pages"], s["queued"], s["in_flight"], s["hosts_leased"]) == (1, 2, 0, 0)
+    assert (s["pages"], s["queued"], s["in_flight"], s["hosts_leased"]) == (1, 4, 0, 0)
+    [again] = await dispatch(env)
+    assert sorted(u.url for u in again.urls) == sorted(queue[:3])
 
 
 async def test_partial_report_keeps_the_lease(env: dict[str, Any]) -> None:
@@ -294,30 +482,179 @@ async def test_failed_results_are_counted_as_failed(env: dict[str, Any]) -> None
     assert (s["pages"], s["failed"]) == (0, 1)
 
 
-async def test_reported_links_reach_the_frontier_through_the_stream(env: dict[str, Any]) -> None:
-    scheduler: Scheduler = env["scheduler"]
+async def test_every_outcome_lands_where_it_says(env: dict[str, Any]) -> None:
+    redis, keys = env["redis"], env["keys"]
+    await admit(env, [f"http://a.test/{i}" for i in range(3)])
+    [batch] = await dispatch(env)
+    skipped, dead, retried = batch.urls
+    again = msgspec.structs.replace(retried, retries=retried.retries + 1)
+    moved = "http://a.test/moved"  # a redirect's target, fetched on skipped's behalf
+    outcome = await progress(env, batch, results=[
+        *results_for(batch, [skipped.url], SKIPPED),
+        *results_for(batch, [dead.url], DEAD),
+        StoredResult(retried.fp, RETRY, encode(again)),
+        StoredResult(fingerprint(moved), ALIAS, encode(result_for(moved))),
+        StoredResult(skipped.fp, ALIAS, encode(result_for(skipped.url))),  # known: left alone
+    ])
+    assert outcome.lease_held and outcome.stored == 3
+    s = await status(env)
+    assert (s["seen"], s["pages"], s["skipped"], s["failed"], s["retries"]) == (4, 1, 1, 1, 1)
+    assert (s["queued"], s["in_flight"], s["dead"]) == (1, 0, 1)
+    assert await redis.hexists(keys.dead_letter, dead.fp)
+    assert decode_result(await redis.hget(keys.results, skipped.fp)).error == "robots"
+    [entry] = await redis.lrange(keys.host_queue("a.test"), 0, -1)
+    assert decode_entry(entry) == again
+    assert await env["frontier"].is_seen(fingerprint(moved), 3)
+
+
+async def test_links_are_admitted_in_the_progress_call(env: dict[str, Any]) -> None:
     await admit(env, ["http://a.test/"])
     [batch] = await dispatch(env)
-    await report(env, batch, links=["http://a.test/x", "http://a.test/", "http://elsewhere.test/"])
-    assert not (await status(env))["finished"]  # the report is unread
-    assert await scheduler.read_events() == 1
+    outcome = await report(env, batch, links=["http://a.test/x", "http://a.test/",
+                                              "http://elsewhere.test/", "notaurl"])
+    assert outcome.admitted == 1
+    assert await env["redis"].xlen(env["keys"].events) == 0  # nothing goes by the stream
     s = await status(env)
-    assert (s["seen"], s["queued"], s["discarded_scope"]) == (2, 1, 1)
+    assert (s["seen"], s["queued"], s["discarded_scope"], s["discarded_invalid"]) == (2, 1, 1, 1)
+
+
+async def test_a_progress_call_admits_links_of_its_own_host_and_others(
+    env: dict[str, Any],
+) -> None:
+    redis, keys = env["redis"], env["keys"]
+    await admit(env, ["http://a.test/"])
+    [batch] = await dispatch(env)
+    links = admissions_of(["http://a.test/x", "http://a.test/y", "http://b.test/",
+                           "http://a.test/x", "http://a.test/"])
+    junk = Admission("not-a-fingerprint", "a.test", b"{}")
+    outcome = await progress(env, batch, admissions=[*links, junk], discarded_scope=2,
+                             discarded_invalid=1)
+    assert outcome.admitted == 3  # the second x and the leased a.test/ are known
+    assert await queue_urls(env, "a.test") == ["http://a.test/x", "http://a.test/y"]
+    assert await queue_urls(env, "b.test") == ["http://b.test/"]
+    # The leased host is not ready (its holder refills from its queue); the other one is.
+    assert await redis.zscore(keys.ready, "a.test") is None
+    assert await redis.zscore(keys.ready, "b.test") is not None
+    s = await status(env)
+    assert (s["seen"], s["queued"], s["in_flight"]) == (4, 3, 1)
+    assert (s["discarded_scope"], s["discarded_invalid"]) == (2, 2)
+    assert await redis.hget(keys.host_pages, "a.test") == b"3"
+    assert await redis.hget(keys.host_pages, "b.test") == b"1"
+    # The same links again (the worker's link cache forgot them): nothing new.
+    assert (await progress(env, batch, admissions=links)).admitted == 0
+    assert (await status(env))["seen"] == 4
+    # The host's own links are its holder's refill.
+    refill = await progress(env, batch, want=5)
+    assert [u.url for u in refill.refill] == ["http://a.test/x", "http://a.test/y"]
+    assert await redis.zscore(keys.ready, "a.test") is None
+    await status(env)
+
+
+@pytest.mark.parametrize("via", ["admit", "progress"])
+async def test_budgets_refuse_alike_in_admit_and_progress(env: dict[str, Any], via: str) -> None:
+    frontier: Frontier = env["frontier"]
+    await admit(env, ["http://z.test/"])
+    [holder] = await dispatch(env)
+
+    async def send(urls: list[str], budget: Limits) -> int:
+        admissions = admissions_of(urls)
+        if via == "admit":
+            return await frontier.admit(crawl(env), admissions, budget)
+        outcome = await frontier.progress(holder.batch, Progress(admissions=admissions), budget)
+        assert outcome.lease_held
+        return outcome.admitted
+
+    per_host = Limits(max_pages_per_host=3, max_query_variants=2)
+    assert await send([f"http://a.test/{i}" for i in range(5)], per_host) == 3
+    assert await send([f"http://b.test/cal?sid={i}" for i in range(4)], per_host) == 2
+    total = Limits(max_pages=7)  # 6 seen so far
+    assert await send([f"http://c.test/{i}" for i in range(3)], total) == 1
+    s = await status(env)
+    assert (s["discarded_host_budget"], s["discarded_query_variants"]) == (2, 2)
+    assert (s["seen"], s["discarded_max_pages"]) == (7, 2)
+    # A URL already in the crawl is no refusal, whatever the budget.
+    assert await send(["http://a.test/0", "http://c.test/0"], total) == 0
+    assert counters(await status(env)) == counters(s)
+
+
+async def test_a_refill_moves_entries_from_the_queue_into_the_lease(env: dict[str, Any]) -> None:
+    redis, keys = env["redis"], env["keys"]
+    await admit(env, [f"http://a.test/{i}" for i in range(8)])
+    [batch] = await dispatch(env)  # 3 in the lease, 5 queued
+    queued = [decode_entry(e) for e in await redis.lrange(keys.host_queue("a.test"), 0, -1)]
+    before = await status(env)
+    outcome = await progress(env, batch, want=2)
+    assert outcome.lease_held and outcome.refill == queued[:2]
+    s = await status(env)
+    assert (s["queued"], s["in_flight"]) == (before["queued"] - 2, before["in_flight"] + 2)
+    structures = await checked(env)
+    assert (structures["queued"], structures["in_flight"]) == (3, 5)
+    assert await lease_fps(env, "a.test") == {u.fp for u in batch.urls + queued[:2]}
+    assert await queue_urls(env, "a.test") == [u.url for u in queued[2:]]
+    # More than the queue holds: what it holds. Then an empty queue gives nothing.
+    rest = await progress(env, batch, want=10)
+    assert rest.refill == queued[2:]
+    assert not await redis.exists(keys.host_queue("a.test"))
+    assert (await progress(env, batch, want=5)).refill == []
+    s = await status(env)
+    assert (s["queued"], s["in_flight"]) == (0, 8)
+    # The refilled URLs are the batch's own: reported and stored like the rest.
+    everything = Claimed(batch.batch, batch.urls + queued)
+    assert (await report(env, everything)).stored == 8
+    assert await env["frontier"].check_finished(crawl(env))
+
+
+async def test_a_stale_batch_gets_no_refill(env: dict[str, Any]) -> None:
+    await admit(env, [f"http://a.test/{i}" for i in range(5)])
+    [old] = await dispatch(env, lease_seconds=-1)
+    await env["frontier"].expire(crawl(env), max_losses=3, claim_timeout=60)
+    before = await queue_urls(env, "a.test")
+    outcome = await progress(env, old, want=2)
+    assert not outcome.lease_held and outcome.refill == []
+    assert await queue_urls(env, "a.test") == before
+    await status(env)
+
+
+async def test_a_long_turn_yields_its_refill_to_other_ready_hosts(env: dict[str, Any]) -> None:
+    redis, ready = env["redis"], env["keys"].ready
+    await admit(env, [f"http://a.test/{i}" for i in range(8)])
+    [a] = await dispatch(env)  # 5 left in a.test's queue
+    await admit(env, ["http://b.test/"])  # b.test is ready now
+    yielded = await progress(env, a, want=2, yield_to_others=True)
+    assert yielded.lease_held and yielded.refill == []
+    s = await status(env)
+    assert (s["queued"], s["in_flight"]) == (6, 3)
+    # A host ready only later (its crawl delay) is not waiting yet.
+    await redis.zadd(ready, {"b.test": time.time() + 3600}, xx=True)
+    assert len((await progress(env, a, want=2, yield_to_others=True)).refill) == 2
+    await redis.zadd(ready, {"b.test": 0}, xx=True)
+    assert (await progress(env, a, want=1, yield_to_others=True)).refill == []
+    assert len((await progress(env, a, want=1)).refill) == 1  # a turn not long yet
+    # Once b.test is out in its own batch, no other host is ready: the long turn goes on.
+    [b] = await dispatch(env)
+    assert b.host == "b.test" and await redis.zcard(ready) == 0
+    assert len((await progress(env, a, want=5, yield_to_others=True)).refill) == 2
+    s = await status(env)
+    assert (s["queued"], s["in_flight"]) == (0, 9)
 
 
 async def test_finished_only_when_nothing_is_left(env: dict[str, Any]) -> None:
+    from crawlfleet.cli.commands import enqueue_seeds
+
     frontier: Frontier = env["frontier"]
-    assert not await frontier.check_finished(crawl(env))  # nothing seen yet
+    assert not await frontier.check_finished(crawl(env))  # nothing admitted yet
     await admit(env, ["http://a.test/"])
     assert not await frontier.check_finished(crawl(env))
     [batch] = await dispatch(env)
     assert not await frontier.check_finished(crawl(env))
+    await enqueue_seeds(env["redis"], env["keys"], ["http://a.test/"])
     await report(env, batch)
-    assert not await frontier.check_finished(crawl(env))  # its report is still unread
+    assert not await frontier.check_finished(crawl(env))  # a seed event is unread
     await env["scheduler"].read_events()
     assert await frontier.check_finished(crawl(env))
     s = await status(env)
     assert s["finished"] and s["finished_at"] is not None
+    assert await env["redis"].hexists(env["keys"].crawl, "admitted_at")
 
 
 async def test_max_pages_caps_admission(env: dict[str, Any]) -> None:
@@ -340,13 +677,16 @@ async def test_seeds_set_the_scope_and_go_through_dedup(env: dict[str, Any]) -> 
 
 
 async def test_unreadable_event_is_quarantined_and_acknowledged(env: dict[str, Any]) -> None:
-    await env["redis"].xadd(env["keys"].events, {"m": b'{"type":"links","v":99}'})
+    # An old worker's link report (the stream carries only seeds now), and junk.
+    await env["redis"].xadd(env["keys"].events, {"m": b'{"type":"links","v":1}'})
     await env["redis"].xadd(env["keys"].events, {"m": b"not json"})
-    assert await env["scheduler"].read_events() == 2
+    await env["redis"].xadd(env["keys"].events, {"m": b'{"type":"seeds","v":99,"urls":[]}'})
+    assert await env["scheduler"].read_events() == 3
     s = await status(env)
-    assert s["events_unread"] == 0 and s["quarantined_events"] == 2
+    assert s["events_unread"] == 0 and s["quarantined_events"] == 3
     entries = await env["redis"].xrange(env["keys"].quarantine)
-    assert [e[1][b"data"] for e in entries] == [b'{"type":"links","v":99}', b"not json"]
+    assert [e[1][b"data"] for e in entries] == [
+        b'{"type":"links","v":1}', b"not json", b'{"type":"seeds","v":99,"urls":[]}']
     assert all(e[1][b"source"].startswith(env["keys"].events.encode()) for e in entries)
 
 
@@ -367,12 +707,9 @@ async def test_a_big_event_is_admitted_in_chunks(env: dict[str, Any]) -> None:
     from crawlfleet.common.frontier import ADMIT_CHUNK
 
     scheduler: Scheduler = env["scheduler"]
-    scheduler.allowed_hosts.add("a.test")
     n = ADMIT_CHUNK * 3 + 7
-    links = [f"http://a.test/p{i}" for i in range(n)]
-    await env["redis"].xadd(env["keys"].events, {"m": encode(Discovered(
-        batch_id="x", host="a.test", worker="w", groups=[LinkGroup(1, links)], pages=0,
-        failed=0, final=False))})
+    seeds = [f"http://a.test/p{i}" for i in range(n)]
+    await env["redis"].xadd(env["keys"].events, {"m": encode(Seeds(urls=seeds))})
     calls: list[int] = []
     real = scheduler.frontier.admit_in
 
@@ -409,16 +746,85 @@ async def test_the_crawl_delay_survives_an_empty_queue(env: dict[str, Any]) -> N
     assert before + 29 <= ready_at <= time.time() + 31  # on Redis's clock, 30 s on
 
 
+# -- the seen set ---------------------------------------------------------------------------
+
+def test_seen_digits_grow_with_the_expected_crawl() -> None:
+    assert [seen_digits(n) for n in (1, 384 * 16**3, 384 * 16**3 + 1, 10**8)] == [3, 3, 4, 5]
+    assert seen_digits(10**15) == 8  # the most: past it buckets grow, still exact
+
+
+@pytest.mark.parametrize("digits", [3, 5, 8])
+def test_a_seen_slot_round_trips(digits: int) -> None:
+    keys = Keys("ns")
+    for fp in ("0000000000000000", "ffffffffffffffff", "0123456789abcdef", "abc0000000000001"):
+        bucket, member = keys.seen_slot(fp, digits)
+        assert bucket == f"ns:seen:{fp[:digits]}" and member < 2**52
+        assert keys.seen_fp(bucket, member) == fp
+        assert keys.seen_fp(bucket, str(member)) == fp  # as Redis answers it
+
+
+async def test_the_seen_set_is_buckets_of_intsets(env: dict[str, Any]) -> None:
+    redis, keys, frontier = env["redis"], env["keys"], env["frontier"]
+    digits = int(await redis.hget(keys.crawl, "seen_digits"))
+    assert digits == 3
+    urls = [f"http://a.test/p{i}" for i in range(2000)]
+    # Half as seeds (admit.lua), half as a worker's links (progress.lua); and the edges of
+    # the member's range, which Lua must split exactly as Python does.
+    assert await admit(env, urls[:1000]) == 1000
+    [holder] = await dispatch(env)
+    edges = [Admission.of("http://a.test/low", "a.test", 1, fp="fff0000000000000"),
+             Admission.of("http://a.test/high", "a.test", 1, fp="000fffffffffffff")]
+    outcome = await progress(env, holder, admissions=[*admissions_of(urls[1000:]), *edges])
+    assert outcome.admitted == 1002
+    expected = {fingerprint(u) for u in urls} | {"fff0000000000000", "000fffffffffffff"}
+
+    found: set[str] = set()
+    buckets = [k.decode() async for k in redis.scan_iter(match=keys.seen_pattern)]
+    for bucket in buckets:
+        assert len(bucket) == len(keys.seen) + digits
+        members = await redis.smembers(bucket)
+        found |= {keys.seen_fp(bucket, m.decode()) for m in members}
+    assert found == expected and len(buckets) > 1000  # spread over the 4,096 buckets
+    if env["real"]:  # fakeredis has no OBJECT ENCODING
+        encodings = {await redis.object("encoding", b) for b in buckets}
+        assert encodings == {b"intset"}
+    for fp in sorted(expected)[:50]:
+        bucket, member = keys.seen_slot(fp, digits)
+        assert await redis.sismember(bucket, member)
+        assert await frontier.is_seen(fp, digits)
+    assert not await frontier.is_seen(fingerprint("http://a.test/never"), digits)
+    s = await status(env)
+    assert s["seen"] == 2002 and (await checked(env))["seen"] == 2002
+
+
+async def test_the_crawl_chooses_its_seen_digits_once(env: dict[str, Any]) -> None:
+    """A big crawl gets more buckets; the digits are fixed when it opens, so every process
+    splits fingerprints alike afterwards."""
+    keys = Keys("big")
+    frontier = Frontier(env["redis"], keys)
+    marker = await frontier.open_crawl(expected_urls=10**8)
+    assert (marker.state, marker.seen_digits) == ("new", 5)
+    again = await frontier.open_crawl(marker.id, expected_urls=10)
+    assert (again.state, again.seen_digits) == ("ok", 5)
+    url = "http://a.test/"
+    assert await frontier.admit(marker.id, admissions_of([url]), Limits()) == 1
+    fp = fingerprint(url)
+    assert [k.decode() async for k in env["redis"].scan_iter(match=keys.seen_pattern)] == [
+        keys.seen + fp[:5]]
+    assert await frontier.is_seen(fp, 5)
+    assert not await frontier.is_seen(fp, 3)  # another split finds nothing
+
+
 # -- nothing corrupts the frontier ----------------------------------------------------------
 
 def fixed_key_hosts() -> list[str]:
-    """Host names spelled like every fixed key, or its last part (`batch` once collided with
+    """Host names spelled like every fixed key, or its parts (`batch` once collided with
     `lease:batch`), plus names with the key space's own punctuation."""
     names = set()
     for rel in Keys.fixed_names().values():
-        names.add(rel.replace(":", "-"))
-        names.update(rel.split(":"))
-    return sorted(names | {"h", "q", "lease", "fetching", "a%7bb", "xn--bcher-kva"})
+        names.add(rel.strip(":").replace(":", "-"))
+        names.update(part for part in rel.split(":") if part)
+    return sorted(names | {"h", "q", "lease", "fetching", "a%7bb", "xn--bcher-kva", "seen-abc"})
 
 
 async def test_hosts_named_after_every_fixed_key(env: dict[str, Any]) -> None:
@@ -435,7 +841,6 @@ async def test_hosts_named_after_every_fixed_key(env: dict[str, Any]) -> None:
                 await report(env, c)
         await frontier.expire(crawl(env), max_losses=3, claim_timeout=60)
         await status(env)
-    await env["scheduler"].read_events()
     s = await status(env)
     assert (s["pages"], s["queued"], s["in_flight"]) == (len(urls), 0, 0)
     assert await frontier.check_finished(crawl(env))
@@ -452,6 +857,7 @@ def test_host_keys_are_injective_and_one_hash_slot() -> None:
     assert len(made) == len(odd) * 3
     fixed = {getattr(keys, name) for name in Keys.fixed_names()}
     assert not made & fixed
+    assert not any(key.startswith(keys.seen) for key in made)  # nor a seen bucket
     for h in odd:
         key = keys.host_queue(h)
         tag = key[key.index("{") + 1:key.index("}")]  # Redis Cluster's hash tag
@@ -473,6 +879,17 @@ async def test_a_malformed_queue_entry_is_quarantined_and_the_rest_go_on(
     assert entry[1][b"counted"] == b"1"
 
 
+async def test_a_malformed_queue_entry_is_quarantined_at_refill(env: dict[str, Any]) -> None:
+    await admit(env, [f"http://a.test/{i}" for i in range(6)])
+    [batch] = await dispatch(env)
+    queue = env["keys"].host_queue("a.test")
+    await env["redis"].lset(queue, 0, b"\xff garbage")
+    outcome = await progress(env, batch, want=2)
+    assert len(outcome.refill) == 1  # the other one went to quarantine
+    s = await status(env)
+    assert (s["quarantined"], s["queued"], s["in_flight"]) == (1, 1, 4)
+
+
 async def test_a_malformed_lease_entry_is_quarantined_at_claim_and_expiry(
     env: dict[str, Any],
 ) -> None:
@@ -482,8 +899,8 @@ async def test_a_malformed_lease_entry_is_quarantined_at_claim_and_expiry(
     lease = env["keys"].host_lease("a.test")
     fps = await env["redis"].hkeys(lease)
     await env["redis"].hset(lease, fps[0], b"\xff garbage")
-    urls = await frontier.claim(waiting.batch, lease_seconds=-1, job_id="")
-    assert urls is not None and len(urls) == 2
+    claim = await frontier.claim(waiting.batch, lease_seconds=-1, job_id="")
+    assert claim is not None and len(claim.urls) == 2
     await env["redis"].hset(lease, fps[1], b"[1,2,3]")  # and one more, found by expire
     expired = await frontier.expire(crawl(env), max_losses=3, claim_timeout=60)
     assert (expired.leases, expired.requeued) == (1, 1)
@@ -500,17 +917,23 @@ async def test_a_corrupted_counter_is_quarantined_not_fatal(env: dict[str, Any])
 
 
 async def test_a_failing_script_leaves_redis_as_it_was(env: dict[str, Any]) -> None:
-    """Validation comes before the first write: a report into a crawl whose marker is gone
-    writes nothing at all."""
-    await admit(env, ["http://a.test/1"])
+    """Validation comes before the first write: a progress call (results, marks, links, a
+    refill) into a crawl whose marker is gone writes nothing at all."""
+    await admit(env, [f"http://a.test/{i}" for i in range(5)])
     [batch] = await dispatch(env)
     await env["redis"].delete(env["keys"].crawl)
     before = {k: await env["redis"].type(k) for k in await env["redis"].keys("*")}
     stats = await env["redis"].hgetall(env["keys"].stats)
+    queue = await queue_urls(env, "a.test")
+    with pytest.raises(StateLost):
+        await progress(env, batch, results=results_for(batch, [batch.urls[0].url]),
+                       marks=[batch.urls[1].fp], want=2,
+                       admissions=admissions_of(["http://b.test/"]))
     with pytest.raises(StateLost):
         await report(env, batch)
     assert {k: await env["redis"].type(k) for k in await env["redis"].keys("*")} == before
     assert await env["redis"].hgetall(env["keys"].stats) == stats
+    assert await queue_urls(env, "a.test") == queue
 
 
 async def test_lost_state_is_noticed_and_never_finishes(env: dict[str, Any]) -> None:
@@ -532,7 +955,6 @@ async def test_lost_state_is_noticed_and_never_finishes(env: dict[str, Any]) -> 
     await admit(env, ["http://a.test/1"])
     [again] = await dispatch(env)
     await report(env, again)
-    await scheduler.read_events()
     assert not await scheduler.frontier.check_finished(scheduler.crawl_id)
     s = await status(env)
     assert s["pages"] == 1 and s["state_lost"] and not s["finished"]
@@ -556,7 +978,7 @@ async def test_links_only_to_80_443_and_the_seeds_ports(env: dict[str, Any]) -> 
     admissions, refused, _ = await scheduler.admissions([(1, [
         "http://a.test:8080/x", "http://a.test/y", "https://a.test/z", "http://a.test:6379/",
     ])])
-    assert sorted(a.entry.decode().split('"url":"')[1].split('"')[0] for a in admissions) == [
+    assert sorted(decode_entry(a.entry).url for a in admissions) == [
         "http://a.test/y", "http://a.test:8080/x", "https://a.test/z"]
     assert refused == 1
     # A new scheduler (a standby taking over) knows the seeds' ports from Redis.

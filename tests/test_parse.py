@@ -13,9 +13,11 @@ import pytest
 from crawlfleet.common.urls import resolve_and_canonicalize
 from crawlfleet.workers import parse as parse_module
 from crawlfleet.workers.parse import (
+    MAX_NESTING,
     PARSE_IN_THREAD_BYTES,
     BodyError,
     ParsedPage,
+    cap_nesting,
     decode_html,
     is_html,
     parse_html,
@@ -632,3 +634,30 @@ async def test_parse_page_async_of_a_big_body_leaves_the_loop_running() -> None:
     # Parsed inline, the loop would stall for the whole parse: no ticks, one gap of `took`.
     assert len(during) > 100
     assert max(gaps) < took / 2, (max(gaps), took)
+
+
+def test_a_page_nested_100000_deep_is_cut_where_it_nests_past_the_limit() -> None:
+    """Lexbor's tree construction is quadratic in the nesting (100,000 <div>s: tens of seconds
+    of CPU); the part before the cut is kept, links included."""
+    body = (b"<html><head><title>deep</title></head><body><a href='/before'>b</a>"
+            + b"<div>" * 100_000 + b"<a href='/bottom'>x</a>" + b"</div>" * 100_000
+            + b"</body></html>")
+    page = parse_page(body, "text/html", "http://a.test/deep")
+    assert page.title == "deep"
+    assert page.links == ["http://a.test/before"]
+
+
+def test_unclosed_list_items_and_paragraphs_are_not_nesting() -> None:
+    rows = "".join(f"<li><p>item {i} <a href='/i{i}'>x</a><br>" for i in range(3000))
+    text = f"<html><body><ul>{rows}</ul></body></html>"
+    assert len(text) > 64 * 1024
+    assert cap_nesting(text) == text
+    page = parse_page(text.encode(), "text/html", "http://a.test/")
+    assert len(page.links) == 3000
+
+
+def test_nesting_just_under_the_limit_is_kept_whole() -> None:
+    text = "<html><body>" + "<div>" * MAX_NESTING + "x" * 70_000 + "</div>" * MAX_NESTING
+    assert cap_nesting(text) == text
+    deeper = "<html><body>" + "<span>" * (MAX_NESTING + 1) + "x" * 70_000
+    assert cap_nesting(deeper) == "<html><body>" + "<span>" * MAX_NESTING

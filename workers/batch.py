@@ -1,20 +1,27 @@
-"""One host batch in progress: pacing, robots.txt, fetches, retries, reports, the lease.
+"""One host's turn: pacing, robots.txt, fetches, retries, progress calls, the lease.
 
 This is the work of one arq job (``workers/worker.py`` wires it into arq). Fetching is
-``workers/fetch.py``, parsing ``workers/parse.py``; every change to the frontier goes through
+``workers/fetch.py``, parsing ``workers/parse.py``, a fetch's result ``workers/results.py``,
+link filtering ``workers/links.py``; every change to the frontier goes through
 ``common/frontier.py``.
+
+The work is continuous: one ``progress.lua`` call every few pages reports what is done (with
+the links it found), marks the next fetches as in flight, and refills the lease from the host
+queue, so a host is crawled at its limit with no gap while its queue has URLs and its turn lasts
+(``CRAWLFLEET_HOST_TURN_SECONDS``; after ``CRAWLFLEET_HOST_TURN_PAGES`` it gives way to other
+ready hosts).
 
 Faults are sorted by side. A page's own trouble (a timeout, a 404, a hostile body) is that
 page's result. The crawler's trouble (Redis answering BUSY, OOM, READONLY, LOADING, or not at
-all; a bug) never becomes a page result: the batch stops fetching, hands its unfinished URLs back
-to the host queue with a backoff, and ends with a report whatever raised.
+all; a bug) never becomes a page result: the turn stops fetching, hands its unfinished URLs back
+to the host queue with a backoff, and ends with a final call whatever raised.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
+from collections import deque
 from typing import Any
 
 import aiohttp
@@ -23,97 +30,114 @@ from redis.exceptions import RedisError
 
 from crawlfleet.common.connections import retry_while_unavailable
 from crawlfleet.common.frontier import (
+    ADMIT_CHUNK,
     ALIAS,
     DEAD,
     FAILED,
     PAGE,
     RETRY,
     SKIPPED,
+    Admission,
+    Claim,
     Frontier,
-    ReportOutcome,
+    Limits,
+    Progress,
+    ProgressOutcome,
     StateLost,
     StoredResult,
 )
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import get_logger
-from crawlfleet.common.messages import (
-    Discovered,
-    HostBatch,
-    LinkGroup,
-    PageResult,
-    QueuedURL,
-    encode,
-)
+from crawlfleet.common.messages import HostBatch, PageResult, QueuedURL, encode
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import fingerprint, host_key
 
 from .fetch import CrawlerFault, Fetched, fetch
+from .links import LinkFilter
 from .pacing import Pacer
-from .parse import BodyError, ParsedPage, is_html, parse_page, parse_page_async, sniff_html
+from .results import build_result, parse_fetched, skipped_result
 from .retry import backoff_delay, is_retryable, parse_retry_after
 from .robots import DISALLOW_ALL, RobotsCache, origin_of
 from .robots import FAILED as ROBOTS_FAILED
 
-FLUSH_EVERY_S = 1.0  # report finished pages at least this often, so a kill loses little
-TRANSIENT_FAILURES_TO_HALT = 3  # in one batch: the host is failing, back it off as a whole
+REPORT_EVERY_S = 2.0  # finished pages wait at most this long for a progress call
+TRANSIENT_FAILURES_TO_HALT = 3  # in one turn: the host is failing, back it off as a whole
 # A request's start is taken when its headers are sent (see pacing.py); 10% more on top covers
 # what is left between that and the server's own view (its event loop, the network).
 PACING_MARGIN = 1.1
-LINKS_PER_EVENT = 5000  # links in one event on the stream, so no message is huge
-CRAWLER_FAULT_BACKOFF = 5.0  # seconds a host waits after its batch met a crawler-side fault
+CRAWLER_FAULT_BACKOFF = 5.0  # seconds a host waits after its turn met a crawler-side fault
+MIN_MARK_AHEAD = 8  # fetches marked in flight per call at least: fewer calls for slow hosts
+FINAL_REPORT_PATIENCE = 60.0
 
 log = get_logger("crawlfleet.worker")
 
 
-class BatchRun:
-    """One host batch in progress: pacing, robots.txt, fetches, retries, reports, the lease.
+def lease_size(settings: Settings) -> int:
+    """URLs a host's lease holds at most: the batch size, and at least two rounds of the host's
+    concurrency so that refills never starve it."""
+    return max(settings.batch_size, 2 * settings.per_host_concurrency)
 
-    The worker holding a host's lease is the only one talking to that host, so the limits kept
-    here (concurrency, delay between request starts) are the host's limits for the whole fleet.
-    The delay carries over to the host's next batch through the ready time its report sets.
+
+class BatchRun:
+    """One host's turn. The worker holding a host's lease is the only one talking to that host,
+    so the limits kept here (concurrency, delay between request starts) are the host's limits
+    for the whole fleet. The delay carries over to the host's next turn through the ready time
+    the final call sets.
     """
 
-    def __init__(self, ctx: dict[str, Any], batch: HostBatch, urls: list[QueuedURL]) -> None:
+    def __init__(self, ctx: dict[str, Any], batch: HostBatch, claim: Claim) -> None:
         self.settings: Settings = ctx["settings"]
         self.session: aiohttp.ClientSession = ctx["session"]
         self.global_slots: asyncio.Semaphore = ctx["semaphore"]
         self.frontier: Frontier = ctx["frontier"]
         self.robots: RobotsCache = ctx["robots"]
-        self.redis: Any = ctx["redis"]
+        self.links: LinkFilter = ctx["links"]
         self.keys: Keys = ctx["keys"]
+        self.limits = Limits(self.settings.max_pages, self.settings.max_pages_per_host,
+                             self.settings.max_query_variants)
         self.batch = batch
-        self.urls = urls
+        self.seen_digits = claim.seen_digits
+        self.todo: deque[QueuedURL] = deque(claim.urls)
+        self.marked: set[str] = set()  # fps marked in flight and not started yet
+        self.started_urls = 0
         self.log = log.bind(worker_id=self.settings.worker_id, job_id=ctx.get("job_id"),
                             host=batch.host, batch_id=batch.batch_id)
-        self.host_slots = asyncio.Semaphore(self.settings.per_host_concurrency)
+        self.concurrency = self.settings.per_host_concurrency
+        self.lease_size = lease_size(self.settings)
+        self.mark_ahead = max(self.concurrency, MIN_MARK_AHEAD)
         self.pending: list[StoredResult] = []
-        self.links: dict[int, set[str]] = defaultdict(set)
+        self.admissions: list[Admission] = []
+        self.scope_refused = self.invalid_links = 0
         self.pages = self.failed = self.skipped = self.retried = 0
-        self.last_flush = time.monotonic()
-        self.flush_lock = asyncio.Lock()
+        self.calls = 0
+        self.turn_started = self.last_call = time.monotonic()
+        self.call_lock = asyncio.Lock()
+        self.origins: set[str] = set()
         # Seconds between request starts to this host (robots.txt may raise it).
         self.delay = self.settings.crawl_delay
         self.pacer = Pacer(self.delay * PACING_MARGIN)
         # When set, no new fetch starts: the lease is lost, the host keeps failing, its
         # robots.txt is unavailable, or the crawler met a fault. Unstarted URLs go back.
         self.halted: str | None = None
+        # When set, the lease is not refilled: what it holds is fetched, then the turn ends
+        # (a transient failure: the host's next turn waits for its backoff).
+        self.turn_over: str | None = None
+        self.running: set[asyncio.Task[None]] = set()
         self.backoff_until = 0.0  # time.monotonic() before which the host must rest
         self.transient_failures = 0
         self.state_lost = False
 
     async def run(self) -> dict[str, Any]:
-        started = time.monotonic()
         renew = asyncio.create_task(self._renew_lease())
         try:
             try:
-                await self._prepare_robots()
-                async with asyncio.TaskGroup() as tasks:
-                    for entry in self.urls:
-                        tasks.create_task(self._crawl_one(entry))
+                await self._prepare_robots(self.todo)
+                await self._drive()
             except Exception as exc:  # robots.txt's cache read, or anything else of ours
                 if not self._crawler_fault(exc):
-                    for entry in self.urls:
+                    for entry in self.todo:
                         self._fail_internal(entry)
+                    self.todo.clear()
         except asyncio.CancelledError:
             # Shutdown: store what is done and hand the rest back to the host queue now,
             # instead of leaving it to wait for the lease to expire.
@@ -124,14 +148,123 @@ class BatchRun:
         finally:
             renew.cancel()
         outcome = await self._final_flush()
-        elapsed = round((time.monotonic() - started) * 1000, 1)
-        self.log.info("batch_done", urls=len(self.urls), pages=self.pages,
+        elapsed = round((time.monotonic() - self.turn_started) * 1000, 1)
+        self.log.info("batch_done", urls=self.started_urls, pages=self.pages,
                       failed=self.failed, skipped=self.skipped, retried=self.retried,
                       handed_back=outcome.handed_back if outcome else None, halted=self.halted,
-                      delay=self.delay, elapsed_ms=elapsed,
+                      delay=self.delay, elapsed_ms=elapsed, calls=self.calls,
                       lease_held=outcome.lease_held if outcome else None)
         return {"pages": self.pages, "failed": self.failed, "skipped": self.skipped}
 
+    # -- the turn ---------------------------------------------------------------------
+    def _may_refill(self) -> bool:
+        return (self.halted is None and self.turn_over is None
+                and time.monotonic() - self.turn_started < self.settings.host_turn_seconds)
+
+    async def _drive(self) -> None:
+        """Start fetches while slots are free, call progress.lua when marks, a refill or a
+        report are due, until the lease is empty and the turn gives no more."""
+        in_flight = self.running
+        try:
+            while True:
+                while not self.halted and self.todo and len(in_flight) < self.concurrency:
+                    if self.todo[0].fp not in self.marked:
+                        await self._call()  # marks the next fetches (and reports, refills)
+                        continue
+                    entry = self.todo.popleft()
+                    self.marked.discard(entry.fp)
+                    self.started_urls += 1
+                    in_flight.add(asyncio.create_task(self._crawl_one(entry)))
+                if not in_flight:
+                    if self.halted or not self._may_refill():
+                        return
+                    before = self.started_urls
+                    await self._call()  # our pages' links are in our queue now: refill
+                    if not self.todo and self.started_urls == before:
+                        return
+                    continue
+                done, _ = await asyncio.wait(in_flight, timeout=REPORT_EVERY_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                in_flight -= done
+                # Otherwise the next call comes when the marks run out (every mark_ahead
+                # pages); sooner when nothing is left to start but links may refill it.
+                if self.pending and (
+                    time.monotonic() - self.last_call >= REPORT_EVERY_S
+                    or (not self.todo and self._may_refill())
+                ):
+                    await self._call()
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _call(self) -> ProgressOutcome:
+        """One progress.lua call: what is done, the next marks, links, and a refill."""
+        async with self.call_lock:
+            await self._admit_overflow()
+            results, self.pending = self.pending, []
+            admissions, self.admissions = self.admissions, []
+            refused, invalid = self.scope_refused, self.invalid_links
+            self.scope_refused = self.invalid_links = 0
+            marks = [] if self.halted else self._next_marks()
+            want = 0
+            if self._may_refill():
+                # After this call the lease holds the unstarted URLs and the running ones.
+                want = max(0, self.lease_size - len(self.todo) - len(self.running))
+            p = Progress(results=results, marks=marks, admissions=admissions,
+                         discarded_scope=refused, discarded_invalid=invalid, want=want,
+                         yield_to_others=self.pages + self.failed >= self.settings.host_turn_pages)
+            self.last_call = time.monotonic()
+            try:
+                outcome = await self.frontier.progress(self.batch, p, self.limits)
+            except BaseException:
+                self._unsent(results, admissions, refused, invalid)
+                raise
+            self.calls += 1
+            if not outcome.lease_held:
+                self.halt("lease_lost")
+                return outcome
+            self.marked.update(marks)
+            if outcome.refill:
+                self.todo.extend(outcome.refill)
+                await self._prepare_robots(outcome.refill)
+            return outcome
+
+    async def _admit_overflow(self) -> None:
+        """Links past ADMIT_CHUNK go first, in admit.lua calls of ADMIT_CHUNK each, so that no
+        script holds Redis for more than a few milliseconds (a 5,000-link page). Admitting
+        before the page's result is stored is safe: if the result never lands, the page is
+        fetched again and its links are duplicates."""
+        while len(self.admissions) > ADMIT_CHUNK:
+            # Taken off before the await: pages finishing meanwhile append their own links.
+            chunk, self.admissions = self.admissions[:ADMIT_CHUNK], self.admissions[ADMIT_CHUNK:]
+            try:
+                await self.frontier.admit(self.batch.crawl, chunk, self.limits)
+            except BaseException:
+                self.admissions = chunk + self.admissions
+                raise
+
+    def _next_marks(self) -> list[str]:
+        room = self.mark_ahead - len(self.marked)
+        marks = []
+        for entry in self.todo:
+            if room <= 0:
+                break
+            if entry.fp not in self.marked:
+                marks.append(entry.fp)
+                room -= 1
+        return marks
+
+    def _unsent(self, results: list[StoredResult], admissions: list[Admission], refused: int,
+                invalid: int) -> None:
+        """A call that failed: keep its results and links for the next (final) call."""
+        self.pending = results + self.pending
+        self.admissions = admissions + self.admissions
+        self.scope_refused += refused
+        self.invalid_links += invalid
+
+    # -- faults -----------------------------------------------------------------------
     def halt(self, reason: str, *, rest_s: float = 0.0) -> None:
         if self.halted is None:
             self.log.warning("batch_halted", reason=reason, rest_s=round(rest_s, 2) or None)
@@ -139,7 +272,7 @@ class BatchRun:
         self.backoff_until = max(self.backoff_until, time.monotonic() + rest_s)
 
     def _crawler_fault(self, exc: BaseException) -> bool:
-        """Ours, not the site's. Redis trouble (or a worker shutting down): stop the batch, its
+        """Ours, not the site's. Redis trouble (or a worker shutting down): stop the turn, its
         unfinished URLs go back to the queue (True). Anything else is a bug that would recur
         on every try, so the caller records the URL as failed (False): every crawl ends."""
         if isinstance(exc, BaseExceptionGroup):
@@ -158,11 +291,17 @@ class BatchRun:
             return True
         return False
 
-    async def _prepare_robots(self) -> None:
-        """robots.txt of each origin in the batch (one, almost always) before any page."""
-        origins = {origin_of(entry.url): entry.url for entry in self.urls}
-        for url in origins.values():
-            async with self.host_slots, self.global_slots:
+    # -- one URL ----------------------------------------------------------------------
+    async def _prepare_robots(self, entries: Any) -> None:
+        """robots.txt of each new origin (one, almost always) before any of its pages."""
+        origins = {}
+        for entry in entries:
+            origin = origin_of(entry.url)
+            if origin not in self.origins:
+                origins[origin] = entry.url
+        for origin, url in origins.items():
+            self.origins.add(origin)
+            async with self.global_slots:
                 policy = await self.robots.policy(url, pace=self.pacer.turn)
             if policy.state == DISALLOW_ALL:
                 # 5xx or a timeout: nothing may be fetched until it is tried again.
@@ -187,7 +326,7 @@ class BatchRun:
 
     async def _fetch_one(self, entry: QueuedURL) -> None:
         if self.halted:
-            return
+            return  # not started after all: the final call hands it back
         policy = await self.robots.policy(entry.url)
         if policy.state == ROBOTS_FAILED:
             # robots.txt cannot be fetched at all (no such name, refused, blocked address):
@@ -198,11 +337,8 @@ class BatchRun:
         if not policy.allows(entry.url):
             self._store(entry, SKIPPED, skipped_result(entry, "robots", self.settings))
             return
-        async with self.host_slots, self.global_slots:
+        async with self.global_slots:
             if self.halted:
-                return
-            if not await self.frontier.mark_fetching(self.batch, entry.fp):
-                self.halt("lease_lost")
                 return
             fetched = await fetch(
                 self.session, entry.url, max_body_bytes=self.settings.max_body_bytes,
@@ -216,7 +352,10 @@ class BatchRun:
         parsed = await parse_fetched(entry, fetched, self.settings)
         result, links, aliases = build_result(entry, fetched, self.settings, parsed)
         if links:
-            self.links[entry.depth + 1].update(links)
+            admissions, refused, invalid = self.links.filter(links, entry.depth + 1)
+            self.admissions += admissions
+            self.scope_refused += refused
+            self.invalid_links += invalid
         if result.error is None:
             outcome = PAGE
         elif is_retryable(result.error):
@@ -229,13 +368,11 @@ class BatchRun:
         self.log.info("page", url=entry.url, status=result.status, error=result.error,
                       elapsed_ms=result.elapsed_ms, bytes=result.bytes, links=result.links,
                       depth=entry.depth, redirects=len(result.redirects) or None)
-        if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
-            await self.flush(final=False)
 
     def _retry_later(self, entry: QueuedURL, fetched: Fetched) -> bool:
         """A transient failure: back the whole host off, and queue the URL again if it has
-        retries left (True). After a few in one batch, stop the batch rather than hammering
-        a failing host URL by URL."""
+        retries left (True). After a few in one turn, stop rather than hammering a failing
+        host URL by URL."""
         self.transient_failures += 1
         wait = backoff_delay(
             entry.retries, base=self.settings.retry_base, cap=self.settings.retry_max,
@@ -250,6 +387,8 @@ class BatchRun:
             self.log.info("retry_scheduled", url=entry.url, error=fetched.error,
                           status=fetched.status, retries=entry.retries + 1,
                           in_s=round(wait, 2))
+        # A backoff is for the host as a whole: no refill, so its next turn waits for it.
+        self.turn_over = self.turn_over or "backoff"
         if self.transient_failures >= TRANSIENT_FAILURES_TO_HALT:
             self.halt("host_failing", rest_s=wait)
         return retry_later
@@ -270,70 +409,42 @@ class BatchRun:
             return False
         if not (await self.robots.policy(target)).allows(target):
             return False
-        return not await self.redis.sismember(self.keys.seen, fingerprint(target))
+        return not await self.frontier.is_seen(fingerprint(target), self.seen_digits)
 
-    def _events(self, links: dict[int, set[str]], results: list[StoredResult],
-                final: bool) -> list[bytes]:
-        """The links for the scheduler, a few thousand an event. A final report always sends
-        one: it wakes the scheduler to dispatch the host's next batch at once."""
-        groups = [(depth, sorted(urls)) for depth, urls in links.items()]
-        chunks: list[list[LinkGroup]] = [[]]
-        size = 0
-        for depth, urls in groups:
-            for i in range(0, len(urls), LINKS_PER_EVENT):
-                part = urls[i:i + LINKS_PER_EVENT]
-                if size + len(part) > LINKS_PER_EVENT and chunks[-1]:
-                    chunks.append([])
-                    size = 0
-                chunks[-1].append(LinkGroup(depth, part))
-                size += len(part)
-        if not chunks[-1] and not final:
-            return []
-        pages = sum(r.outcome == PAGE for r in results)
-        failed = sum(r.outcome in (FAILED, DEAD) for r in results)
-        return [encode(Discovered(batch_id=self.batch.batch_id, host=self.batch.host,
-                                  worker=self.settings.worker_id, groups=chunk,
-                                  pages=pages if i == 0 else 0, failed=failed if i == 0 else 0,
-                                  final=final and i == len(chunks) - 1))
-                for i, chunk in enumerate(chunks)]
-
-    async def flush(self, *, final: bool) -> ReportOutcome:
-        """Report buffered results and their links; the final report releases the lease."""
-        async with self.flush_lock:
+    # -- the end ----------------------------------------------------------------------
+    async def final_call(self) -> ProgressOutcome:
+        """Report what is left; hand the unfinished URLs back and release the lease."""
+        async with self.call_lock:
+            await self._admit_overflow()
             results, self.pending = self.pending, []
-            links, self.links = self.links, defaultdict(set)
-            self.last_flush = time.monotonic()
-            if not results and not final:
-                return ReportOutcome(True, 0, 0, 0)
-            # The host's next batch may start one delay after this batch's last request, and
+            admissions, self.admissions = self.admissions, []
+            refused, invalid = self.scope_refused, self.invalid_links
+            self.scope_refused = self.invalid_links = 0
+            # The host's next turn may start one delay after this turn's last request, and
             # not before any backoff: as seconds from now, so Redis's clock decides when.
             last = self.pacer.last_sent
             wait_s = max(last + self.pacer.spacing - time.time() if last else 0.0,
                          self.backoff_until - time.monotonic(), 0.0)
+            p = Progress(results=results, admissions=admissions, discarded_scope=refused,
+                         discarded_invalid=invalid, final=True, wait_s=wait_s)
             try:
-                outcome = await self.frontier.report(
-                    self.batch, results, self._events(links, results, final), final=final,
-                    wait_s=wait_s)
+                outcome = await self.frontier.progress(self.batch, p, self.limits)
             except BaseException:
-                # Not stored: keep them for the next (final) report.
-                self.pending = results + self.pending
-                for depth, urls in links.items():
-                    self.links[depth] |= urls
+                self._unsent(results, admissions, refused, invalid)
                 raise
-            if outcome.duplicates:
-                self.log.info("duplicate_results_dropped", count=outcome.duplicates)
+            self.calls += 1
             return outcome
 
-    async def _final_flush(self) -> ReportOutcome | None:
-        """The last report, with the lease's release and the hand-back: retried through
-        Redis outages and errors (BUSY, OOM ...) for a while; if Redis stays away, the lease
-        expires and the scheduler brings the URLs back."""
+    async def _final_flush(self) -> ProgressOutcome | None:
+        """The last call, with the lease's release and the hand-back: retried through Redis
+        outages and errors (BUSY, OOM ...) for a while; if Redis stays away, the lease expires
+        and the scheduler brings the URLs back."""
         if self.state_lost:
             self.log.error("state_lost", detail="the crawl's state in Redis is gone; "
                                                 "this batch's work cannot be stored")
             return None
         try:
-            return await retry_while_unavailable(lambda: self.flush(final=True),
+            return await retry_while_unavailable(self.final_call,
                                                  give_up_after=FINAL_REPORT_PATIENCE)
         except StateLost:
             self.state_lost = True
@@ -341,6 +452,8 @@ class BatchRun:
         except RedisError as exc:
             self.log.error("batch_report_failed", error=str(exc),
                            detail="left to the lease's expiry")
+        # Its links never reached Redis: whoever fetches these pages again must send them.
+        self.links.forget(self.admissions)
         return None
 
     async def _renew_lease(self) -> None:
@@ -362,99 +475,3 @@ class BatchRun:
                 self.halt("lease_lost")
                 return
 
-
-FINAL_REPORT_PATIENCE = 60.0
-
-
-def skipped_result(entry: QueuedURL, reason: str, settings: Settings) -> PageResult:
-    return PageResult(url=entry.url, final_url=None, status=None, content_type=None,
-                      depth=entry.depth, title=None, links=0, bytes=0, elapsed_ms=0.0,
-                      fetched_at=round(time.time(), 3), error=reason, worker=settings.worker_id)
-
-
-def wants_parsing(fetched: Fetched) -> bool:
-    return fetched.error is None and bool(fetched.body) and (
-        is_html(fetched.content_type)
-        or (fetched.content_type is None and sniff_html(fetched.body))
-    )
-
-
-def _parse_args(
-    entry: QueuedURL, fetched: Fetched, settings: Settings
-) -> tuple[tuple[bytes, str | None, str], dict[str, Any]]:
-    return ((fetched.body, fetched.content_type, fetched.final_url or entry.url),
-            {"sort_query": settings.sort_query, "max_links": settings.max_links_per_page})
-
-
-async def parse_fetched(
-    entry: QueuedURL, fetched: Fetched, settings: Settings
-) -> ParsedPage | str | None:
-    """The parsed page (off the event loop when it is large), the body's error class, or None
-    when there is nothing to parse."""
-    if not wants_parsing(fetched):
-        return None
-    try:
-        args, kwargs = _parse_args(entry, fetched, settings)
-        return await parse_page_async(*args, **kwargs)
-    except BodyError as exc:
-        return exc.reason
-
-
-_UNPARSED: Any = object()
-
-
-def build_result(
-    entry: QueuedURL, fetched: Fetched, settings: Settings,
-    parsed_page: ParsedPage | str | None = _UNPARSED,
-) -> tuple[PageResult, list[str], list[PageResult]]:
-    """Turn a fetch (and its parsed page, from ``parse_fetched``; parsed here when not given)
-    into the page result, the links to follow from it, and results for the redirect targets
-    it followed (pure)."""
-    if parsed_page is _UNPARSED:
-        parsed_page = None
-        if wants_parsing(fetched):
-            try:
-                args, kwargs = _parse_args(entry, fetched, settings)
-                parsed_page = parse_page(*args, **kwargs)
-            except BodyError as exc:
-                parsed_page = exc.reason
-    error = fetched.error
-    parsed: ParsedPage | None = None
-    if isinstance(parsed_page, str):
-        error = parsed_page
-    else:
-        parsed = parsed_page
-    links: list[str] = []
-    if parsed is not None and not parsed.nofollow:
-        links = list(parsed.links)
-        if parsed.canonical and parsed.canonical != (fetched.final_url or entry.url):
-            links.append(parsed.canonical)  # the page names its preferred URL: crawl that too
-    if fetched.redirect_stopped and fetched.redirects:
-        links = [fetched.redirects[-1]]  # not followed here; the frontier decides
-    if settings.max_depth is not None and entry.depth + 1 > settings.max_depth:
-        links = []  # the scheduler would refuse them anyway; don't send them
-    result = PageResult(
-        url=entry.url,
-        final_url=fetched.final_url,
-        status=fetched.status,
-        content_type=fetched.content_type,
-        depth=entry.depth,
-        title=parsed.title if parsed else None,
-        links=parsed.links_found if parsed else 0,
-        bytes=len(fetched.body),
-        elapsed_ms=fetched.elapsed_ms,
-        fetched_at=round(time.time(), 3),
-        error=error,
-        canonical=parsed.canonical if parsed else None,
-        noindex=parsed.noindex if parsed else False,
-        nofollow=parsed.nofollow if parsed else False,
-        encoding=parsed.encoding if parsed else None,
-        worker=settings.worker_id,
-        redirects=fetched.redirects,
-    )
-    # The targets on the way got the same content; a failed fetch vouches for none of them.
-    followed = fetched.redirects[:-1] if fetched.redirect_stopped else fetched.redirects
-    aliases = [] if result.error else [
-        msgspec.structs.replace(result, url=url, redirects=[]) for url in followed
-    ]
-    return result, links, aliases

@@ -36,6 +36,20 @@ TITLE_MAX_CHARS = 512
 # Above this, parse_page_async parses in a worker thread: a few MB of HTML take tens of ms or
 # more, which would stall every other fetch of the process on the event loop.
 PARSE_IN_THREAD_BYTES = 256 * 1024
+# Tree construction walks the stack of open elements, so Lexbor's time grows with the square of
+# the nesting: 100,000 nested <div>s take it 35-90 s of CPU. Like Chromium's parser (512), the
+# document is cut where it nests deeper than this; what came before, links included, is kept.
+MAX_NESTING = 512
+_NESTING_CHECK_CHARS = 64 * 1024  # below this, nesting cannot cost a second
+_TAG_NAME = re.compile(r"<(/?[A-Za-z][A-Za-z0-9]*)")
+# Elements that never nest: void ones, and those an HTML parser closes by itself when the next
+# one starts (an old page's hundreds of unclosed <li> or <p> are not nesting).
+_FLAT = frozenset({
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+    "track", "wbr", "param", "keygen", "p", "li", "dt", "dd", "tr", "td", "th", "option",
+    "optgroup", "rb", "rt", "rp", "tbody", "thead", "tfoot", "colgroup", "caption", "html",
+    "head", "body",
+})
 _SNIFF_BYTES = 1024
 
 _HTML_MEDIA_TYPES = frozenset({"text/html", "application/xhtml+xml"})
@@ -233,9 +247,38 @@ def _may_be_followable(href: str) -> bool:
     return scheme is None or scheme.group().lower() in ("http:", "https:")
 
 
+def cap_nesting(text: str, limit: int = MAX_NESTING) -> str:
+    """``text`` cut just before the tag that opens element number ``limit + 1`` of one chain of
+    nested elements (a rough count: every end tag closes one, elements in _FLAT never nest).
+    Unchanged when it never nests that deep, which one findall over the tags decides."""
+    if len(text) < _NESTING_CHECK_CHARS:
+        return text
+    depth = 0
+    for tag in _TAG_NAME.findall(text):
+        if tag[0] == "/":
+            depth = depth - 1 if depth else 0
+        elif tag.lower() not in _FLAT:
+            depth += 1
+            if depth > limit:
+                break
+    else:
+        return text
+    depth = 0
+    for m in _TAG_NAME.finditer(text):
+        tag = m.group(1)
+        if tag[0] == "/":
+            depth = depth - 1 if depth else 0
+        elif tag.lower() not in _FLAT:
+            depth += 1
+            if depth > limit:
+                return text[:m.start()]
+    return text  # not reached: the first pass found the same tag
+
+
 def _parse(
     text: str, page_url: str, sort_query: bool, encoding: str, max_links: int | None
 ) -> ParsedPage:
+    text = cap_nesting(text)
     title: str | None = None
     seen_title = False
     base_href: str | None = None

@@ -44,8 +44,9 @@ from crawlfleet.common.messages import (
 )
 from crawlfleet.common.settings import Settings, SettingsError
 
-from .batch import BatchRun
+from .batch import BatchRun, lease_size
 from .fetch import GuardedResolver, HostCookieJar, SessionGuard, guard_session
+from .links import LinkFilter
 from .pacing import pacing_trace
 from .robots import RobotsCache
 
@@ -125,6 +126,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["keys"] = keys = Keys(settings.namespace)
     ctx["frontier"] = Frontier(ctx["redis"], keys)
     ctx["robots"] = RobotsCache(ctx["redis"], keys, ctx["session"], settings)
+    ctx["links"] = LinkFilter(settings)
     log.info("worker_started", worker_id=settings.worker_id, max_in_flight=settings.max_in_flight,
              nameservers=list(settings.dns_nameservers) or "system")
 
@@ -161,22 +163,33 @@ async def fetch_batch(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[st
     # queue in the same round trip (the frontier's lease, not arq's retry, brings a lost
     # batch back). The lease's clock starts here, not at dispatch.
     try:
-        urls = await retry_while_unavailable(lambda: frontier.claim(
+        claim = await retry_while_unavailable(lambda: frontier.claim(
             batch, lease_seconds=settings.lease_seconds, job_id=job_id))
     except StateLost:
         bound.error("state_lost", detail="the crawl's state in Redis is gone; batch dropped")
         return {"state_lost": True}
-    if urls is None:
+    if claim is None:
         bound.warning("batch_stale", reason="lease no longer held")
         return {"stale": True}
-    return await BatchRun(ctx, batch, urls).run()
+    links: LinkFilter = ctx["links"]
+    if claim.scope_size != links.scope_size:
+        # New seeds since the last claim: the worker filters links with the seeds' hosts.
+        keys: Keys = ctx["keys"]
+        redis: Any = ctx["redis"]
+        hosts, ports = await retry_while_unavailable(lambda: asyncio.gather(
+            redis.smembers(keys.scope_hosts), redis.smembers(keys.scope_ports)))
+        links.set_scope({h.decode() if isinstance(h, bytes) else h for h in hosts},
+                        {int(p) for p in ports}, claim.scope_size)
+    return await BatchRun(ctx, batch, claim).run()
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
     """The arq ``Worker`` keyword arguments for these settings."""
     keys = Keys(settings.namespace)
-    # Pacing waits (up to max_crawl_delay a request) are outside each fetch's own timeout.
-    job_timeout = settings.batch_size * (settings.fetch_timeout + settings.max_crawl_delay) + 60
+    # A turn refills for host_turn_seconds, then drains its lease; pacing waits (up to
+    # max_crawl_delay a request) are outside each fetch's own timeout.
+    job_timeout = int(settings.host_turn_seconds + lease_size(settings) * (
+        settings.fetch_timeout + settings.max_crawl_delay) + 60)
     return {
         "functions": [
             # max_tries=1: arq must not re-run a batch whose worker vanished; the frontier's

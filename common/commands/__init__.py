@@ -6,9 +6,10 @@ Open this folder to see every way a URL moves (the README's "frontier" section d
     admit.lua       seeds and links join the crawl (dedup, budgets, host queues)
     dispatch.lua    a ready host gets a batch under a lease, as an arq job
     claim.lua       a worker starts the batch; the lease's clock starts
-    fetching.lua    a worker is about to fetch one URL (in flight, for loss accounting)
+    progress.lua    the worker's one call while it holds the host: results, retries, dead
+                    letters, the next fetches marked in flight, links admitted, the lease
+                    refilled from the host queue; the final one hands back and releases
     renew.lua       a worker keeps its lease
-    report.lua      results, retries, dead letters, links; the final one hands back and releases
     expire.lua      leases of vanished workers, and batches nobody claimed, come back
     finish.lua      is the crawl finished?
     quarantine.lua  something unreadable goes aside
@@ -27,7 +28,7 @@ from importlib import resources
 from ..keys import CONSUMER_GROUP, Keys
 from ..messages import VERSION
 
-COMMANDS = ("crawl", "admit", "dispatch", "claim", "fetching", "renew", "report", "expire",
+COMMANDS = ("crawl", "admit", "dispatch", "claim", "progress", "renew", "expire",
             "finish", "quarantine", "lock", "unlock")
 
 

@@ -1,7 +1,8 @@
 --[[ claim.lua: a worker starts a batch (the worker, at the start of the arq job).
 
 ARGV  1 prefix, 2 crawl id, 3 host, 4 batch id, 5 lease seconds, 6 arq job id.
-Keys  K.arq_queue K.lease_batch K.waiting K.leases K.stats K.quarantine, per host
+Keys  K.crawl K.arq_queue K.lease_batch K.waiting K.leases K.stats K.quarantine K.scope_hosts
+      K.scope_ports, per host
       h:{host}:lease and h:{host}:fetching.
 Guarantees
   * The job leaves arq's queue whatever the answer, so arq never starts it again: the lease,
@@ -9,7 +10,11 @@ Guarantees
   * Only the batch that holds the host's lease may start; the lease's clock starts now, on
     Redis's clock, for ARGV[5] seconds.
   * The URLs come from the lease itself; malformed lease entries go to quarantine (counted).
-Returns {'ok', entry...}, {'stale'} (the lease is not this batch's) or {'state_lost'}.
+  * The answer carries what the worker needs to filter links itself: the seen set's bucket
+    digits and the size of the scope (it re-reads K.scope_hosts and K.scope_ports when that
+    changes).
+Returns {'ok', seen digits, scope hosts, entry...}, {'stale'} (the lease is not this batch's)
+or {'state_lost'}.
 ]]
 local host, batch_id, lease_seconds, job_id = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 redis.call('ZREM', K.arq_queue, job_id)
@@ -18,7 +23,8 @@ if redis.call('HGET', K.lease_batch, host) ~= batch_id then return {'stale'} end
 local lease = host_key(host, 'lease')
 local entries = redis.call('HGETALL', lease)
 local c = counters({'in_flight', 'quarantined'})
-local out, bad = {'ok'}, {}
+local scope = redis.call('SCARD', K.scope_hosts) + redis.call('SCARD', K.scope_ports)
+local out, bad = {'ok', SEEN_DIGITS, scope}, {}
 for i = 1, #entries, 2 do
   local e, why = decode_entry(entries[i + 1])
   if e and e.fp == entries[i] then

@@ -1,22 +1,25 @@
 --[[ crawl.lua: open the crawl, or notice that its state was lost (seed, scheduler, crawl).
 
 ARGV  1 prefix, 2 the crawl id this process knows ('' = none yet), 3 a fresh id to use if
-      there is no crawl.
-Keys  K.crawl (HASH: id, created_at, and after a loss state_lost_at and lost_id), K.events.
+      there is no crawl, 4 the seen set's bucket digits for a new crawl (see lib.lua).
+Keys  K.crawl (HASH: id, created_at, seen_digits, admitted_at once a URL was admitted, and after
+      a loss state_lost_at and lost_id), K.events.
 Guarantees
   * The marker exists as long as the crawl's state does. A Redis restarted without
     persistence, or flushed, loses it with everything else: a process that knew the old id
     then records the loss (state_lost_at, lost_id) in the new marker, so every process and
     `status` see it and the crawl never reports finished as if nothing had happened.
   * The events stream and the scheduler's consumer group exist afterwards.
+  * seen_digits is fixed when the crawl opens, so every process splits fingerprints alike.
 Returns {'new' | 'ok' | 'lost', id, state_lost_at or ''}.
 ]]
 local known, fresh = CRAWL, ARGV[3]
+local digits = math.min(math.max(math.floor(tonumber(ARGV[4]) or 3), 3), 8)
 local id = redis.call('HGET', K.crawl, 'id')
 local answer
 local now = now_s()
 if not id then
-  redis.call('HSET', K.crawl, 'id', fresh, 'created_at', now)
+  redis.call('HSET', K.crawl, 'id', fresh, 'created_at', now, 'seen_digits', digits)
   id = fresh
   answer = 'new'
   if known ~= '' then answer = 'lost' end
@@ -31,4 +34,5 @@ if answer == 'lost' then
 end
 -- BUSYGROUP (it exists) is the usual answer; pcall keeps it from failing the script.
 redis.pcall('XGROUP', 'CREATE', K.events, GROUP, '0', 'MKSTREAM')
-return {answer, id, redis.call('HGET', K.crawl, 'state_lost_at') or ''}
+local m = redis.call('HMGET', K.crawl, 'state_lost_at', 'seen_digits')
+return {answer, id, m[1] or '', m[2] or '3'}

@@ -2,7 +2,7 @@
 
 ARGV  1 prefix, 2 crawl id, 3 batch size, 4 most batches waiting for a worker, 5 arq function
       name, 6 arq job expiry (ms).
-Keys  K.ready K.waiting K.lease_batch K.results K.batch_seq K.stats K.quarantine K.arq_queue,
+Keys  K.ready K.waiting K.lease_batch K.batch_seq K.stats K.quarantine K.arq_queue,
       per host h:{host}:q and h:{host}:lease, and arq's job key arq:job:{batch id}.
 Guarantees
   * At most one batch per host: the host's lease (K.lease_batch names the batch, h:{host}:lease
@@ -12,8 +12,8 @@ Guarantees
     the worker's claim reads the URLs from the lease, which stays the one source of truth.
   * The lease's clock starts at the claim, not here: until then the host is in K.waiting,
     and expire.lua returns a batch nobody claims in time without counting it as a loss.
-  * A queue entry that is malformed goes to quarantine (counted), one whose result exists
-    already (stored by a stale worker) is dropped; neither reaches a worker.
+  * A queue entry that is malformed goes to quarantine (counted) and never reaches a worker.
+  * The backlog is never scanned: ZRANGEBYSCORE with a LIMIT, and LRANGE of one batch a host.
   * At most ARGV[4] batches wait for workers: the backlog stays here, where it is cheap.
 Returns {'ok', batches} or {'state_lost'}.
 ]]
@@ -29,22 +29,11 @@ local c = counters({'queued', 'in_flight', 'quarantined'})
 -- Read and sort every entry first.
 local plans = {}
 for _, host in ipairs(hosts) do
-  local plan = {host = host, q = host_key(host, 'q'), take = {}, bad = {}, stale = 0}
+  local plan
   if redis.call('HEXISTS', K.lease_batch, host) == 1 then
-    plan.leased = true  -- ready while leased: a leftover; its report will set it ready again
+    plan = {host = host, leased = true}  -- a leftover; its report sets it ready again
   else
-    local raws = redis.call('LRANGE', plan.q, 0, batch_size - 1)
-    plan.n = #raws
-    for _, raw in ipairs(raws) do
-      local e, why = decode_entry(raw)
-      if not e then
-        plan.bad[#plan.bad + 1] = {raw, why}
-      elseif redis.call('HEXISTS', K.results, e.fp) == 1 then
-        plan.stale = plan.stale + 1  -- left 'queued' when its result was stored
-      else
-        plan.take[#plan.take + 1] = {e.fp, raw}
-      end
-    end
+    plan = take_plan(host, batch_size)
     plan.more = redis.call('LLEN', plan.q) > plan.n
   end
   plans[#plans + 1] = plan
@@ -55,15 +44,8 @@ local now_ms = math.floor(now * 1000)
 for _, plan in ipairs(plans) do
   redis.call('ZREM', K.ready, plan.host)
   if not plan.leased then
-    if plan.n > 0 then redis.call('LTRIM', plan.q, plan.n, -1) end
-    for _, bad in ipairs(plan.bad) do
-      quarantine(plan.q, bad[2], bad[1], true)
-    end
-    c:add('queued', -#plan.bad)
-    c:add('quarantined', #plan.bad)
+    take_apply(plan, c)
     if #plan.take > 0 then
-      local lease = host_key(plan.host, 'lease')
-      for _, t in ipairs(plan.take) do redis.call('HSET', lease, t[1], t[2]) end
       local id = PREFIX .. 'b' .. redis.call('INCR', K.batch_seq)
       redis.call('HSET', K.lease_batch, plan.host, id)
       redis.call('ZADD', K.waiting, now, plan.host)
@@ -75,8 +57,6 @@ for _, plan in ipairs(plans) do
         '],"k":{},"et":' .. string.format('%d', now_ms) .. '}'
       redis.call('SET', 'arq:job:' .. id, job, 'PX', job_expiry_ms)
       redis.call('ZADD', K.arq_queue, now_ms, id)
-      c:add('queued', -#plan.take)
-      c:add('in_flight', #plan.take)
       batches = batches + 1
     elseif plan.more then
       redis.call('ZADD', K.ready, now, plan.host)

@@ -29,7 +29,7 @@ local c = counters({'in_flight', 'queued', 'failed', 'quarantined', 'leases_expi
 local plans = {}
 local function plan_for(host, charge)
   local lease = host_key(host, 'lease')
-  local plan = {host = host, lease = lease, back = {}, lost = {}, bad = {}, dup = 0,
+  local plan = {host = host, lease = lease, back = {}, lost = {}, bad = {},
     id = redis.call('HGET', K.lease_batch, host)}
   local fetching = {}
   if charge then
@@ -42,13 +42,12 @@ local function plan_for(host, charge)
     local e, why = decode_entry(raw)
     if not e then
       plan.bad[#plan.bad + 1] = {raw, why}
-    elseif redis.call('HEXISTS', K.results, e.fp) == 1 then
-      plan.dup = plan.dup + 1
     elseif charge and fetching[e.fp] then
       e.tries = e.tries + 1
       if e.tries >= max_losses then
         local r = template
         r.url, r.depth, r.fetched_at = e.url, e.depth, now
+        r.redirects = nil  -- cjson writes an empty table as {}; the reader defaults it to []
         plan.lost[#plan.lost + 1] = {e.fp, cjson.encode(r)}
       else
         plan.back[#plan.back + 1] = cjson.encode(e)
@@ -74,7 +73,7 @@ for _, plan in ipairs(plans) do
     redis.call('HSET', K.dead_letter, l[1], l[2])
   end
   for _, b in ipairs(plan.bad) do quarantine(plan.lease, b[2], b[1], true) end
-  c:add('in_flight', -(#plan.back + #plan.lost + #plan.bad + plan.dup))
+  c:add('in_flight', -(#plan.back + #plan.lost + #plan.bad))
   c:add('queued', #plan.back)
   c:add('failed', #plan.lost)
   c:add('quarantined', #plan.bad)

@@ -10,8 +10,14 @@ error word) or runs its writes, none of which can fail on bad data: malformed en
 to K.quarantine and counters that are not integers are reset there, with the bad value kept.
 ]]
 local PREFIX, CRAWL = ARGV[1], ARGV[2]
-local K = {}
-for name, rel in pairs(FIXED_KEYS) do K[name] = PREFIX .. rel end
+-- Built on first use: a script names a few of the fixed keys, and every call pays for this.
+local K = setmetatable({}, {__index = function(t, name)
+  local rel = FIXED_KEYS[name]
+  if not rel then error('unknown fixed key ' .. tostring(name)) end
+  local key = PREFIX .. rel
+  rawset(t, name, key)
+  return key
+end})
 
 local function host_key(host, kind)
   local escaped = string.gsub(host, '[%%{}]', {['%'] = '%25', ['{'] = '%7B', ['}'] = '%7D'})
@@ -25,8 +31,37 @@ local function now_s()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
+-- The seen set is many small SETs of integers, so that Redis keeps each one as an intset (8 bytes
+-- a member). A 64-bit fingerprint (16 hex digits) is split: its first SEEN_DIGITS hex digits name
+-- the bucket, the rest (at most 52 bits, exact in a Lua number) is the member. The crawl marker
+-- records SEEN_DIGITS when the crawl opens (crawl.lua), so every process splits alike.
+local SEEN_DIGITS = 3
+
 local function crawl_is_current()
-  return redis.call('HGET', K.crawl, 'id') == CRAWL
+  local m = redis.call('HMGET', K.crawl, 'id', 'seen_digits')
+  SEEN_DIGITS = tonumber(m[2]) or 3
+  return m[1] == CRAWL
+end
+
+local function is_fp(fp)
+  return type(fp) == 'string' and #fp == 16 and string.match(fp, '^%x+$') ~= nil
+end
+
+local function seen_slot(fp)
+  return K.seen .. string.sub(fp, 1, SEEN_DIGITS),
+    string.format('%.0f', tonumber(string.sub(fp, SEEN_DIGITS + 1), 16))
+end
+local function seen_add(fp)
+  local key, member = seen_slot(fp)
+  return redis.call('SADD', key, member)
+end
+local function seen_has(fp)
+  local key, member = seen_slot(fp)
+  return redis.call('SISMEMBER', key, member)
+end
+local function seen_rem(fp)
+  local key, member = seen_slot(fp)
+  return redis.call('SREM', key, member)
 end
 
 -- A queue or lease entry (common.messages.QueuedURL), read by name. nil and a reason when it is
@@ -35,9 +70,7 @@ local function decode_entry(raw)
   local ok, e = pcall(cjson.decode, raw)
   if not ok or type(e) ~= 'table' then return nil, 'not a JSON object' end
   if type(e.v) ~= 'number' or e.v > MESSAGE_VERSION then return nil, 'unknown version' end
-  if type(e.fp) ~= 'string' or #e.fp ~= 16 or not string.match(e.fp, '^%x+$') then
-    return nil, 'bad fp'
-  end
+  if not is_fp(e.fp) then return nil, 'bad fp' end
   if type(e.url) ~= 'string' or e.url == '' then return nil, 'bad url' end
   if type(e.depth) ~= 'number' then return nil, 'bad depth' end
   if e.tries == nil then e.tries = 0 end
@@ -56,11 +89,16 @@ end
 local Counters = {}
 Counters.__index = Counters
 local function counters(names)
-  local self = setmetatable({delta = {}, bad = {}}, Counters)
+  local self = setmetatable({delta = {}, bad = {}, value = {}}, Counters)
   local values = redis.call('HMGET', K.stats, unpack(names))
   for i, name in ipairs(names) do
     local v = values[i]
-    if v and not string.match(v, '^%-?%d+$') then self.bad[#self.bad + 1] = {name, v} end
+    if v and not string.match(v, '^%-?%d+$') then
+      self.bad[#self.bad + 1] = {name, v}
+      self.value[name] = 0
+    else
+      self.value[name] = tonumber(v or '0')
+    end
   end
   return self
 end
@@ -78,4 +116,102 @@ function Counters:apply()
   for name, n in pairs(self.delta) do
     if n ~= 0 then redis.call('HINCRBY', K.stats, name, n) end
   end
+end
+
+-- Taking URLs from a host queue into its lease (dispatch.lua, progress.lua): take_plan reads and
+-- sorts up to n entries (no write); take_apply moves them.
+local function take_plan(host, n)
+  local plan = {host = host, q = host_key(host, 'q'), take = {}, bad = {}}
+  local raws = redis.call('LRANGE', plan.q, 0, n - 1)
+  plan.n = #raws
+  for _, raw in ipairs(raws) do
+    local e, why = decode_entry(raw)
+    if e then plan.take[#plan.take + 1] = {e.fp, raw} else plan.bad[#plan.bad + 1] = {raw, why} end
+  end
+  return plan
+end
+local function take_apply(plan, c)
+  if plan.n > 0 then redis.call('LTRIM', plan.q, plan.n, -1) end
+  for _, bad in ipairs(plan.bad) do quarantine(plan.q, bad[2], bad[1], true) end
+  c:add('queued', -(#plan.bad + #plan.take))
+  c:add('quarantined', #plan.bad)
+  c:add('in_flight', #plan.take)
+  if #plan.take > 0 then
+    local fields = {}
+    for _, t in ipairs(plan.take) do fields[#fields + 1] = t[1]; fields[#fields + 1] = t[2] end
+    redis.call('HSET', host_key(plan.host, 'lease'), unpack(fields))
+  end
+end
+
+-- Admission of new URLs (admit.lua for seeds, progress.lua for the links a worker found).
+-- admitter() reads the budgets; admit() takes one URL, with the writes that are per host
+-- (queue, page count, ready time) gathered and done once per host by flush(). The counters
+-- object must have been made with the names in ADMIT_COUNTERS.
+local ADMIT_COUNTERS = {'seen', 'queued', 'discarded_max_pages', 'discarded_host_budget',
+  'discarded_query_variants', 'discarded_scope', 'discarded_invalid'}
+local Admitter = {}
+Admitter.__index = Admitter
+local function admitter(c, max_pages, max_per_host, max_variants, now)
+  return setmetatable({c = c, max_pages = max_pages, max_per_host = max_per_host,
+    max_variants = max_variants, now = now, n_seen = c.value.seen or 0, hosts = {},
+    order = {}, admitted = 0}, Admitter)
+end
+function Admitter:host(host)
+  local h = self.hosts[host]
+  if not h then
+    h = {entries = {}, pages = nil}
+    if self.max_per_host >= 0 then
+      h.pages = tonumber(redis.call('HGET', K.host_pages, host) or '0') or 0
+    end
+    self.hosts[host] = h
+    self.order[#self.order + 1] = host
+  end
+  return h
+end
+-- fp must satisfy is_fp (checked by the caller before its first write).
+function Admitter:admit(fp, host, entry, variant)
+  local refused
+  local h = self:host(host)
+  if self.max_pages >= 0 and self.n_seen >= self.max_pages then
+    refused = 'discarded_max_pages'
+  elseif h.pages and h.pages >= self.max_per_host then
+    refused = 'discarded_host_budget'
+  end
+  if refused then
+    if seen_has(fp) == 0 then self.c:add(refused, 1) end  -- a known URL is not a refusal
+    return
+  end
+  if seen_add(fp) == 0 then return end  -- already in the crawl
+  if variant ~= '' then
+    local n = tonumber(redis.call('HGET', K.query_variants, variant) or '0') or 0
+    if n >= self.max_variants then
+      seen_rem(fp)
+      self.c:add('discarded_query_variants', 1)
+      return
+    end
+    redis.call('HINCRBY', K.query_variants, variant, 1)
+  end
+  self.n_seen = self.n_seen + 1
+  self.admitted = self.admitted + 1
+  if h.pages then h.pages = h.pages + 1 end
+  h.entries[#h.entries + 1] = entry
+end
+function Admitter:flush()
+  for _, host in ipairs(self.order) do
+    local h = self.hosts[host]
+    local n = #h.entries
+    if n > 0 then
+      for i = 1, n, 1000 do
+        redis.call('RPUSH', host_key(host, 'q'), unpack(h.entries, i, math.min(i + 999, n)))
+      end
+      redis.call('HINCRBY', K.host_pages, host, n)
+      if redis.call('HEXISTS', K.lease_batch, host) == 0 then
+        -- NX keeps a later time already set (the host's crawl delay or backoff).
+        local nb = tonumber(redis.call('HGET', K.not_before, host) or '0') or 0
+        redis.call('ZADD', K.ready, 'NX', math.max(self.now, nb), host)
+      end
+    end
+  end
+  self.c:add('seen', self.admitted)
+  self.c:add('queued', self.admitted)
 end

@@ -63,6 +63,27 @@ def test_fleet_fetches_the_reachable_set_each_url_once(
     assert pages_logged == len(results) - len(private)
 
 
+def test_one_big_host_is_crawled_whole_in_continuous_turns(
+    redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    """One host, 100 links a page, 16 fetches in flight: hundreds of links pile up between two
+    progress calls and go first through admit.lua; none may be lost (the link cache would
+    never send them again). The host is refilled by its worker, not dispatched page by page."""
+    web = testweb_factory("--hosts", "1", "--pages", "400", "--links", "100")
+    fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_PER_HOST_CONCURRENCY="16",
+                          CRAWLFLEET_CRAWL_DELAY="0")
+    fleet.start(*web.seeds, workers=2)
+    status = fleet.wait_finished(timeout=180)
+    urls = [r["url"] for r in fleet.export()]
+    assert sorted(urls) == web.reachable()
+    assert not [u for u, n in Counter(urls).items() if n > 1]
+    # Continuous work: far fewer turns than batches of CRAWLFLEET_BATCH_SIZE would have been.
+    turns = sum(line.count('"batch_done"') for n in fleet.processes if n.startswith("worker")
+                for line in fleet.log(n).splitlines())
+    assert 1 <= turns < status["pages"] / 20 / 2, (turns, status["pages"])
+
+
 def test_seed_reports_bad_lines_and_enqueues_the_rest(
     redis_server: RedisServer, testweb: WebUnderTest, fleet_factory: Callable[..., Fleet]
 ) -> None:

@@ -217,8 +217,10 @@ def test_broken_http_is_protocol(crawl: HostileCrawl, path: str) -> None:
 
 
 def test_html_nested_100000_deep_parses(crawl: HostileCrawl) -> None:
+    """Cut where it nests past 512 elements (its one link is below that): a page, not tens of
+    seconds of parser CPU."""
     r = crawl.result("/deep")
-    assert r["error"] is None and r["title"] == "deep" and r["links"] == 1
+    assert r["error"] is None and r["title"] == "deep" and r["links"] == 0
 
 
 def test_a_wrong_charset_decodes(crawl: HostileCrawl) -> None:

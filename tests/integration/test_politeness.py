@@ -27,7 +27,10 @@ def test_per_host_limits_hold_across_four_workers_and_a_slow_host_does_not_stall
         redis_server.url, web,
         CRAWLFLEET_PER_HOST_CONCURRENCY=str(concurrency),
         CRAWLFLEET_CRAWL_DELAY=str(delay),
-        CRAWLFLEET_BATCH_SIZE="4",  # many batches, so a host passes between workers often
+        # Short turns, so that a host passes between workers often: the limits must hold
+        # across hand-overs, not only within one worker's turn.
+        CRAWLFLEET_BATCH_SIZE="4",
+        CRAWLFLEET_HOST_TURN_SECONDS="1",
         CRAWLFLEET_JOBS_PER_WORKER="4",
     )
     fleet.start(*web.seeds, workers=4)

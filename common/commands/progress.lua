@@ -1,0 +1,152 @@
+--[[ progress.lua: a worker's one call while it holds a host (the worker, every few pages).
+
+It reports, marks, admits and refills in one round trip, so that a host's work is continuous:
+the worker that holds a host keeps it while its queue has URLs and its turn lasts, and neither
+the scheduler nor a new arq job stands between two of its pages.
+
+ARGV  1 prefix, 2 crawl id, 3 host, 4 batch id, 5 '1' if final, 6 seconds from now before the
+      host's next lease may start (its crawl delay or backoff), 7 URLs wanted from the host
+      queue (0 = none), 8 '1' if the turn is long enough that other ready hosts come first,
+      9 max pages (-1 = none), 10 max pages per host (-1), 11 max query variants,
+      12 links refused by scope, 13 links invalid, 14 number of marks M, 15 number of results
+      R, 16 number of admissions A; then M fps about to be fetched; R times fp, outcome, data;
+      A times fp, host, entry, variant (as admit.lua).
+      Outcomes: 'p' page, 'f' failed, 's' skipped (robots), 'd' failed for good after its
+      retries (dead-lettered too), 'r' retry (data: its next QueuedURL), 'a' alias (a
+      redirect target fetched on another URL's behalf; data: its result). Otherwise data is
+      the PageResult JSON.
+Keys  K.crawl K.lease_batch K.leases K.waiting K.ready K.not_before K.stats K.results
+      K.dead_letter K.seen:* K.host_pages K.query_variants K.rate K.quarantine, per host
+      h:{host}:q, :lease and :fetching.
+Guarantees
+  * Only the batch that holds the host's lease stores anything: a result is stored when its fp
+    leaves this lease (HDEL), so each URL has one result, a repeated call (a dropped
+    connection) stores nothing twice, and a stale worker (its lease expired) stores nothing;
+    its URLs are fetched again by the lease's new holder.
+  * Results, their counters and their pages' links land together or not at all.
+  * Marks (h:{host}:fetching) are set only under a held lease: expire.lua charges a lost
+    worker's URLs a loss only when they were marked, and a stale worker learns here (held = 0)
+    that it must stop.
+  * Admissions follow admit.lua (dedup, budgets), for the links of any host: a stale worker's
+    links are admitted too, since they are real links.
+  * Refill: up to ARGV[7] entries move from the host queue to the lease and are returned, on
+    the same terms as dispatch.lua; with ARGV[8] = '1' only while no other host is ready or
+    waiting for a worker (K.waiting).
+  * The final call hands the lease's unreported URLs back to the front of the queue, releases
+    the lease and sets the host's next ready time on Redis's clock.
+Returns {'ok', lease held (1/0), results stored, handed back, admitted, refill entry...} or
+{'state_lost'}.
+]]
+if not crawl_is_current() then return {'state_lost'} end
+local host, batch_id, final = ARGV[3], ARGV[4], ARGV[5] == '1'
+local wait_s, want, yield_to_others = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1'
+local n_marks, n_results, n_admits = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
+local first_result = 17 + n_marks
+local first_admit = first_result + 3 * n_results
+local held = redis.call('HGET', K.lease_batch, host) == batch_id
+local lease, q, fetching = host_key(host, 'lease'), host_key(host, 'q'), host_key(host, 'fetching')
+local names = {unpack(ADMIT_COUNTERS)}
+for _, n in ipairs({'pages', 'failed', 'skipped', 'retries', 'in_flight', 'quarantined'}) do
+  names[#names + 1] = n
+end
+local c = counters(names)
+local now = now_s()
+-- Read and validate first.
+local invalid = tonumber(ARGV[13])
+for i = first_admit, #ARGV, 4 do
+  if not is_fp(ARGV[i]) then invalid = invalid + 1 end
+end
+local alias_ok = {}
+for i = first_result, first_admit - 1, 3 do
+  if ARGV[i + 1] == 'a' then alias_ok[i] = is_fp(ARGV[i]) end
+end
+local rest, bad = {}, {}
+if final and held then
+  local reported = {}
+  for i = first_result, first_admit - 1, 3 do reported[ARGV[i]] = true end
+  local entries = redis.call('HGETALL', lease)
+  for i = 1, #entries, 2 do
+    if not reported[entries[i]] then
+      local e, why = decode_entry(entries[i + 1])
+      if e then rest[#rest + 1] = entries[i + 1] else bad[#bad + 1] = {entries[i + 1], why} end
+    end
+  end
+end
+c:fix()
+local stored, finished = 0, 0
+if held then
+  if n_results > 0 then
+    local fps = {}
+    for i = first_result, first_admit - 1, 3 do fps[#fps + 1] = ARGV[i] end
+    redis.call('SREM', fetching, unpack(fps))  -- no longer in flight
+  end
+  for i = first_result, first_admit - 1, 3 do
+    local fp, outcome, data = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    if outcome == 'a' then
+      -- New to the crawl, it is done already; known, it is left to its own fetch.
+      if alias_ok[i] and seen_add(fp) == 1 then
+        redis.call('HSET', K.results, fp, data)
+        c:add('seen', 1)
+        c:add('pages', 1)
+        stored = stored + 1
+        finished = finished + 1
+      end
+    elseif redis.call('HDEL', lease, fp) == 1 then
+      c:add('in_flight', -1)
+      if outcome == 'r' then
+        redis.call('RPUSH', q, data)
+        c:add('queued', 1)
+        c:add('retries', 1)
+      else
+        redis.call('HSET', K.results, fp, data)
+        stored = stored + 1
+        finished = finished + 1
+        if outcome == 'd' then
+          redis.call('HSET', K.dead_letter, fp, data)
+          c:add('failed', 1)
+        elseif outcome == 'p' then c:add('pages', 1)
+        elseif outcome == 's' then c:add('skipped', 1)
+        else c:add('failed', 1) end
+      end
+    end
+  end
+  if n_marks > 0 and not final then
+    redis.call('SADD', fetching, unpack(ARGV, 17, first_result - 1))
+  end
+end
+local a = admitter(c, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), now)
+for i = first_admit, #ARGV, 4 do
+  if is_fp(ARGV[i]) then a:admit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) end
+end
+a:flush()
+if a.admitted > 0 then redis.call('HSETNX', K.crawl, 'admitted_at', now) end
+c:add('discarded_scope', tonumber(ARGV[12]))
+c:add('discarded_invalid', invalid)
+local out = {'ok', held and 1 or 0, stored, #rest, a.admitted}
+if held and final then
+  for i = #rest, 1, -1 do redis.call('LPUSH', q, rest[i]) end
+  for _, b in ipairs(bad) do quarantine(lease, b[2], b[1], true) end
+  c:add('in_flight', -(#rest + #bad))
+  c:add('queued', #rest)
+  c:add('quarantined', #bad)
+  redis.call('DEL', lease, fetching)
+  redis.call('HDEL', K.lease_batch, host)
+  redis.call('ZREM', K.leases, host)
+  redis.call('ZREM', K.waiting, host)
+  local next_ready = now + math.max(wait_s, 0)
+  -- Kept apart from the ready set: links for this host may arrive after this call.
+  redis.call('HSET', K.not_before, host, next_ready)
+  if redis.call('LLEN', q) > 0 then redis.call('ZADD', K.ready, next_ready, host) end
+elseif held and want > 0 then
+  -- Others: a host ready now, or one dispatched and waiting for a worker's free slot.
+  local others = yield_to_others and (redis.call('ZCARD', K.waiting) > 0 or
+    #redis.call('ZRANGEBYSCORE', K.ready, '-inf', now, 'LIMIT', 0, 1) > 0)
+  if not others then
+    local plan = take_plan(host, want)
+    take_apply(plan, c)
+    for _, t in ipairs(plan.take) do out[#out + 1] = t[2] end
+  end
+end
+if finished > 0 then redis.call('HINCRBY', K.rate, math.floor(now), finished) end
+c:apply()
+return out

@@ -1,0 +1,76 @@
+"""The benchmarks run end to end on tiny inputs: exit 0, the expected rows, the docs written.
+
+No timing is asserted: the figures depend on the machine. Both scripts start their own
+redis-server on a free loopback port and stop every process they start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
+SCHEDULER = ROOT / "benchmarks" / "scheduler.py"
+ROWS = ("fetch floor", "fetch+parse floor", "naive", "embedded", "fleet of 1", "fleet of 2")
+KEPT = ("<!-- benchmarks/scheduler.py: begin -->\nkept section\n"
+        "<!-- benchmarks/scheduler.py: end -->")
+
+
+def run(script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def test_throughput_runs_on_tiny_shapes(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"old text\n{KEPT}\n")  # scheduler.py's section survives a rewrite
+    done = run(THROUGHPUT, "--repeat", "1", "--hosts", "2", "--pages", "10",
+               "--one-pages", "30", "--one-links", "20", "--write-docs", str(docs),
+               timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    out = done.stdout
+    for shape in ("many", "one"):
+        assert f"Shape {shape!r}:" in out
+    for label in ROWS:  # one row per shape in the rate table (flagged if a crawl fell short)
+        rows = re.findall(rf"^{re.escape(label)}(?: \(!\d+/\d+\))?\s+\d+ ", out, re.MULTILINE)
+        assert len(rows) == 2, label
+    assert "Targets (fleets):" in out and "Notes:" in out
+
+    text = docs.read_text()
+    assert "old text" not in text and KEPT in text
+    for heading in ("## Shape `many`", "## Shape `one`", "## Targets"):
+        assert heading in text
+    for label in ROWS:  # the rate tables' rows start with the label and pages/s
+        rows = re.findall(rf"^\| {re.escape(label)}(?: \(!\d+/\d+\))? \| [\d,]+ \|", text,
+                          re.MULTILINE)
+        assert len(rows) == 2, label
+    assert "| worker RSS ≤ 120 MB | many | fleet of 1 |" in text
+    figures = json.loads(docs.with_suffix(".json").read_text())
+    assert figures["shapes"]["many"]["rows"]["fleet of 1"]["pages_per_s"] > 0
+    assert figures["shapes"]["one"]["urls"] > 30
+
+
+def test_scheduler_runs_small(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    done = run(SCHEDULER, "--small", "--worker-rate", "800", "--write-docs", str(docs),
+               timeout=90)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    out = done.stdout
+    for step in ("fill (admit), URLs", "dispatch, batches", "claim + progress, pages",
+                 "expire, none expired, calls", "expire, expired leases, leases"):
+        assert re.search(rf"^  {re.escape(step)}\s+[\d,]+\s+[\d,]+\s+[\d.]+", out,
+                         re.MULTILINE), step
+    assert re.search(r"CPU ms per page: scheduler [\d.]+", out)
+    assert re.search(r"[\d.]+ workers at 800 pages/s", out)
+    assert re.search(r"MEMORY USAGE of the buckets: [\d.]+ B per URL", out)
+    text = docs.read_text()
+    assert "<!-- benchmarks/scheduler.py: begin -->" in text
+    assert "(c) seen set" in text

@@ -1,0 +1,87 @@
+"""Links filtered before they reach Redis: scope, and the fingerprints this worker already sent.
+
+A documentation site's pages share ~100 navigation links. The parse step has canonicalised
+every link once (``workers/parse.py``); here each is scope-checked with the seeds' hosts (cached
+from Redis, re-read when the claim says the set changed) and the same rules as the scheduler's
+(``common/scope.py``), and dropped when this worker sent its fingerprint recently. What is left
+is admitted in the worker's next ``progress.lua`` call, where the seen set decides for good:
+the cache only saves round trips, it never decides that a URL is new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from crawlfleet.common.addresses import port_allowed
+from crawlfleet.common.frontier import Admission
+from crawlfleet.common.scope import ScopeRules, out_of_scope
+from crawlfleet.common.settings import Settings
+from crawlfleet.common.urls import URLError, fingerprint, host_key
+
+
+class RecentFingerprints:
+    """A bounded set: two generations of ``size // 2``; when the young one is full, the old one
+    is dropped. Lookups and inserts are O(1) and memory never grows past ``size`` entries."""
+
+    def __init__(self, size: int) -> None:
+        self.half = max(1, size // 2)
+        self.young: set[str] = set()
+        self.old: set[str] = set()
+
+    def __contains__(self, fp: str) -> bool:
+        return fp in self.young or fp in self.old
+
+    def add(self, fp: str) -> None:
+        if len(self.young) >= self.half:
+            self.old, self.young = self.young, set()
+        self.young.add(fp)
+
+    def __len__(self) -> int:
+        return len(self.young) + len(self.old)
+
+
+class LinkFilter:
+    """One per worker process, shared by its batches."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rules = ScopeRules.from_settings(settings)
+        self.allowed_hosts: frozenset[str] = frozenset()
+        self.seed_ports: frozenset[int] = frozenset()
+        self.scope_size = -1  # hosts in scope when last read; the claim reports the current count
+        self.recent = RecentFingerprints(settings.link_cache_size)
+
+    def set_scope(self, hosts: Iterable[str], ports: Iterable[int], size: int) -> None:
+        self.allowed_hosts = frozenset(hosts)
+        self.seed_ports = frozenset(ports)
+        self.scope_size = size
+
+    def filter(self, urls: Iterable[str], depth: int) -> tuple[list[Admission], int, int]:
+        """Canonical links at ``depth``: (admissions, refused by scope, invalid). Links sent
+        recently are left out; the returned ones count as sent from now on."""
+        admissions: list[Admission] = []
+        refused = invalid = 0
+        recent = self.recent
+        for url in urls:
+            fp = fingerprint(url)
+            if fp in recent:
+                continue
+            try:
+                host = host_key(url)
+            except URLError:
+                invalid += 1
+                continue
+            if out_of_scope(url, host, depth, allowed_hosts=self.allowed_hosts,
+                            rules=self.rules) or not port_allowed(
+                                url, self.settings.allowed_ports, self.seed_ports):
+                refused += 1
+                continue
+            recent.add(fp)
+            admissions.append(Admission.of(url, host, depth, fp))
+        return admissions, refused, invalid
+
+    def forget(self, admissions: Iterable[Admission]) -> None:
+        """Links whose report did not reach Redis: they must be sent again."""
+        for a in admissions:
+            self.recent.young.discard(a.fp)
+            self.recent.old.discard(a.fp)
