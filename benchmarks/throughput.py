@@ -155,7 +155,6 @@ FLEET_PREFIX = "fleet of "
 TARGET_RATIO = {"one": (1.0, 1.2), "many": (1.3, None)}  # x naive: (target, goal)
 TARGET_REDIS_CMDS = 6.0  # per page
 TARGET_CPU_MS = {"workers": 1.2, "scheduler": 0.05, "redis-server": 0.05}  # per page
-TARGET_SEEN_BYTES = 12.0  # per URL
 TARGET_WORKER_RSS_MB = 120.0
 
 
@@ -1146,8 +1145,8 @@ def verdicts(result: ShapeResult) -> list[Verdict]:
             what = {"workers": "worker(s)", "redis-server": "Redis"}.get(process, process)
             add(f"{what} ≤ {limit:g} CPU-ms per page", row.cpu_ms(process), limit, " ms",
                 ".2f" if limit >= 1 else ".3f")
-        add(f"seen set ≤ {TARGET_SEEN_BYTES:g} B per URL", row.seen_bytes_per_url(),
-            TARGET_SEEN_BYTES, " B", ".1f")
+        # The seen set's target is over 1,000,000 URLs (benchmarks/scheduler.py judges it);
+        # at a few thousand its buckets are mostly per-key overhead.
         add(f"worker RSS ≤ {TARGET_WORKER_RSS_MB:g} MB", row.rss_mb("worker"),
             TARGET_WORKER_RSS_MB, " MB", ".0f")
     return out

@@ -20,6 +20,7 @@ to the host queue with a backoff, and ends with a final call whatever raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -123,6 +124,7 @@ class BatchRun:
         # (a transient failure: the host's next turn waits for its backoff).
         self.turn_over: str | None = None
         self.running: set[asyncio.Task[None]] = set()
+        self.call_task: asyncio.Task[ProgressOutcome] | None = None  # a call in the background
         self.backoff_until = 0.0  # time.monotonic() before which the host must rest
         self.transient_failures = 0
         self.state_lost = False
@@ -163,65 +165,84 @@ class BatchRun:
 
     async def _drive(self) -> None:
         """Start fetches while slots are free, call progress.lua when marks, a refill or a
-        report are due, until the lease is empty and the turn gives no more."""
+        report are due, until the lease is empty and the turn gives no more.
+
+        A call goes out in the background while a quarter of the marks is left, so the
+        fetches already marked go on during its round trip instead of waiting for it."""
         in_flight = self.running
         try:
             while True:
+                self._reap_call()
                 while not self.halted and self.todo and len(in_flight) < self.concurrency:
                     if self.todo[0].fp not in self.marked:
-                        await self._call()  # marks the next fetches (and reports, refills)
+                        await self._call_now()  # marks the next fetches (reports, refills)
                         continue
                     entry = self.todo.popleft()
                     self.marked.discard(entry.fp)
                     self.started_urls += 1
                     in_flight.add(asyncio.create_task(self._crawl_one(entry)))
                 if not in_flight:
+                    if self.call_task is not None:
+                        await self._call_now()
+                        continue
                     if self.halted or not self._may_refill():
                         return
-                    before = self.started_urls
                     await self._call()  # our pages' links are in our queue now: refill
-                    if not self.todo and self.started_urls == before:
+                    if not self.todo:
                         return
                     continue
-                done, _ = await asyncio.wait(in_flight, timeout=REPORT_EVERY_S,
+                if self.call_task is None and not self.halted and (
+                    (len(self.marked) <= self.mark_ahead // 4
+                     and len(self.todo) > len(self.marked))
+                    or (self.pending and (
+                        time.monotonic() - self.last_call >= REPORT_EVERY_S
+                        # nothing left to start, but its links may refill it
+                        or (not self.todo and self._may_refill())))
+                ):
+                    self.call_task = asyncio.create_task(self._call())
+                waits: set[asyncio.Task[Any]] = set(in_flight)
+                if self.call_task is not None:
+                    waits.add(self.call_task)
+                done, _ = await asyncio.wait(waits, timeout=REPORT_EVERY_S,
                                              return_when=asyncio.FIRST_COMPLETED)
                 in_flight -= done
-                # Otherwise the next call comes when the marks run out (every mark_ahead
-                # pages); sooner when nothing is left to start but links may refill it.
-                if self.pending and (
-                    time.monotonic() - self.last_call >= REPORT_EVERY_S
-                    or (not self.todo and self._may_refill())
-                ):
-                    await self._call()
         finally:
+            if self.call_task is not None:
+                call, self.call_task = self.call_task, None
+                # Its buffers come back on a failure: the final call sends them.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await call
             for task in in_flight:
                 task.cancel()
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
 
+    def _reap_call(self) -> None:
+        """A background call that has ended: its error, if any, is the turn's."""
+        if self.call_task is not None and self.call_task.done():
+            task, self.call_task = self.call_task, None
+            task.result()
+
+    async def _call_now(self) -> None:
+        """The call in flight, or a new one: the driver needs its answer before going on."""
+        if self.call_task is not None:
+            task, self.call_task = self.call_task, None
+            await task
+        else:
+            await self._call()
+
     async def _call(self) -> ProgressOutcome:
         """One progress.lua call: what is done, the next marks, links, and a refill."""
         async with self.call_lock:
-            await self._admit_overflow()
-            results, self.pending = self.pending, []
-            admissions, self.admissions = self.admissions, []
-            refused, invalid = self.scope_refused, self.invalid_links
-            self.scope_refused = self.invalid_links = 0
             marks = [] if self.halted else self._next_marks()
             want = 0
             if self._may_refill():
                 # After this call the lease holds the unstarted URLs and the running ones.
                 want = max(0, self.lease_size - len(self.todo) - len(self.running))
-            p = Progress(results=results, marks=marks, admissions=admissions,
-                         discarded_scope=refused, discarded_invalid=invalid, want=want,
-                         yield_to_others=self.pages + self.failed >= self.settings.host_turn_pages)
             self.last_call = time.monotonic()
-            try:
-                outcome = await self.frontier.progress(self.batch, p, self.limits)
-            except BaseException:
-                self._unsent(results, admissions, refused, invalid)
-                raise
-            self.calls += 1
+            outcome = await self._send(
+                marks=marks, want=want,
+                yield_to_others=self.pages + self.failed >= self.settings.host_turn_pages)
             if not outcome.lease_held:
                 self.halt("lease_lost")
                 return outcome
@@ -230,6 +251,24 @@ class BatchRun:
                 self.todo.extend(outcome.refill)
                 await self._prepare_robots(outcome.refill)
             return outcome
+
+    async def _send(self, **call: Any) -> ProgressOutcome:
+        """Send what is buffered (results, links) with ``call``'s other Progress fields; on a
+        failure it stays buffered for the next (final) call. Holds ``call_lock``'s caller."""
+        await self._admit_overflow()
+        results, self.pending = self.pending, []
+        admissions, self.admissions = self.admissions, []
+        refused, invalid = self.scope_refused, self.invalid_links
+        self.scope_refused = self.invalid_links = 0
+        p = Progress(results=results, admissions=admissions, discarded_scope=refused,
+                     discarded_invalid=invalid, **call)
+        try:
+            outcome = await self.frontier.progress(self.batch, p, self.limits)
+        except BaseException:
+            self._unsent(results, admissions, refused, invalid)
+            raise
+        self.calls += 1
+        return outcome
 
     async def _admit_overflow(self) -> None:
         """Links past ADMIT_CHUNK go first, in admit.lua calls of ADMIT_CHUNK each, so that no
@@ -415,25 +454,12 @@ class BatchRun:
     async def final_call(self) -> ProgressOutcome:
         """Report what is left; hand the unfinished URLs back and release the lease."""
         async with self.call_lock:
-            await self._admit_overflow()
-            results, self.pending = self.pending, []
-            admissions, self.admissions = self.admissions, []
-            refused, invalid = self.scope_refused, self.invalid_links
-            self.scope_refused = self.invalid_links = 0
             # The host's next turn may start one delay after this turn's last request, and
             # not before any backoff: as seconds from now, so Redis's clock decides when.
             last = self.pacer.last_sent
             wait_s = max(last + self.pacer.spacing - time.time() if last else 0.0,
                          self.backoff_until - time.monotonic(), 0.0)
-            p = Progress(results=results, admissions=admissions, discarded_scope=refused,
-                         discarded_invalid=invalid, final=True, wait_s=wait_s)
-            try:
-                outcome = await self.frontier.progress(self.batch, p, self.limits)
-            except BaseException:
-                self._unsent(results, admissions, refused, invalid)
-                raise
-            self.calls += 1
-            return outcome
+            return await self._send(final=True, wait_s=wait_s)
 
     async def _final_flush(self) -> ProgressOutcome | None:
         """The last call, with the lease's release and the hand-back: retried through Redis
