@@ -24,19 +24,10 @@ local names = {unpack(ADMIT_COUNTERS)}
 names[#names + 1] = 'quarantined_events'
 local c = counters(names)
 local now = now_s()
-local invalid = tonumber(ARGV[10])
-for i = 12, #ARGV, 4 do
-  if not is_fp(ARGV[i]) then invalid = invalid + 1 end
-end
+local invalid = tonumber(ARGV[10]) + invalid_fps(12)
 c:fix()
-local a = admitter(c, tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), now)
-for i = 12, #ARGV, 4 do
-  if is_fp(ARGV[i]) then a:admit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) end
-end
-a:flush()
-if a.admitted > 0 then redis.call('HSETNX', K.crawl, 'admitted_at', now) end
-c:add('discarded_scope', tonumber(ARGV[9]))
-c:add('discarded_invalid', invalid)
+local a = admit_argv(c, 12, tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
+  tonumber(ARGV[9]), invalid, now)
 if event_id ~= '' and ack then
   if ARGV[11] ~= '' then
     local raw = redis.call('XRANGE', K.events, event_id, event_id)

@@ -13,8 +13,9 @@ Returns {'ok', 1 or 0} or {'state_lost'}.
 ]]
 if not crawl_is_current() then return {'state_lost'} end
 local lost = redis.call('HEXISTS', K.crawl, 'state_lost_at') == 1
-if not lost and redis.call('HEXISTS', K.crawl, 'admitted_at') == 1 and redis.call('ZCARD', K.ready) == 0
-   and redis.call('HLEN', K.lease_batch) == 0 and redis.call('XLEN', K.events) == 0 then
+if not lost and redis.call('HEXISTS', K.crawl, 'admitted_at') == 1
+   and redis.call('ZCARD', K.ready) == 0 and redis.call('HLEN', K.lease_batch) == 0
+   and redis.call('XLEN', K.events) == 0 then
   redis.call('HSETNX', K.stats, 'finished_at', now_s())
   return {'ok', 1}
 end

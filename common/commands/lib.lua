@@ -215,3 +215,26 @@ function Admitter:flush()
   self.c:add('seen', self.admitted)
   self.c:add('queued', self.admitted)
 end
+
+-- The admissions a command was given, ARGV[first], ARGV[first + 1] ... four fields each (fp,
+-- host, entry, variant): invalid_fps() counts the bad ones before the first write, admit_argv()
+-- admits the rest and counts the refusals the caller made (scope, invalid).
+local function invalid_fps(first)
+  local n = 0
+  for i = first, #ARGV, 4 do
+    if not is_fp(ARGV[i]) then n = n + 1 end
+  end
+  return n
+end
+local function admit_argv(c, first, max_pages, max_per_host, max_variants, scope_refused,
+                          invalid, now)
+  local a = admitter(c, max_pages, max_per_host, max_variants, now)
+  for i = first, #ARGV, 4 do
+    if is_fp(ARGV[i]) then a:admit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) end
+  end
+  a:flush()
+  if a.admitted > 0 then redis.call('HSETNX', K.crawl, 'admitted_at', now) end
+  c:add('discarded_scope', scope_refused)
+  c:add('discarded_invalid', invalid)
+  return a
+end

@@ -52,10 +52,7 @@ end
 local c = counters(names)
 local now = now_s()
 -- Read and validate first.
-local invalid = tonumber(ARGV[13])
-for i = first_admit, #ARGV, 4 do
-  if not is_fp(ARGV[i]) then invalid = invalid + 1 end
-end
+local invalid = tonumber(ARGV[13]) + invalid_fps(first_admit)
 local alias_ok = {}
 for i = first_result, first_admit - 1, 3 do
   if ARGV[i + 1] == 'a' then alias_ok[i] = is_fp(ARGV[i]) end
@@ -114,14 +111,8 @@ if held then
     redis.call('SADD', fetching, unpack(ARGV, 17, first_result - 1))
   end
 end
-local a = admitter(c, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), now)
-for i = first_admit, #ARGV, 4 do
-  if is_fp(ARGV[i]) then a:admit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) end
-end
-a:flush()
-if a.admitted > 0 then redis.call('HSETNX', K.crawl, 'admitted_at', now) end
-c:add('discarded_scope', tonumber(ARGV[12]))
-c:add('discarded_invalid', invalid)
+local a = admit_argv(c, first_admit, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]),
+  tonumber(ARGV[12]), invalid, now)
 local out = {'ok', held and 1 or 0, stored, #rest, a.admitted}
 if held and final then
   for i = #rest, 1, -1 do redis.call('LPUSH', q, rest[i]) end
