@@ -126,13 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from crawlfleet.common.eventloop import use_uvloop
+    from crawlfleet.common.settings import setting_from_env
 
     from . import commands
 
-    # Before any loop exists, and before the command reads its settings (crawl reads its own):
-    # CRAWLFLEET_UVLOOP is a setting like the others, read here on its own.
-    use_uvloop(os.environ.get("CRAWLFLEET_UVLOOP", "1").strip().lower()
-               not in ("0", "false", "no", "off"))
+    # Before any loop exists, and before the command reads its settings (crawl reads its own).
+    use_uvloop(setting_from_env("uvloop"))
 
     if args.command == "seed":
         return commands.seed(settings_from(args), args.urls, args.file)

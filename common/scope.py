@@ -10,6 +10,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from crawlfleet.common.addresses import port_allowed
 from crawlfleet.common.settings import Settings
 
 
@@ -66,6 +67,16 @@ def out_of_scope(
     if repeated_segments(url) > rules.max_repeated_segments:
         return "repeated_segments"
     return None
+
+
+def refused(
+    url: str, host: str, depth: int, *, allowed_hosts: Collection[str], rules: ScopeRules,
+    allowed_ports: Collection[str], seed_ports: Collection[int],
+) -> bool:
+    """The one scope decision for a canonical URL, seeds and links alike: the rules above and
+    the port (80, 443, the seeds' ports, or only CRAWLFLEET_ALLOWED_PORTS)."""
+    return out_of_scope(url, host, depth, allowed_hosts=allowed_hosts, rules=rules) is not None \
+        or not port_allowed(url, allowed_ports, seed_ports)
 
 
 def repeated_segments(url: str) -> int:

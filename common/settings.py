@@ -411,6 +411,16 @@ def _check_nameserver(server: str) -> None:
         ) from exc
 
 
+def setting_from_env(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting from the environment, parsed as :meth:`Settings.from_env` parses it (its
+    default when unset), for what must be known before the rest is read (the event loop)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(env_name(name))
+    if raw is None:
+        return next(f for f in dataclasses.fields(Settings) if f.name == name).default
+    return _parse(name, raw, typing.get_type_hints(Settings)[name])
+
+
 def _parse(name: str, raw: str, hint: Any) -> Any:
     """Convert one environment string to the field's type, or raise naming the variable."""
     optional = False

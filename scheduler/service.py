@@ -22,13 +22,13 @@ import msgspec
 from arq.connections import ArqRedis
 from redis.exceptions import ResponseError
 
-from crawlfleet.common.addresses import port_allowed, url_port
+from crawlfleet.common.addresses import url_port
 from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedded
 from crawlfleet.common.frontier import ADMIT_CHUNK, Admission, Frontier, Limits, StateLost
 from crawlfleet.common.keys import CONSUMER_GROUP, Keys
 from crawlfleet.common.logs import get_logger
 from crawlfleet.common.messages import MessageVersionError, decode_event
-from crawlfleet.common.scope import ScopeRules, out_of_scope
+from crawlfleet.common.scope import ScopeRules, refused
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import URLError, canonicalize, fingerprint, host_key
 
@@ -234,9 +234,9 @@ class Scheduler:
                     invalid += 1
                     continue
                 host = host_key(canonical)
-                if out_of_scope(canonical, host, depth, allowed_hosts=self.allowed_hosts,
-                                rules=self.rules) or not port_allowed(
-                                    canonical, self.settings.allowed_ports, self.seed_ports):
+                if refused(canonical, host, depth, allowed_hosts=self.allowed_hosts,
+                           rules=self.rules, allowed_ports=self.settings.allowed_ports,
+                           seed_ports=self.seed_ports):
                     scope_refused += 1
                     continue
                 fp = fingerprint(canonical)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from crawlfleet.common.addresses import port_allowed
 from crawlfleet.common.frontier import Admission
-from crawlfleet.common.scope import ScopeRules, out_of_scope
+from crawlfleet.common.scope import ScopeRules
+from crawlfleet.common.scope import refused as scope_refuses
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import URLError, fingerprint, host_key
 
@@ -35,6 +35,10 @@ class RecentFingerprints:
         if len(self.young) >= self.half:
             self.old, self.young = self.young, set()
         self.young.add(fp)
+
+    def discard(self, fp: str) -> None:
+        self.young.discard(fp)
+        self.old.discard(fp)
 
     def __len__(self) -> int:
         return len(self.young) + len(self.old)
@@ -71,9 +75,10 @@ class LinkFilter:
             except URLError:
                 invalid += 1
                 continue
-            if out_of_scope(url, host, depth, allowed_hosts=self.allowed_hosts,
-                            rules=self.rules) or not port_allowed(
-                                url, self.settings.allowed_ports, self.seed_ports):
+            if scope_refuses(url, host, depth, allowed_hosts=self.allowed_hosts,
+                             rules=self.rules,
+                             allowed_ports=self.settings.allowed_ports,
+                             seed_ports=self.seed_ports):
                 refused += 1
                 continue
             recent.add(fp)
@@ -83,5 +88,4 @@ class LinkFilter:
     def forget(self, admissions: Iterable[Admission]) -> None:
         """Links whose report did not reach Redis: they must be sent again."""
         for a in admissions:
-            self.recent.young.discard(a.fp)
-            self.recent.old.discard(a.fp)
+            self.recent.discard(a.fp)

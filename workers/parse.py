@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -253,26 +254,25 @@ def cap_nesting(text: str, limit: int = MAX_NESTING) -> str:
     Unchanged when it never nests that deep, which one findall over the tags decides."""
     if len(text) < _NESTING_CHECK_CHARS:
         return text
-    depth = 0
-    for tag in _TAG_NAME.findall(text):
-        if tag[0] == "/":
-            depth = depth - 1 if depth else 0
-        elif tag.lower() not in _FLAT:
-            depth += 1
-            if depth > limit:
-                break
-    else:
+    too_deep = _too_deep_at(_TAG_NAME.findall(text), limit)
+    if too_deep is None:
         return text
+    # The same tag again, now with its offset (finditer is slower, so only on the rare page).
+    match = next(itertools.islice(_TAG_NAME.finditer(text), too_deep, None))
+    return text[:match.start()]
+
+
+def _too_deep_at(tags: list[str], limit: int) -> int | None:
+    """Index of the first tag that nests past ``limit``, or None."""
     depth = 0
-    for m in _TAG_NAME.finditer(text):
-        tag = m.group(1)
+    for i, tag in enumerate(tags):
         if tag[0] == "/":
             depth = depth - 1 if depth else 0
         elif tag.lower() not in _FLAT:
             depth += 1
             if depth > limit:
-                return text[:m.start()]
-    return text  # not reached: the first pass found the same tag
+                return i
+    return None
 
 
 def _parse(

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from crawlfleet.common.addresses import allowed_port_numbers, parse_networks, proxy_host_of
 from crawlfleet.common.connections import (
     REDIS_UNAVAILABLE,
+    as_text,
     is_refused,
     is_transient,
     open_redis,
@@ -178,8 +179,8 @@ async def fetch_batch(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[st
         redis: Any = ctx["redis"]
         hosts, ports = await retry_while_unavailable(lambda: asyncio.gather(
             redis.smembers(keys.scope_hosts), redis.smembers(keys.scope_ports)))
-        links.set_scope({h.decode() if isinstance(h, bytes) else h for h in hosts},
-                        {int(p) for p in ports}, claim.scope_size)
+        links.set_scope({as_text(h) for h in hosts}, {int(p) for p in ports},
+                        claim.scope_size)
     return await BatchRun(ctx, batch, claim).run()
 
 

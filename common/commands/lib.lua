@@ -51,17 +51,10 @@ local function seen_slot(fp)
   return K.seen .. string.sub(fp, 1, SEEN_DIGITS),
     string.format('%.0f', tonumber(string.sub(fp, SEEN_DIGITS + 1), 16))
 end
-local function seen_add(fp)
+-- SADD, SISMEMBER or SREM of one fingerprint.
+local function seen(command, fp)
   local key, member = seen_slot(fp)
-  return redis.call('SADD', key, member)
-end
-local function seen_has(fp)
-  local key, member = seen_slot(fp)
-  return redis.call('SISMEMBER', key, member)
-end
-local function seen_rem(fp)
-  local key, member = seen_slot(fp)
-  return redis.call('SREM', key, member)
+  return redis.call(command, key, member)
 end
 
 -- A queue or lease entry (common.messages.QueuedURL), read by name. nil and a reason when it is
@@ -178,14 +171,14 @@ function Admitter:admit(fp, host, entry, variant)
     refused = 'discarded_host_budget'
   end
   if refused then
-    if seen_has(fp) == 0 then self.c:add(refused, 1) end  -- a known URL is not a refusal
+    if seen('SISMEMBER', fp) == 0 then self.c:add(refused, 1) end  -- a known URL is not a refusal
     return
   end
-  if seen_add(fp) == 0 then return end  -- already in the crawl
+  if seen('SADD', fp) == 0 then return end  -- already in the crawl
   if variant ~= '' then
     local n = tonumber(redis.call('HGET', K.query_variants, variant) or '0') or 0
     if n >= self.max_variants then
-      seen_rem(fp)
+      seen('SREM', fp)
       self.c:add('discarded_query_variants', 1)
       return
     end

@@ -81,7 +81,7 @@ if held then
     local fp, outcome, data = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     if outcome == 'a' then
       -- New to the crawl, it is done already; known, it is left to its own fetch.
-      if alias_ok[i] and seen_add(fp) == 1 then
+      if alias_ok[i] and seen('SADD', fp) == 1 then
         redis.call('HSET', K.results, fp, data)
         c:add('seen', 1)
         c:add('pages', 1)
