@@ -25,15 +25,14 @@ from redis.exceptions import RedisError
 from crawlfleet.common.addresses import literal_host_refusal
 from crawlfleet.common.connections import (
     RedisProblem,
-    as_text,
     open_redis,
     redis_problem,
     wait_for_redis,
 )
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging
-from crawlfleet.common.messages import Seeds, decode_result, encode
-from crawlfleet.common.settings import Settings, shorten
+from crawlfleet.common.messages import Seeds, encode
+from crawlfleet.common.settings import Settings, redact_url, shorten
 from crawlfleet.common.stats import read_status
 from crawlfleet.common.urls import URLError, canonicalize
 
@@ -247,6 +246,70 @@ def scheduler(settings: Settings) -> int:
     return 0
 
 
+def sink(settings: Settings) -> int:
+    """``crawlfleet sink``: drain the results log into CRAWLFLEET_OUTPUT until SIGTERM."""
+    from crawlfleet.common.sink import Sink
+    from crawlfleet.common.storage import open_store
+
+    if not settings.output:
+        raise UsageError("CRAWLFLEET_OUTPUT is not set: a sink needs somewhere to write "
+                         "(a directory or s3://bucket/prefix)")
+    configure_logging(settings.log_format, settings.log_level, role="sink")
+    store = open_store(settings.output)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        redis = open_redis(settings.redis_url)
+        try:
+            if await wait_for_redis(redis, settings.redis_url, stop=stop, role="sink"):
+                await Sink(settings, redis, store).run(stop)
+        finally:
+            await redis.aclose()
+
+    run_on_redis(settings, go)
+    return 0
+
+
+def purge(settings: Settings, *, yes: bool) -> int:
+    """``crawlfleet purge``: delete every key of the namespace (asks first unless ``yes``).
+    The output's files are the crawl's product and stay."""
+    from .crawl import _delete_namespace
+
+    keys = Keys(settings.namespace)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("refusing to purge without a terminal to ask on: pass --yes")
+        answer = input(f"delete every key of namespace {settings.namespace!r} at "
+                       f"{redact_url(settings.redis_url)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return 1
+
+    async def go() -> int:
+        redis = open_redis(settings.redis_url)
+        try:
+            before = await _count_keys(redis, keys)
+            await _delete_namespace(redis, keys)
+            return before
+        finally:
+            await redis.aclose()
+
+    count = run_on_redis(settings, go)
+    print(f"purged namespace {settings.namespace!r}: {count} key(s) deleted", file=sys.stderr)
+    return 0
+
+
+async def _count_keys(redis: Any, keys: Keys) -> int:
+    count = 0
+    for pattern in keys.purge_patterns:
+        async for _ in redis.scan_iter(match=pattern, count=1000):
+            count += 1
+    return count
+
+
 def status(settings: Settings, *, as_json: bool) -> int:
     async def go() -> dict[str, Any]:
         redis = open_redis(settings.redis_url)
@@ -267,11 +330,14 @@ def check(settings: Settings, *, as_json: bool) -> int:
     """``crawlfleet check``: count the structures, compare them with the counters; 1 if they
     disagree. A running crawl moves while it is counted: check a finished or stopped crawl."""
     from crawlfleet.common import check as consistency
+    from crawlfleet.common.resultlog import output_store
 
     async def go() -> tuple[consistency.Snapshot, list[consistency.Problem]]:
         redis = open_redis(settings.redis_url)
         try:
-            return await consistency.check(redis, Keys(settings.namespace))
+            keys = Keys(settings.namespace)
+            store = await output_store(redis, keys, settings.output)
+            return await consistency.check(redis, keys, store)
         finally:
             await redis.aclose()
 
@@ -308,28 +374,16 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-async def write_results(redis: Any, keys: Keys, out: IO[bytes], *, dead: bool = False) -> int:
-    """Stream every stored result (or only the dead-lettered ones) as JSON lines; the count.
-    A result this version cannot read is left out with a one-line note (``check`` lists it)."""
-    count = 0
-    async for fp, data in redis.hscan_iter(keys.dead_letter if dead else keys.results,
-                                           count=1000):
-        try:
-            decode_result(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            print(f"crawlfleet export: result {as_text(fp)} left out, unreadable: {exc}",
-                  file=sys.stderr)
-            continue
-        out.write(data + b"\n")
-        count += 1
-    return count
+def export(settings: Settings, out_path: str | None, *, fmt: str = "jsonl",
+           failed: bool = False, dead: bool = False) -> int:
+    from .export import write_results
 
-
-def export(settings: Settings, out_path: str | None, *, dead: bool = False) -> int:
     async def go(out: IO[bytes]) -> int:
         redis = open_redis(settings.redis_url)
         try:
-            return await write_results(redis, Keys(settings.namespace), out, dead=dead)
+            return await write_results(redis, Keys(settings.namespace), out,
+                                       output=settings.output, fmt=fmt, failed=failed,
+                                       dead=dead)
         finally:
             await redis.aclose()
 

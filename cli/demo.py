@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from crawlfleet.common.connections import EMBEDDED_SCHEME
 from crawlfleet.common.logs import configure_logging
@@ -23,7 +23,6 @@ from crawlfleet.testweb.dns import DnsServer
 from crawlfleet.testweb.server import WebServer
 from crawlfleet.testweb.site import WebSpec, reachable
 
-from .commands import output_file
 from .crawl import format_summary, run_crawl
 
 
@@ -42,8 +41,7 @@ def demo(args: argparse.Namespace) -> int:
         handle, name = tempfile.mkstemp(suffix=".jsonl")
         os.close(handle)
         out_path = Path(name)
-    with output_file(str(out_path)) as out:
-        summary, settings, spec, lookups = asyncio.run(_crawl_testweb(args, out))
+    summary, settings, spec, lookups = asyncio.run(_crawl_testweb(args, str(out_path)))
     print(format_summary(summary, settings, args.workers, str(out_path)), file=sys.stderr)
     got = [json.loads(line)["url"] for line in out_path.read_text().splitlines()]
     expected = reachable(spec, spec.roots)
@@ -57,7 +55,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 async def _crawl_testweb(
-    args: argparse.Namespace, out: IO[bytes]
+    args: argparse.Namespace, out: str
 ) -> tuple[dict[str, Any], Settings, WebSpec, int]:
     spec = WebSpec(hosts=args.hosts, pages=args.pages, latency_ms=args.latency_ms, port=0)
     async with WebServer(spec) as web:
@@ -73,5 +71,7 @@ async def _crawl_testweb(
             configure_logging(settings.log_format, settings.log_level, role="demo")
             print(f"test web: {spec.hosts} hosts on 127.0.0.1:{web.port}, DNS on "
                   f"127.0.0.1:{dns.port}; crawling {', '.join(web.spec.roots)}", file=sys.stderr)
-            summary = await run_crawl(settings, web.spec.roots, args.workers, out)
+            # The results file is the demo's own (a temporary one unless --out says).
+            summary = await run_crawl(settings, web.spec.roots, args.workers, out,
+                                      overwrite=True)
             return summary, settings, web.spec, dns.answered

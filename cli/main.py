@@ -3,9 +3,11 @@
     seed       enqueue seed URLs (arguments, --file F, or - for stdin)
     scheduler  run the frontier
     worker     run a fetch worker (the same as ``arq crawlfleet.workers.worker.WorkerSettings``)
+    sink       drain results out of Redis into CRAWLFLEET_OUTPUT (parts, exactly once)
     status     counters of the crawl, --json for machines
     check      count the crawl's structures, compare them with the counters (exit 1 if not)
-    export     results as JSON lines
+    export     every result once, as JSON lines or CSV (--failed, --dead)
+    purge      delete every key of a namespace (asks first; --yes)
     crawl      the whole crawl in one process (embedded backend unless CRAWLFLEET_REDIS_URL is set)
     demo       crawl the local test web on the embedded backend and check the result
     testweb    the local synthetic web for tests, demos and benchmarks
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("urls", nargs="*", metavar="URL", help="URLs ('-' alone: read stdin)")
     seed.add_argument("--file", "-f", help="a file of URLs, one per line ('-' for stdin)")
 
-    for name, text in (("scheduler", "run the scheduler"), ("worker", "run a fetch worker")):
+    for name, text in (("scheduler", "run the scheduler"), ("worker", "run a fetch worker"),
+                       ("sink", "drain results into CRAWLFLEET_OUTPUT")):
         p = sub.add_parser(name, help=text)
         _common(p)
 
@@ -61,9 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true",
                        help="one JSON object {ok, counters, structures, problems}")
 
-    export = sub.add_parser("export", help="write results as JSON lines")
+    export = sub.add_parser(
+        "export", help="write every result once (JSON lines or CSV)",
+        description="Every result of the crawl once, streamed: from Redis when no output is "
+                    "set, from the output (CRAWLFLEET_OUTPUT, or the one the sinks recorded) "
+                    "and what is not drained yet when one is.")
     _common(export)
     export.add_argument("--out", "-o", help="output file (default: stdout)")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="JSON lines (default) or CSV with a header row")
+    export.add_argument("--failed", action="store_true",
+                        help="only the URLs that failed (robots.txt refusals are skipped, "
+                             "not failed)")
     export.add_argument("--dead", action="store_true",
                         help="only the URLs that ran out of retries, with their last error")
 
@@ -73,10 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     crawl.add_argument("--max-pages", type=int)
     crawl.add_argument("--max-depth", type=int)
     crawl.add_argument("--workers", type=int, default=2, help="in-process workers (default 2)")
-    crawl.add_argument("--out", "-o", default="results.jsonl",
-                       help="results file (default results.jsonl; '-' for stdout)")
+    crawl.add_argument("--out", "-o",
+                       help="results file, appended as the crawl goes and continued by the "
+                            "same command after Ctrl-C (default results.jsonl; '-' for "
+                            "stdout; not with CRAWLFLEET_OUTPUT)")
+    crawl.add_argument("--overwrite", action="store_true",
+                       help="replace an existing --out file this crawl did not write")
     crawl.add_argument("--fresh", action="store_true",
-                       help="on a real Redis, delete the namespace's previous crawl first")
+                       help="forget the namespace's previous crawl (its Redis keys, or the "
+                            "embedded backend's state file) and start over")
+
+    purge = sub.add_parser("purge", help="delete every Redis key of a namespace",
+                           description="Delete every Redis key of the namespace (the frontier, "
+                                       "the results not yet drained, arq's jobs). The files in "
+                                       "CRAWLFLEET_OUTPUT stay. Asks first.")
+    _common(purge)
+    purge.add_argument("--yes", "-y", action="store_true", help="do not ask (for scripts)")
 
     demo = sub.add_parser("demo", help="crawl the local test web on the embedded backend")
     from .demo import add_arguments
@@ -142,12 +166,17 @@ def _run(args: argparse.Namespace) -> int:
 
         run_worker(settings_from(args))
         return 0
+    if args.command == "sink":
+        return commands.sink(settings_from(args))
+    if args.command == "purge":
+        return commands.purge(settings_from(args), yes=args.yes)
     if args.command == "status":
         return commands.status(settings_from(args), as_json=args.json)
     if args.command == "check":
         return commands.check(settings_from(args), as_json=args.json)
     if args.command == "export":
-        return commands.export(settings_from(args), args.out, dead=args.dead)
+        return commands.export(settings_from(args), args.out, fmt=args.format,
+                               failed=args.failed, dead=args.dead)
     if args.command == "demo":
         from .demo import demo
 

@@ -20,7 +20,9 @@ stopped crawl for exact answers.
 How the structures count:
 
 * ``pages``/``skipped``/``failed``: results whose ``error`` is null / ``"robots"`` / anything
-  else. An unreadable result is counted in none of them (and reported).
+  else, read by the reader ``export`` uses (the results log, and the output's parts when an
+  output is set), so a URL with two results is a problem. An unreadable result is counted in
+  none of them (and reported).
 * ``queued``: queue entries, readable or not (an unreadable one stays counted in ``queued``
   until dispatch quarantines it; they are reported). An entry whose result exists too is an fp
   in two places: results are stored only as an fp leaves its lease, so that is a problem.
@@ -47,6 +49,7 @@ from .snapshot import (
     sample,
 )
 from .stats import COUNTERS, DISCARDS
+from .storage import Store
 
 __all__ = ["PAGE", "Malformed", "Problem", "Snapshot", "check", "classify_result", "collect",
            "compare", "entry_fp", "format_report", "parse_host_key", "report"]
@@ -54,7 +57,7 @@ __all__ = ["PAGE", "Malformed", "Problem", "Snapshot", "check", "classify_result
 # Counters that must hold an integer (``finished_at`` is a float time and is not checked).
 INTEGER_COUNTERS: tuple[str, ...] = (
     *COUNTERS, *DISCARDS, "leases_expired", "batches_unclaimed", "retries",
-    "quarantined_events", "quarantined_other", "duplicate_results",
+    "quarantined_events", "quarantined_other", "dead",
 )
 EXAMPLES = 5  # example keys/fps shown per problem
 _INTEGER = re.compile(r"-?\d+")  # what the Lua scripts accept ('^%-?%d+$')
@@ -91,7 +94,7 @@ class Problem:
 def counter_values(snap: Snapshot) -> dict[str, int | None]:
     """The counters as integers (a missing one is 0, a non-integer one is None)."""
     values: dict[str, int | None] = {}
-    for name in COUNTERS:
+    for name in (*COUNTERS, "dead"):
         raw = snap.stats.get(name)
         values[name] = 0 if raw is None else int(raw) if _INTEGER.fullmatch(raw) else None
     return values
@@ -166,7 +169,6 @@ def compare(snap: Snapshot) -> list[Problem]:
         "queue": "queue entries are not readable QueuedURLs",
         "lease": "lease entries are not readable QueuedURLs (or disagree with their field)",
         "result": "results are not readable PageResults",
-        "dead": "dead letters are not readable PageResults",
         "quarantine": "quarantine entries have no valid 'counted' field",
         "key": "keys have the wrong Redis type",
     }
@@ -192,6 +194,12 @@ def compare(snap: Snapshot) -> list[Problem]:
             "counter_mismatch",
             f"stats.{name} = {value} but {_COUNTER_MEANING[name]} = {real} "
             f"(counter {value - real:+d}){note}"))
+
+    dead_counter = values.get("dead")
+    if dead_counter is not None and dead_counter != counts["dead"]:
+        problems.append(Problem(
+            "counter_mismatch", f"stats.dead = {dead_counter} but results marked dead = "
+            f"{counts['dead']} (counter {dead_counter - counts['dead']:+d})"))
 
     # The whole: every fp in seen is in exactly one place.
     places = counts["results"] + counts["queued"] + counts["in_flight"] + counts["quarantined"]
@@ -222,11 +230,10 @@ def compare(snap: Snapshot) -> list[Problem]:
     not_in_seen("lease_not_in_seen", "lease entries' fps are",
                 [f"{fp}@{host}" for host, fps in snap.leases.items() for fp in fps
                  if fp not in snap.seen])
-    dead_missing = sorted(fp for fp in snap.dead if fp not in snap.results)
-    if dead_missing:
+    if snap.duplicates:
         problems.append(_problem(
-            "dead_not_in_results", f"{len(dead_missing)} dead letters have no result",
-            dead_missing))
+            "duplicate_result", f"{len(snap.duplicates)} URLs have more than one result "
+            "(in the results log or the output's parts)", sorted(snap.duplicates)))
 
     # No fp in two places (a result, a queue entry, a lease entry).
     where: dict[str, list[str]] = {fp: ["result"] for fp in snap.results}
@@ -324,7 +331,8 @@ def format_report(snap: Snapshot, problems: list[Problem] | None = None) -> str:
     return "\n".join(lines)
 
 
-async def check(redis: Any, keys: Keys) -> tuple[Snapshot, list[Problem]]:
-    """collect, then compare."""
-    snap = await collect(redis, keys)
+async def check(redis: Any, keys: Keys,
+                store: Store | None = None) -> tuple[Snapshot, list[Problem]]:
+    """collect (with ``store``, the output's parts too), then compare."""
+    snap = await collect(redis, keys, store=store)
     return snap, compare(snap)

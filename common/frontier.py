@@ -120,6 +120,16 @@ class Expired:
 
 
 @dataclass(frozen=True, slots=True)
+class SinkClaim:
+    """A range of the results log a sink writes as one part (sink_take.lua): ``lines`` are
+    the results, in log order, ``first`` and ``last`` the range's entry ids."""
+
+    first: str
+    last: str
+    lines: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class CrawlMarker:
     id: str
     state: str  # "new", "ok" or "lost"
@@ -261,3 +271,23 @@ class Frontier:
                          delete_source: bool = False, withdraw_job: str = "") -> None:
         await self._run("quarantine", "", source_key, reason, data,
                         "1" if delete_source else "0", withdraw_job)
+
+    # -- sinks --------------------------------------------------------------------------
+    async def sink_take(self, crawl: str, owner: str, *, max_results: int, max_bytes: int,
+                        min_results: int, max_age_s: float, hold_s: float,
+                        ) -> SinkClaim | float | None:
+        """A range to write out (an abandoned claim first), the seconds to wait before fewer
+        than ``min_results`` are worth a part, or None when the log is empty."""
+        raw = self._answer(await self._run("sink_take", crawl, owner, max_results, max_bytes,
+                                           min_results, max_age_s, hold_s))
+        if raw[0] == "claim":
+            return SinkClaim(as_text(raw[1]), as_text(raw[2]), list(raw[3:]))
+        if raw[0] == "wait":
+            return float(raw[1])
+        return None
+
+    async def sink_done(self, crawl: str, claim: SinkClaim) -> int | None:
+        """The claim's part is durable: trim the log. The entries trimmed, or None if the
+        claim was done already."""
+        raw = self._answer(await self._run("sink_done", crawl, claim.first, claim.last))
+        return int(raw[1]) if raw[0] == "ok" else None

@@ -60,8 +60,17 @@ _FIXED = {
     "lease_batch": "lease:batch",  # HASH host -> id of the batch that holds its lease
     "waiting": "waiting",  # ZSET host -> dispatch time, while its batch waits for a worker
     "leases": "leases",  # ZSET host -> lease expiry, once a worker has claimed the batch
-    "results": "results",  # HASH fingerprint -> page result JSON
-    "dead_letter": "dead",  # HASH fingerprint -> last failure of a URL out of retries
+    # STREAM: every result as it leaves the frontier (fields f: fingerprint, r: PageResult
+    # JSON, with "dead":true for a URL out of retries), in the order they finished. Export reads
+    # it; with an output set, the sink drains it (common/sink.py) and trims what it wrote.
+    "results": "results:log",
+    # HASH claim's first entry id -> "last id|owner|expiry": ranges of the results log a sink
+    # is writing out as one part (sink_take.lua, sink_done.lua).
+    "sink_claims": "sink:claims",
+    "sink_cursor": "sink:claimed",  # STRING: the last results-log id handed to a claim
+    "output": "output",  # STRING: where the sinks write (a directory or s3://...), for export
+    # HASH file key -> "last id|bytes": how far `crawl --out FILE` has written the results log.
+    "out_files": "out:files",
     "stats": "stats",  # HASH of counters, see common.stats
     "rate": "rate",  # HASH unix second -> URLs finished in it
     "host_pages": "host:pages",  # HASH host -> URLs admitted (the per-host page budget)
@@ -193,8 +202,20 @@ class Keys:
         return self._k(_FIXED["results"])
 
     @property
-    def dead_letter(self) -> str:
-        return self._k(_FIXED["dead_letter"])
+    def sink_claims(self) -> str:
+        return self._k(_FIXED["sink_claims"])
+
+    @property
+    def sink_cursor(self) -> str:
+        return self._k(_FIXED["sink_cursor"])
+
+    @property
+    def output(self) -> str:
+        return self._k(_FIXED["output"])
+
+    @property
+    def out_files(self) -> str:
+        return self._k(_FIXED["out_files"])
 
     @property
     def stats(self) -> str:

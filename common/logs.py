@@ -9,11 +9,22 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
-from typing import Any
+from collections.abc import Callable, MutableMapping
+from typing import Any, TextIO
 
 import msgspec
 import structlog
+
+# Where rendered lines go instead of stderr while something else owns the terminal (the live
+# display of `crawlfleet crawl`: it prints them above itself). None, the default, is stderr.
+_writer: Callable[[str], None] | None = None
+
+
+def set_log_writer(writer: Callable[[str], None] | None) -> None:
+    """Send every log line, one rendered line (no newline) a call, to ``writer``; None restores
+    stderr. Covers structlog's lines and the standard library's (arq, aiohttp, asyncio)."""
+    global _writer
+    _writer = writer
 
 
 class _StderrBytes:
@@ -24,6 +35,9 @@ class _StderrBytes:
         self.name = name  # for structlog.stdlib.add_logger_name
 
     def msg(self, message: bytes | str) -> None:
+        if _writer is not None:
+            _writer(message.decode(errors="replace") if isinstance(message, bytes) else message)
+            return
         stream = sys.stderr
         if isinstance(message, bytes):
             buffer = getattr(stream, "buffer", None)
@@ -37,6 +51,20 @@ class _StderrBytes:
         stream.flush()
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """The standard library's records, to stderr or to the writer set by ``set_log_writer``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        writer = _writer
+        if writer is None:
+            super().emit(record)
+            return
+        try:
+            writer(self.format(record))
+        except Exception:
+            self.handleError(record)
 
 
 def configure_logging(log_format: str = "auto", level: str = "info", **context: Any) -> None:
@@ -71,7 +99,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", **context: 
         if use_console
         else structlog.processors.JSONRenderer(serializer=_dumps)
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

@@ -60,6 +60,15 @@ class PageResult(msgspec.Struct, kw_only=True, frozen=True):
     encoding: str | None = None
     worker: str | None = None
     redirects: list[str] = []
+    # CRAWLFLEET_WARC (workers/warc.py): the WARC file holding the page's final response
+    # record (its name in the output, "warc/..."), and that record's offset and length there.
+    warc_file: str | None = None
+    warc_offset: int | None = None
+    warc_length: int | None = None
+    # CRAWLFLEET_TEXT (workers/parse.py): the visible text, and the page's language tag.
+    text: str | None = None
+    lang: str | None = None
+    dead: bool = False  # out of retries (a dead letter): `crawlfleet export --dead`
 
 
 class Seeds(msgspec.Struct, tag="seeds", kw_only=True, frozen=True):

@@ -195,6 +195,18 @@ class Settings:
     # set terminationGracePeriodSeconds / stop_grace_period a little above it.
     shutdown_grace: float = 25.0
 
+    # Output (common/storage.py, common/sink.py): a directory or s3://bucket/prefix. Unset,
+    # results stay in Redis for `crawlfleet export`; set, `crawlfleet sink` drains them into
+    # JSON-lines parts there, a part per output_part_results results or output_part_seconds.
+    output: str | None = None
+    output_part_results: int = 5000
+    output_part_seconds: float = 10.0
+    # Page bodies as gzip WARC 1.1 files in the output (workers/warc.py), rotated by size;
+    # visible text and lang in each result (workers/parse.py).
+    warc: bool = False
+    warc_max_bytes: int = 1_000_000_000
+    text: bool = False
+
     # The event loop: uvloop when installed (0 keeps asyncio's own).
     uvloop: bool = True
 
@@ -210,7 +222,8 @@ class Settings:
             "max_in_flight", "per_host_concurrency", "batch_size", "jobs_per_worker",
             "max_body_bytes", "dispatch_ahead", "max_worker_losses", "max_query_variants",
             "max_repeated_segments", "max_url_length", "max_links_per_page", "max_header_bytes",
-            "host_turn_pages", "expected_urls", "link_cache_size",
+            "host_turn_pages", "expected_urls", "link_cache_size", "output_part_results",
+            "warc_max_bytes",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -219,7 +232,7 @@ class Settings:
                 )
         for name in ("fetch_timeout", "read_timeout", "connect_timeout", "lease_seconds",
                      "poll_delay", "host_turn_seconds", "robots_ttl", "robots_retry",
-                     "robots_max_wait"):
+                     "robots_max_wait", "output_part_seconds"):
             if getattr(self, name) <= 0:
                 raise SettingsError(
                     f"{env_name(name)} must be positive, got {getattr(self, name)}")
@@ -263,6 +276,7 @@ class Settings:
         for server in self.dns_nameservers:
             _check_nameserver(server)
         _check_guard(self)
+        _check_output(self)
 
     def __repr__(self) -> str:
         # Credentials in URLs (the Redis password, a proxy's) never reach a log or a traceback.
@@ -395,6 +409,23 @@ def _check_guard(settings: Settings) -> None:
                 f"{env_name('proxy')} must be http://[user:password@]host[:port] with a port "
                 f"1..65535 and no path, got {shown!r}"
             )
+
+
+def _check_output(settings: Settings) -> None:
+    """CRAWLFLEET_OUTPUT is a directory or s3://bucket[/prefix]; WARC files need an output."""
+    output = settings.output
+    if output is not None:
+        if not output.strip():
+            raise SettingsError(f"{env_name('output')} is empty")
+        if "://" in output:
+            parts = urlsplit(output)
+            if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+                raise SettingsError(
+                    f"{env_name('output')} must be a directory or s3://bucket[/prefix], got "
+                    f"{shorten(redact_url(output))!r}")
+    if settings.warc and output is None:
+        raise SettingsError(f"{env_name('warc')}=1 needs {env_name('output')} (where the WARC "
+                            "files go): a directory or s3://bucket/prefix")
 
 
 def _check_nameserver(server: str) -> None:

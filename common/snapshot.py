@@ -18,6 +18,9 @@ from redis.exceptions import ResponseError
 
 from .keys import HOST_KINDS, HOST_PREFIX, Keys
 from .messages import decode_entry, decode_result
+from .resultlog import iter_results
+from .storage import Store
+from .urls import fingerprint
 
 PAGE = 1000  # SCAN/HSCAN/SSCAN/LRANGE/XRANGE page size
 _FP = re.compile(r"[0-9a-fA-F]{16}")
@@ -28,7 +31,7 @@ _DATA_SAMPLE = 120  # characters of a malformed value kept for the report
 @dataclass(frozen=True, slots=True)
 class Malformed:
     """Something ``collect`` could not read. ``kind`` is one of ``queue``, ``lease``,
-    ``result``, ``dead``, ``counter``, ``quarantine``, ``key``."""
+    ``result``, ``counter``, ``quarantine``, ``key``."""
 
     kind: str
     where: str  # the key (and field or index) it was found at
@@ -44,7 +47,8 @@ class Snapshot:
     stats: dict[str, str] = field(default_factory=dict)  # raw counter values
     seen: set[str] = field(default_factory=set)
     results: dict[str, str] = field(default_factory=dict)  # fp -> pages/skipped/failed/unreadable
-    dead: set[str] = field(default_factory=set)
+    duplicates: list[str] = field(default_factory=list)  # fps whose result was read twice
+    dead: set[str] = field(default_factory=set)  # results marked dead (out of retries)
     queues: dict[str, list[str]] = field(default_factory=dict)  # host -> readable entries' fps
     queue_unreadable: dict[str, int] = field(default_factory=dict)  # host -> unreadable entries
     leases: dict[str, list[str]] = field(default_factory=dict)  # host -> lease hash fields (fps)
@@ -77,18 +81,22 @@ def parse_host_key(keys: Keys, key: str) -> tuple[str, str] | None:
     return host, kind
 
 
-def classify_result(data: bytes | str) -> str:
-    """``pages``, ``skipped`` or ``failed`` for a PageResult; raises ValueError if unreadable."""
+def read_result(data: bytes | str) -> tuple[str, str, bool]:
+    """(``pages``, ``skipped`` or ``failed``; its URL; dead-lettered?) of a PageResult;
+    raises ValueError if unreadable."""
     raw = data.encode() if isinstance(data, str) else data
     try:
         result = decode_result(raw)
     except (msgspec.MsgspecError, ValueError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from exc
-    if result.error is None:
-        return "pages"
-    if result.error == "robots":
-        return "skipped"
-    return "failed"
+    outcome = ("pages" if result.error is None else
+               "skipped" if result.error == "robots" else "failed")
+    return outcome, result.url, result.dead
+
+
+def classify_result(data: bytes | str) -> str:
+    """``pages``, ``skipped`` or ``failed`` for a PageResult; raises ValueError if unreadable."""
+    return read_result(data)[0]
 
 
 def entry_fp(data: bytes | str) -> str:
@@ -122,8 +130,10 @@ def _wrong_type(snap: Snapshot, key: str, exc: ResponseError) -> None:
     snap.malformed.append(Malformed("key", key, "wrong type for its role", str(exc)[:_DATA_SAMPLE]))
 
 
-async def collect(redis: Any, keys: Keys, *, page: int = PAGE) -> Snapshot:
-    """Read the crawl's structures into a Snapshot, in pages. Not atomic: a running crawl moves
+async def collect(redis: Any, keys: Keys, *, page: int = PAGE,
+                  store: Store | None = None) -> Snapshot:
+    """Read the crawl's structures into a Snapshot, in pages (with ``store``, the output's
+    result parts too). Not atomic: a running crawl moves
     while it is read (check a finished or stopped crawl). Malformed data is recorded in
     ``Snapshot.malformed``; only connection errors raise."""
     snap = Snapshot(keys.namespace)
@@ -156,24 +166,26 @@ async def collect(redis: Any, keys: Keys, *, page: int = PAGE) -> Snapshot:
             await guarded(key, lambda k=key: read_seen_bucket(k))
 
     async def read_results() -> None:
-        async for fp_raw, data in redis.hscan_iter(keys.results, count=page):
-            fp = _text(fp_raw)
+        # The log and, with an output, the parts a sink wrote: each result once, by the same
+        # reader as export, so a duplicate here is one in what the user gets.
+        crawl_id = _text(await redis.hget(keys.crawl, "id") or b"")
+        async for stored in iter_results(redis, keys, store, crawl_id):
             try:
-                snap.results[fp] = classify_result(data)
+                outcome, url, dead = read_result(stored.data)
             except ValueError as exc:
+                fp = stored.fp or f"?{stored.where}#{len(snap.malformed)}"
                 snap.results[fp] = "unreadable"
-                snap.malformed.append(Malformed("result", f"{keys.results} {fp}", str(exc),
-                                                sample(data)))
-
-    async def read_dead() -> None:
-        async for fp_raw, data in redis.hscan_iter(keys.dead_letter, count=page):
-            fp = _text(fp_raw)
-            snap.dead.add(fp)
-            try:
-                classify_result(data)
-            except ValueError as exc:
-                snap.malformed.append(Malformed("dead", f"{keys.dead_letter} {fp}", str(exc),
-                                                sample(data)))
+                snap.malformed.append(Malformed("result", f"{keys.results if stored.fp else ''}"
+                                                f" {stored.where}".strip(), str(exc),
+                                                sample(stored.data)))
+                continue
+            fp = stored.fp or fingerprint(url)
+            if fp in snap.results:
+                snap.duplicates.append(fp)
+                continue
+            snap.results[fp] = outcome
+            if dead:
+                snap.dead.add(fp)
 
     async def read_lease_batch() -> None:
         async for host, batch in redis.hscan_iter(keys.lease_batch, count=page):
@@ -243,7 +255,6 @@ async def collect(redis: Any, keys: Keys, *, page: int = PAGE) -> Snapshot:
     await guarded(keys.stats, read_stats)
     await read_seen()
     await guarded(keys.results, read_results)
-    await guarded(keys.dead_letter, read_dead)
     await guarded(keys.lease_batch, read_lease_batch)
     await guarded(keys.leases, read_zset(keys.leases, snap.leased))
     await guarded(keys.waiting, read_zset(keys.waiting, snap.waiting))

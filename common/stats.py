@@ -28,10 +28,10 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
         pipe.xlen(keys.events)
         pipe.hgetall(keys.rate)
         pipe.zcard(keys.waiting)
-        pipe.hlen(keys.dead_letter)
+        pipe.xlen(keys.results)
         pipe.xlen(keys.quarantine)
         pipe.hgetall(keys.crawl)
-        (stats_raw, leased, backlog, rate_raw, waiting, dead, quarantine,
+        (stats_raw, leased, backlog, rate_raw, waiting, results_held, quarantine,
          marker_raw) = await pipe.execute()
     marker = {as_text(k): as_text(v) for k, v in marker_raw.items()}
     stats = {as_text(k): as_text(v) for k, v in stats_raw.items()}
@@ -50,7 +50,9 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
     for name in ("leases_expired", "batches_unclaimed", "retries", "quarantined_events",
                  "quarantined_other"):
         status[name] = _int(stats.get(name))
-    status["dead"] = int(dead)  # URLs out of retries (part of 'failed'); `export --dead` lists them
+    # URLs out of retries (part of 'failed'); `export --dead` lists them.
+    status["dead"] = _int(stats.get("dead"))
+    status["results_in_redis"] = int(results_held)  # not yet drained by a sink
     last_minute = sum(_int(v) for k, v in rate_raw.items() if now - 60 <= _int(k) < now)
     status["pages_per_s"] = round(last_minute / 60.0, 2)
     # The scheduler's finish.lua decides from the structures (finished_at); the snapshot's own

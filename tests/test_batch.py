@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 from crawlfleet.common.connections import open_redis
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.messages import HostBatch, decode_result
+from crawlfleet.common.resultlog import results_by_fp
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.stats import read_status
 from crawlfleet.scheduler.service import Scheduler
@@ -73,7 +74,7 @@ async def test_a_redis_fault_hands_the_batch_back(claimed: dict[str, Any],
     await run_for(claimed, FailingRobots(exc)).run()
     s = await read_status(claimed["redis"], claimed["keys"])
     assert (s["queued"], s["in_flight"], s["pages"], s["failed"]) == (3, 0, 0, 0)
-    assert await claimed["redis"].hlen(claimed["keys"].results) == 0
+    assert await claimed["redis"].xlen(claimed["keys"].results) == 0
     # The host rests before it is tried again, on Redis's clock.
     ready_at = await claimed["redis"].zscore(claimed["keys"].ready, "a.test")
     assert ready_at >= before + CRAWLER_FAULT_BACKOFF - 0.5
@@ -83,7 +84,8 @@ async def test_a_bug_of_ours_fails_the_urls_so_the_crawl_ends(claimed: dict[str,
     await run_for(claimed, FailingRobots(ValueError("a bug"))).run()
     s = await read_status(claimed["redis"], claimed["keys"])
     assert (s["queued"], s["in_flight"], s["failed"]) == (0, 0, 3)
-    results = [decode_result(r) for r in await claimed["redis"].hvals(claimed["keys"].results)]
+    stored = await results_by_fp(claimed["redis"], claimed["keys"])
+    results = [decode_result(r) for r in stored.values()]
     assert {r.error for r in results} == {"crawler_error"}
     assert sorted(r.url for r in results) == URLS
 

@@ -48,11 +48,22 @@ def entry(f: str, url: str | None = None, **extra: Any) -> bytes:
                                 "retries": 0, **extra})
 
 
-def result(url: str, error: str | None) -> bytes:
+def result(url: str, error: str | None, *, dead: bool = False) -> bytes:
     return msgspec.json.encode({
         "v": 1, "url": url, "final_url": url, "status": 200 if error is None else None,
         "content_type": "text/html", "depth": 1, "title": None, "links": 0, "bytes": 10,
-        "elapsed_ms": 1.0, "fetched_at": 1.0, "error": error})
+        "elapsed_ms": 1.0, "fetched_at": 1.0, "error": error, "dead": dead})
+
+
+async def store(redis: Any, f: str, data: bytes) -> None:
+    """A result into the results log, as the Lua commands append it."""
+    await redis.xadd(KEYS.results, {"f": f, "r": data})
+
+
+async def store_fixture_results(redis: Any, page: bytes | None = None) -> None:
+    await store(redis, R_PAGE, result("https://a/p", None) if page is None else page)
+    await store(redis, R_ROBOTS, result("https://a/r", "robots"))
+    await store(redis, R_FAILED, result("https://a/f", "timeout", dead=True))
 
 
 DIGITS = 3  # the seen set's bucket digits (the crawl marker's default)
@@ -71,12 +82,7 @@ async def seen_remove(redis: Any, f: str) -> None:
 
 async def build_consistent(redis: Any) -> None:
     await seen_add(redis, R_PAGE, R_ROBOTS, R_FAILED, Q1, Q2, L1, L2, QX)
-    await redis.hset(KEYS.results, mapping={
-        R_PAGE: result("https://a/p", None),
-        R_ROBOTS: result("https://a/r", "robots"),
-        R_FAILED: result("https://a/f", "timeout"),
-    })
-    await redis.hset(KEYS.dead_letter, R_FAILED, result("https://a/f", "timeout"))
+    await store_fixture_results(redis)
     await redis.rpush(KEYS.host_queue(A), entry(Q1), entry(Q2))
     await redis.zadd(KEYS.ready, {A: 1.0})
     # B's batch, claimed by a worker, one URL being fetched.
@@ -92,7 +98,7 @@ async def build_consistent(redis: Any) -> None:
                                        "data": b"junk", "counted": "0"})
     await redis.hset(KEYS.stats, mapping={
         "seen": 8, "pages": 1, "skipped": 1, "failed": 1, "queued": 2, "in_flight": 2,
-        "quarantined": 1, "retries": 3, "finished_at": "12.5"})
+        "quarantined": 1, "retries": 3, "dead": 1, "finished_at": "12.5"})
 
 
 @pytest.fixture
@@ -185,7 +191,7 @@ async def test_fp_in_queue_and_lease(redis: Any) -> None:
 
 async def test_two_live_queue_entries_and_lease_plus_result(redis: Any) -> None:
     await redis.rpush(KEYS.host_queue(A), entry(Q1))
-    await redis.hset(KEYS.results, L2, result("https://b/l2", None))
+    await store(redis, L2, result("https://b/l2", None))
     problems = await problems_of(redis)
     doubled = only(problems, "fp_in_two_places")
     assert f"{Q1} in queue {A} + queue {A}" in doubled.examples
@@ -214,7 +220,8 @@ async def test_malformed_entries_are_problems_not_errors(redis: Any) -> None:
 
 async def test_malformed_lease_entry_and_result(redis: Any) -> None:
     await redis.hset(KEYS.host_lease(B), L2, entry(L2, url=""))  # no URL
-    await redis.hset(KEYS.results, R_PAGE, b"[1, 2]")
+    await redis.delete(KEYS.results)
+    await store_fixture_results(redis, page=b"[1, 2]")
     problems = await problems_of(redis)
     assert {"malformed_lease", "malformed_result"} <= kinds(problems)
     assert "bad url" in only(problems, "malformed_lease").examples[0]
@@ -247,10 +254,23 @@ async def test_lease_bookkeeping(redis: Any) -> None:
     await redis.zadd(KEYS.waiting, {B: 50.0})  # both claimed and waiting
     await redis.hset(KEYS.lease_batch, "c.example", f"{NS}:b2")  # a batch nobody holds
     await redis.sadd(KEYS.host_fetching(B), fp("zz"))  # a fetch mark for no lease entry
-    await redis.hset(KEYS.dead_letter, fp("dd"), result("https://d/", "timeout"))
     problems = await problems_of(redis)
     assert kinds(problems) == {"leased_and_waiting", "batch_without_lease",
-                               "fetching_not_in_lease", "dead_not_in_results"}
+                               "fetching_not_in_lease"}
+
+
+async def test_a_url_with_two_results_is_a_duplicate(redis: Any) -> None:
+    await store(redis, R_PAGE, result("https://a/p", None))  # the same URL's result again
+    problems = await problems_of(redis)
+    assert kinds(problems) == {"duplicate_result"}
+    assert only(problems, "duplicate_result").examples == (R_PAGE,)
+
+
+async def test_the_dead_counter_is_checked_against_the_results(redis: Any) -> None:
+    await redis.hset(KEYS.stats, "dead", 2)
+    problems = await problems_of(redis)
+    assert kinds(problems) == {"counter_mismatch"}
+    assert "stats.dead = 2" in only(problems, "counter_mismatch").message
 
 
 async def test_queue_not_ready_and_wrong_type(redis: Any) -> None:
@@ -271,7 +291,7 @@ async def test_seen_is_read_from_every_bucket(redis: Any) -> None:
     # A fingerprint whose member has leading zeros comes back whole.
     edge = "abc0000000000001"
     await seen_add(redis, edge)
-    await redis.hset(KEYS.results, edge, result("https://a/e", None))
+    await store(redis, edge, result("https://a/e", None))
     await redis.hincrby(KEYS.stats, "seen", 1)
     await redis.hincrby(KEYS.stats, "pages", 1)
     assert await redis.smembers(f"{KEYS.seen}abc") == {b"1"}

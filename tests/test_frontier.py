@@ -47,6 +47,7 @@ from crawlfleet.common.messages import (
     encode,
     job_deserializer,
 )
+from crawlfleet.common.resultlog import results_by_fp
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.stats import COUNTERS, DISCARDS, accounted, read_status
 from crawlfleet.common.urls import canonicalize, fingerprint, host_key
@@ -322,9 +323,9 @@ async def test_a_page_that_keeps_losing_its_worker_fails_as_worker_lost(
         if loss < 3:
             assert next(u for u in batch.urls if u.fp == poison.fp).tries == loss
     assert all(u.tries == 0 for u in batch.urls)  # the others were never charged
-    stored = decode_result(await env["redis"].hget(env["keys"].results, poison.fp))
+    stored = decode_result((await results_by_fp(env["redis"], env["keys"]))[poison.fp])
     assert stored.error == "worker_lost" and stored.url == poison.url
-    assert await env["redis"].hexists(env["keys"].dead_letter, poison.fp)
+    assert decode_result((await results_by_fp(env["redis"], env["keys"]))[poison.fp]).dead
     s = await status(env)
     assert (s["failed"], s["queued"], s["in_flight"], s["dead"]) == (1, 0, 2, 1)
 
@@ -381,7 +382,7 @@ async def test_a_stale_worker_stores_nothing_and_its_links_are_admitted(
                          links=["http://a.test/new"])
     assert not stale.lease_held
     assert (stale.stored, stale.handed_back, stale.admitted, stale.refill) == (0, 0, 1, [])
-    assert await env["redis"].hlen(env["keys"].results) == 0
+    assert await env["redis"].xlen(env["keys"].results) == 0
     assert await lease_fps(env, "a.test") == leased  # the new lease is untouched
     after = counters(await status(env))
     assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
@@ -395,7 +396,7 @@ async def test_a_stale_worker_stores_nothing_and_its_links_are_admitted(
     assert fresh.lease_held and fresh.stored == 3
     s = await status(env)
     assert (s["pages"], s["queued"], s["in_flight"], s["hosts_leased"]) == (3, 1, 0, 0)
-    assert await env["redis"].hlen(env["keys"].results) == 3
+    assert await env["redis"].xlen(env["keys"].results) == 3
 
 
 async def test_a_stale_worker_leaves_requeued_urls_in_the_queue(env: dict[str, Any]) -> None:
@@ -424,12 +425,12 @@ async def test_a_repeated_call_stores_nothing_twice(env: dict[str, Any]) -> None
     [batch] = await dispatch(env)
     first = await report(env, batch, final=False, urls=[batch.urls[0].url])
     assert first.stored == 1
-    stored = await env["redis"].hgetall(env["keys"].results)
+    stored = await results_by_fp(env["redis"], env["keys"])
     before = counters(await status(env))
     again = await report(env, batch, final=False, urls=[batch.urls[0].url])
     assert again.lease_held and again.stored == 0
     assert counters(await status(env)) == before
-    assert await env["redis"].hgetall(env["keys"].results) == stored
+    assert await results_by_fp(env["redis"], env["keys"]) == stored
     # The final call, repeated: the first released the lease, the second is stale.
     assert (await report(env, batch)).stored == 2
     before = counters(await status(env))
@@ -500,8 +501,8 @@ async def test_every_outcome_lands_where_it_says(env: dict[str, Any]) -> None:
     s = await status(env)
     assert (s["seen"], s["pages"], s["skipped"], s["failed"], s["retries"]) == (4, 1, 1, 1, 1)
     assert (s["queued"], s["in_flight"], s["dead"]) == (1, 0, 1)
-    assert await redis.hexists(keys.dead_letter, dead.fp)
-    assert decode_result(await redis.hget(keys.results, skipped.fp)).error == "robots"
+    assert decode_result((await results_by_fp(redis, keys))[dead.fp]).dead
+    assert decode_result((await results_by_fp(redis, keys))[skipped.fp]).error == "robots"
     [entry] = await redis.lrange(keys.host_queue("a.test"), 0, -1)
     assert decode_entry(entry) == again
     assert await env["frontier"].is_seen(fingerprint(moved), 3)

@@ -14,6 +14,8 @@ Open this folder to see every way a URL moves (the README's "frontier" section d
     finish.lua      is the crawl finished?
     quarantine.lua  something unreadable goes aside
     lock.lua, unlock.lua  the scheduler's leader lock
+    sink_take.lua   a sink takes a range of the results log to write as one part
+    sink_done.lua   that part is durable: its range leaves Redis
 
 Each file's header names its ARGV, the keys it touches and what it guarantees. ``lib.lua`` is
 included at the top of each, after the constants below, which come from ``common/keys.py`` and
@@ -29,7 +31,7 @@ from ..keys import CONSUMER_GROUP, Keys
 from ..messages import VERSION
 
 COMMANDS = ("crawl", "admit", "dispatch", "claim", "progress", "renew", "expire",
-            "finish", "quarantine", "lock", "unlock")
+            "finish", "quarantine", "lock", "unlock", "sink_take", "sink_done")
 
 
 def _read(name: str) -> str:

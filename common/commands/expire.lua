@@ -3,7 +3,7 @@
 ARGV  1 prefix, 2 crawl id, 3 most hosts per call, 4 losses after which a URL fails, 5 seconds
       a dispatched batch may wait for a worker, 6 the PageResult of a URL given up on
       (JSON, from Python: this script fills in url, depth and fetched_at only).
-Keys  K.leases K.waiting K.lease_batch K.ready K.not_before K.results K.dead_letter K.stats
+Keys  K.leases K.waiting K.lease_batch K.ready K.not_before K.results K.stats
       K.arq_queue K.quarantine, per host h:{host}:q, :lease and :fetching, arq:job:{batch id}.
 Guarantees
   * A claimed lease past its expiry (Redis's clock) returns its URLs to the front of the host
@@ -24,7 +24,7 @@ local expired = redis.call('ZRANGEBYSCORE', K.leases, '-inf', now, 'LIMIT', 0, l
 local unclaimed = redis.call('ZRANGEBYSCORE', K.waiting, '-inf', now - claim_timeout,
   'LIMIT', 0, limit)
 local c = counters({'in_flight', 'queued', 'failed', 'quarantined', 'leases_expired',
-  'batches_unclaimed'})
+  'batches_unclaimed', 'dead'})
 -- Read and decide first.
 local plans = {}
 local function plan_for(host, charge)
@@ -69,13 +69,13 @@ for _, plan in ipairs(plans) do
   local q = host_key(plan.host, 'q')
   for i = #plan.back, 1, -1 do redis.call('LPUSH', q, plan.back[i]) end
   for _, l in ipairs(plan.lost) do
-    redis.call('HSET', K.results, l[1], l[2])
-    redis.call('HSET', K.dead_letter, l[1], l[2])
+    store_result(l[1], l[2], true)
   end
   for _, b in ipairs(plan.bad) do quarantine(plan.lease, b[2], b[1], true) end
   c:add('in_flight', -(#plan.back + #plan.lost + #plan.bad))
   c:add('queued', #plan.back)
   c:add('failed', #plan.lost)
+  c:add('dead', #plan.lost)
   c:add('quarantined', #plan.bad)
   requeued = requeued + #plan.back
   lost = lost + #plan.lost

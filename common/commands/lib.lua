@@ -72,6 +72,38 @@ local function decode_entry(raw)
   return e
 end
 
+-- A URL's result leaves the frontier: appended to the results log, which export reads and the
+-- sink drains. One that ran out of retries says so in its own JSON ("dead":true), so that it
+-- stays a dead letter wherever the result goes.
+local function store_result(fp, data, dead)
+  if dead then
+    -- '"dead":false' cannot occur inside a JSON string (its quotes would be escaped there).
+    local n
+    data, n = string.gsub(data, '"dead":false', '"dead":true', 1)
+    if n == 0 and string.sub(data, 1, 1) == '{' and data ~= '{}' then
+      data = '{"dead":true,' .. string.sub(data, 2)
+    end
+  end
+  redis.call('XADD', K.results, '*', 'f', fp, 'r', data)
+end
+
+-- Stream entry ids ('ms-seq'), compared as numbers (both parts are exact in a Lua number).
+local function id_less(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, bm = tonumber(am) or 0, tonumber(bm) or 0
+  if am ~= bm then return am < bm end
+  return (tonumber(as) or 0) < (tonumber(bs) or 0)
+end
+
+-- One field of a stream entry's flat {name, value, ...} list, read by name.
+local function entry_field(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return nil
+end
+
 local function quarantine(source, reason, data, counted)
   redis.call('XADD', K.quarantine, '*', 'source', source, 'reason', reason, 'data', data,
     'counted', counted and '1' or '0')

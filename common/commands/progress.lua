@@ -16,7 +16,7 @@ ARGV  1 prefix, 2 crawl id, 3 host, 4 batch id, 5 '1' if final, 6 seconds from n
       redirect target fetched on another URL's behalf; data: its result). Otherwise data is
       the PageResult JSON.
 Keys  K.crawl K.lease_batch K.leases K.waiting K.ready K.not_before K.stats K.results
-      K.dead_letter K.seen:* K.host_pages K.query_variants K.rate K.quarantine, per host
+      K.seen:* K.host_pages K.query_variants K.rate K.quarantine, per host
       h:{host}:q, :lease and :fetching.
 Guarantees
   * Only the batch that holds the host's lease stores anything: a result is stored when its fp
@@ -46,7 +46,8 @@ local first_admit = first_result + 3 * n_results
 local held = redis.call('HGET', K.lease_batch, host) == batch_id
 local lease, q, fetching = host_key(host, 'lease'), host_key(host, 'q'), host_key(host, 'fetching')
 local names = {unpack(ADMIT_COUNTERS)}
-for _, n in ipairs({'pages', 'failed', 'skipped', 'retries', 'in_flight', 'quarantined'}) do
+for _, n in ipairs({'pages', 'failed', 'skipped', 'retries', 'in_flight', 'quarantined',
+    'dead'}) do
   names[#names + 1] = n
 end
 local c = counters(names)
@@ -82,7 +83,7 @@ if held then
     if outcome == 'a' then
       -- New to the crawl, it is done already; known, it is left to its own fetch.
       if alias_ok[i] and seen('SADD', fp) == 1 then
-        redis.call('HSET', K.results, fp, data)
+        store_result(fp, data, false)
         c:add('seen', 1)
         c:add('pages', 1)
         stored = stored + 1
@@ -95,12 +96,12 @@ if held then
         c:add('queued', 1)
         c:add('retries', 1)
       else
-        redis.call('HSET', K.results, fp, data)
+        store_result(fp, data, outcome == 'd')
         stored = stored + 1
         finished = finished + 1
         if outcome == 'd' then
-          redis.call('HSET', K.dead_letter, fp, data)
           c:add('failed', 1)
+          c:add('dead', 1)
         elseif outcome == 'p' then c:add('pages', 1)
         elseif outcome == 's' then c:add('skipped', 1)
         else c:add('failed', 1) end
