@@ -11,6 +11,7 @@ trimmed) is read from the part alone: ``iter_results`` yields each result once.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -105,9 +106,11 @@ async def iter_results(redis: Any, keys: Keys, store: Store | None = None,
         names = await list_parts(store, keys.namespace, crawl_id)
         covered = _Covered(names)
         for name in names:
-            async for line in store.open_lines(name):
-                if line.strip():
-                    yield Stored(line, None, name)
+            # Closed at once when the reader stops early (export | head), not at GC.
+            async with contextlib.aclosing(store.open_lines(name)) as lines:  # type: ignore[type-var]
+                async for line in lines:
+                    if line.strip():
+                        yield Stored(line, None, name)
     async for entry_id, fp, data in log_entries(redis, keys):
         if entry_id not in covered:
             yield Stored(data, fp, entry_id)

@@ -194,9 +194,8 @@ async def test_s3_errors_carry_only_the_code(tmp_path: Path) -> None:
         assert EchoingS3.secret not in "".join(traceback.format_exception(caught.value))
 
 
-async def test_failed_write_keeps_the_old_object_and_no_temp(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch,
-                                                             ) -> None:
+async def test_failed_write_keeps_the_old_object(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     store = LocalStore(tmp_path)
     await store.put("a", b"old\n")
     umask = os.umask(0o022)

@@ -15,6 +15,13 @@ from pathlib import Path
 import pytest
 
 from ..conftest import CRAWLFLEET, Fleet, RedisServer, WebUnderTest, wait_for
+from ..moto_server import (  # noqa: F401  (fixtures)
+    MotoServer,
+    moto_server_fixture,
+    s3_environ,
+    s3_objects,
+    s3_output_fixture,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -198,3 +205,28 @@ def _peak_rss_mb(fleet: Fleet, target: Path) -> float:
                           check=True)
     assert resource.RUSAGE_CHILDREN is not None
     return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def test_a_bucket_receives_the_parts(
+    redis_server: RedisServer, testweb: WebUnderTest, fleet_factory: Callable[..., Fleet],
+    s3_output: str, moto_server: MotoServer,
+) -> None:
+    """An S3-compatible bucket on loopback (moto's server mode) as the output: the sinks put
+    parts there, export and check read them back, and no credential reaches a log."""
+    fleet = fleet_factory(redis_server.url, testweb, CRAWLFLEET_OUTPUT=s3_output,
+                          CRAWLFLEET_OUTPUT_PART_RESULTS="40",
+                          **s3_environ(moto_server.endpoint))
+    fleet.start(*testweb.seeds, workers=1)
+    fleet.spawn("sink", "sink")
+    fleet.wait_finished()
+    wait_for(lambda: fleet.status()["results_in_redis"] == 0, timeout=30,
+             what="the sink to drain the log into the bucket")
+    objects = s3_objects(s3_output, moto_server.endpoint)
+    parts = [key for key in objects if "/results/" in key and key.endswith(".jsonl")]
+    assert len(parts) >= 2, sorted(objects)
+    fleet.check()
+    exported = fleet.run("export").stdout
+    assert_once_each([json.loads(line)["url"] for line in exported.splitlines()], testweb)
+    assert fleet.stop("sink") == 0
+    secret = s3_environ(moto_server.endpoint)["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in fleet.log("sink")

@@ -49,8 +49,8 @@ async def test_put_replace_exists_size_delete(s3_output: str) -> None:
         [line async for line in store.open_lines("absent")]
 
 
-async def test_list_paginates_sorted_under_the_prefix(s3_output: str, moto_server: MotoServer,
-                                                      ) -> None:
+async def test_list_pages_sorted_under_the_prefix(s3_output: str,
+                                                  moto_server: MotoServer) -> None:
     store = open_store(s3_output)
     names = [f"results/part-{i:05d}.jsonl" for i in range(1100)]  # more than a page of 1,000
     gate = asyncio.Semaphore(32)
