@@ -44,7 +44,8 @@ class ResultsFile:
             return
         record = await self.redis.hget(self.keys.out_files, self.field)
         self.handle, self.after, self.resumed_at = _prepare(
-            self.path, as_text(record) if record is not None else None, overwrite=overwrite)
+            self.path, as_text(record) if record is not None else None, overwrite=overwrite,
+            on_line=self.on_line)
         if self.after is None and self.resumed_at == 0:
             await self.redis.hset(self.keys.out_files, self.field, "|0")
 
@@ -79,9 +80,10 @@ class ResultsFile:
         self.handle = None
 
 
-def _prepare(path: str, record: str | None, *,
-             overwrite: bool) -> tuple[IO[bytes], str | None, int]:
-    """The open file, the last log id in it and the results it holds: a recorded file is cut
+def _prepare(path: str, record: str | None, *, overwrite: bool,
+             on_line: Callable[[bytes], None] | None) -> tuple[IO[bytes], str | None, int]:
+    """The open file, the last log id in it and the results it holds (each shown to
+    ``on_line``, so a resumed crawl's tally covers the whole crawl): a recorded file is cut
     back to the size recorded after its last complete append."""
     target = Path(path)
     if target.exists() and not target.is_file():
@@ -103,9 +105,12 @@ def _prepare(path: str, record: str | None, *,
             return open(target, "wb"), None, 0
         handle = open(target, "r+b")  # noqa: SIM115 - ResultsFile.close
         handle.truncate(int(recorded))
-        handle.seek(0, os.SEEK_END)
         handle.seek(0)
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+        lines = 0
+        for line in handle:
+            lines += 1
+            if on_line is not None:
+                on_line(line.rstrip(b"\n"))
         handle.seek(0, os.SEEK_END)
         return handle, last or None, lines
     except OSError as exc:

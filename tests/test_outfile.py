@@ -48,9 +48,10 @@ async def test_the_file_grows_with_the_log_and_resumes_where_it_was_durable(
     # A kill between the write and the record leaves a tail the record does not cover.
     out.write_bytes(out.read_bytes() + b'{"n":4}\n{"n":')
     await add(redis, 4, 5)
-    again = ResultsFile(redis, KEYS, str(out))
+    shown: list[bytes] = []
+    again = ResultsFile(redis, KEYS, str(out), on_line=shown.append)
     await again.open(overwrite=False)
-    assert again.resumed_at == 3
+    assert again.resumed_at == 3 and shown == seen  # the tally covers the earlier run
     assert await again.pump() == 2
     again.close()
     assert numbers(out) == [1, 2, 3, 4, 5]
