@@ -364,7 +364,7 @@ def format_status(s: dict[str, Any]) -> str:
         ("retries", f"{s['retries']} (dead-lettered: {s['dead']})"),
         ("quarantined", f"{s['quarantined']} URL entries, {s['quarantine_entries']} entries "
                         "in all (crawlfleet check; the scheduler logs each)"),
-        ("pages/s (last minute)", s["pages_per_s"]),
+        ("pages/s", f"{s['pages_per_s_10s']} (last 10 s), {s['pages_per_s']} (last minute)"),
         ("links discarded", f"scope {s['discarded_scope']}, invalid {s['discarded_invalid']}, "
                             f"over max pages {s['discarded_max_pages']}, over host budget "
                             f"{s['discarded_host_budget']}, query variants "

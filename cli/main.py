@@ -4,7 +4,8 @@
     scheduler  run the frontier
     worker     run a fetch worker (the same as ``arq crawlfleet.workers.worker.WorkerSettings``)
     sink       drain results out of Redis into CRAWLFLEET_OUTPUT (parts, exactly once)
-    status     counters of the crawl, --json for machines
+    status     counters of the crawl, --json for machines, --watch for a live view
+    health     exit 0 if this worker is alive (a Kubernetes probe)
     check      count the crawl's structures, compare them with the counters (exit 1 if not)
     export     every result once, as JSON lines or CSV (--failed, --dead)
     purge      delete every key of a namespace (asks first; --yes)
@@ -52,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the crawl's counters")
     _common(status)
     status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument("--watch", action="store_true",
+                        help="a live view, refreshed every second (Ctrl-C ends it)")
+
+    health = sub.add_parser(
+        "health", help="exit 0 if this worker is alive (a probe command)",
+        description="Exit 0 when the worker named CRAWLFLEET_WORKER_ID has written its health "
+                    "check within CRAWLFLEET_HEALTH_CHECK_INTERVAL (plus slack), 1 otherwise: "
+                    "the liveness/readiness probe of a worker pod.")
+    _common(health)
 
     check = sub.add_parser(
         "check", help="count the crawl's structures and compare them with its counters",
@@ -171,7 +181,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "purge":
         return commands.purge(settings_from(args), yes=args.yes)
     if args.command == "status":
+        if args.watch:
+            from .watch import watch
+
+            return watch(settings_from(args))
         return commands.status(settings_from(args), as_json=args.json)
+    if args.command == "health":
+        from .health import health
+
+        return health(settings_from(args))
     if args.command == "check":
         return commands.check(settings_from(args), as_json=args.json)
     if args.command == "export":

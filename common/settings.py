@@ -207,6 +207,11 @@ class Settings:
     warc_max_bytes: int = 1_000_000_000
     text: bool = False
 
+    # Operating: Prometheus /metrics (and /healthz) on this port, 0 = off (common/metrics.py);
+    # seconds between a worker's health-check writes (`crawlfleet health` reads its own).
+    metrics_port: int = 0
+    health_check_interval: float = 10.0
+
     # The event loop: uvloop when installed (0 keeps asyncio's own).
     uvloop: bool = True
 
@@ -232,7 +237,7 @@ class Settings:
                 )
         for name in ("fetch_timeout", "read_timeout", "connect_timeout", "lease_seconds",
                      "poll_delay", "host_turn_seconds", "robots_ttl", "robots_retry",
-                     "robots_max_wait", "output_part_seconds"):
+                     "robots_max_wait", "output_part_seconds", "health_check_interval"):
             if getattr(self, name) <= 0:
                 raise SettingsError(
                     f"{env_name(name)} must be positive, got {getattr(self, name)}")
@@ -255,6 +260,9 @@ class Settings:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SettingsError(f"{env_name(name)} must be 0 or more, got {value}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"{env_name('metrics_port')} must be a port 1..65535, or 0 for "
+                                f"none, got {self.metrics_port}")
         if self.log_format not in ("json", "console", "auto"):
             raise SettingsError(
                 f"{env_name('log_format')} must be json, console or auto, got {self.log_format!r}"

@@ -7,7 +7,8 @@ counters against counters: ``crawlfleet check`` (common/check.py) counts the str
 
 from __future__ import annotations
 
-import time
+import math
+from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
@@ -18,11 +19,16 @@ from .keys import Keys
 COUNTERS = ("seen", "pages", "failed", "skipped", "queued", "in_flight", "quarantined")
 DISCARDS = ("discarded_scope", "discarded_invalid", "discarded_max_pages",
             "discarded_host_budget", "discarded_query_variants")
+# pages/s figures of the status, by key: over this many seconds of the recent past.
+RATE_WINDOWS = {"pages_per_s": 60, "pages_per_s_10s": 10}
 
 
 async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> dict[str, Any]:
-    now = time.time() if now is None else now
+    """The snapshot. ``read_at`` is Redis's clock when it was taken (``now`` if given): the
+    rate's seconds and the crawl's times are Redis's, so a reader with a skewed clock still
+    looks at the right window. ``pages_per_s`` and ``pages_per_s_10s``: see ``recent_rate``."""
     async with redis.pipeline(transaction=True) as pipe:
+        pipe.time()
         pipe.hgetall(keys.stats)
         pipe.zcard(keys.leases)
         pipe.xlen(keys.events)
@@ -31,8 +37,11 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
         pipe.xlen(keys.results)
         pipe.xlen(keys.quarantine)
         pipe.hgetall(keys.crawl)
-        (stats_raw, leased, backlog, rate_raw, waiting, results_held, quarantine,
+        (redis_time, stats_raw, leased, backlog, rate_raw, waiting, results_held, quarantine,
          marker_raw) = await pipe.execute()
+    if now is None:
+        seconds, micros = redis_time
+        now = int(seconds) + int(micros) / 1e6
     marker = {as_text(k): as_text(v) for k, v in marker_raw.items()}
     stats = {as_text(k): as_text(v) for k, v in stats_raw.items()}
     status: dict[str, Any] = {name: _int(stats.get(name)) for name in COUNTERS}
@@ -53,8 +62,12 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
     # URLs out of retries (part of 'failed'); `export --dead` lists them.
     status["dead"] = _int(stats.get("dead"))
     status["results_in_redis"] = int(results_held)  # not yet drained by a sink
-    last_minute = sum(_int(v) for k, v in rate_raw.items() if now - 60 <= _int(k) < now)
-    status["pages_per_s"] = round(last_minute / 60.0, 2)
+    status["read_at"] = now
+    rate = {_int(k): _int(v) for k, v in rate_raw.items()}
+    admitted_at = marker.get("admitted_at")
+    started = _float(admitted_at) if admitted_at else None
+    for name, window_s in RATE_WINDOWS.items():
+        status[name] = round(recent_rate(rate, now, window_s, started_at=started), 2)
     # The scheduler's finish.lua decides from the structures (finished_at); the snapshot's own
     # numbers must agree, in case no scheduler has looked since new work came in.
     finished_at = stats.get("finished_at")
@@ -70,6 +83,31 @@ def accounted(status: dict[str, Any]) -> bool:
     """True when every admitted URL is in exactly one state."""
     return bool(status["seen"] == sum(status[k] for k in COUNTERS[1:]))
 
+
+def recent_rate(rate: Mapping[int, int], now: float, window_s: int, *,
+                started_at: float | None = None) -> float:
+    """URLs finished a second over the last ``window_s`` whole seconds before ``now``, from the
+    rate hash (unix second -> URLs finished in it). The second in progress is left out: it is
+    partly counted, and would pull a 10-second figure down by up to a tenth.
+
+    A crawl younger than the window (``started_at``: its first admission) is divided by its
+    age instead (at least 1 s), and seconds before it began are not its own: a 20-second crawl
+    reports the rate it runs at, not a third of it. Finished or not, the figure is how fast
+    URLs finished lately: it falls to 0 once the crawl has been idle for a whole window."""
+    end = math.floor(now)
+    start: float = end - window_s
+    span: float = window_s
+    if started_at is not None and started_at > start:
+        start, span = math.floor(started_at), max(end - started_at, 1.0)
+    done = sum(n for second, n in rate.items() if start <= second < end)
+    return done / span
+
+
+def _float(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _int(value: bytes | str | None) -> int:

@@ -56,10 +56,12 @@ from crawlfleet.common.urls import fingerprint, host_key
 from .fetch import CrawlerFault, Fetched, fetch
 from .links import LinkFilter
 from .pacing import Pacer
+from .parse import ParsedPage
 from .results import build_result, parse_fetched, skipped_result
 from .retry import backoff_delay, is_retryable, parse_retry_after
 from .robots import DISALLOW_ALL, RobotsCache, origin_of
 from .robots import FAILED as ROBOTS_FAILED
+from .warc import Exchange, PageCapture, WarcRef, WarcWriter
 
 REPORT_EVERY_S = 2.0  # finished pages wait at most this long for a progress call
 TRANSIENT_FAILURES_TO_HALT = 3  # in one turn: the host is failing, back it off as a whole
@@ -94,6 +96,7 @@ class BatchRun:
         self.robots: RobotsCache = ctx["robots"]
         self.links: LinkFilter = ctx["links"]
         self.keys: Keys = ctx["keys"]
+        self.warc: WarcWriter | None = ctx.get("warc")  # CRAWLFLEET_WARC
         self.limits = Limits(self.settings.max_pages, self.settings.max_pages_per_host,
                              self.settings.max_query_variants)
         self.batch = batch
@@ -376,6 +379,7 @@ class BatchRun:
         if not policy.allows(entry.url):
             self._store(entry, SKIPPED, skipped_result(entry, "robots", self.settings))
             return
+        exchanges: list[Exchange] | None = None if self.warc is None else []
         async with self.global_slots:
             if self.halted:
                 return
@@ -384,12 +388,15 @@ class BatchRun:
                 max_redirects=self.settings.max_redirects,
                 allow_private=self.settings.allow_private,
                 deadline=self.settings.fetch_timeout, may_follow=self._may_follow,
-                pace=self.pacer.turn,
+                pace=self.pacer.turn, capture=exchanges,
             )
         if is_retryable(fetched.error) and self._retry_later(entry, fetched):
-            return  # back in the host queue; the result waits for the last try
+            if exchanges:  # archived like any response; the result waits for the last try
+                await self._archive(entry, fetched, exchanges, None)
+            return  # back in the host queue
         parsed = await parse_fetched(entry, fetched, self.settings)
-        result, links, aliases = build_result(entry, fetched, self.settings, parsed)
+        warc = await self._archive(entry, fetched, exchanges, parsed) if exchanges else None
+        result, links, aliases = build_result(entry, fetched, self.settings, parsed, warc)
         if links:
             admissions, refused, invalid = self.links.filter(links, entry.depth + 1)
             self.admissions += admissions
@@ -407,6 +414,14 @@ class BatchRun:
         self.log.info("page", url=entry.url, status=result.status, error=result.error,
                       elapsed_ms=result.elapsed_ms, bytes=result.bytes, links=result.links,
                       depth=entry.depth, redirects=len(result.redirects) or None)
+
+    async def _archive(self, entry: QueuedURL, fetched: Fetched, exchanges: list[Exchange],
+                       parsed: ParsedPage | str | None) -> WarcRef | None:
+        """The fetch's WARC records, written before its result can leave the worker."""
+        assert self.warc is not None
+        outlinks = parsed.links_found if isinstance(parsed, ParsedPage) else 0
+        return await self.warc.write(PageCapture(
+            entry.url, entry.depth, exchanges, fetched.elapsed_ms, outlinks, fetched.redirects))
 
     def _retry_later(self, entry: QueuedURL, fetched: Fetched) -> bool:
         """A transient failure: back the whole host off, and queue the URL again if it has

@@ -18,6 +18,7 @@ import functools
 import ipaddress
 import re
 import socket
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from crawlfleet.common.addresses import Network
 from crawlfleet.common.urls import URLError, canonicalize, resolve
 
 from .pacing import Turn
+from .warc import Exchange
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK = 64 * 1024
@@ -54,6 +56,7 @@ class Fetched:
     # result is the redirect itself, and its target is a link for the frontier.
     redirect_stopped: bool = False
     retry_after: str | None = None
+    content_language: str | None = None  # the header, for CRAWLFLEET_TEXT's lang
     # For a human: why the fetch was refused, address and rule ("127.0.0.1 is loopback").
     detail: str | None = None
 
@@ -349,6 +352,7 @@ async def fetch(
     may_follow: Callable[[str], Awaitable[bool]] | None = None,
     pace: Callable[[], Awaitable[Turn]] | None = None,
     truncate: bool = False,
+    capture: list[Exchange] | None = None,
 ) -> Fetched:
     """``max_body_bytes`` caps the body: a larger one is the error ``too_large``, or with
     ``truncate`` is cut to its first ``max_body_bytes`` (robots.txt wants its first part).
@@ -358,7 +362,9 @@ async def fetch(
     pacing wait from the site's time.)
     ``may_follow(target)`` is asked before each redirect hop; False stops there.
     ``pace()`` is awaited before each request (every hop is one) for the host's turn.
-    Either callback raising escapes as :class:`CrawlerFault`, the original as its cause."""
+    Either callback raising escapes as :class:`CrawlerFault`, the original as its cause.
+    ``capture`` (CRAWLFLEET_WARC) gets one :class:`Exchange` per response received, redirect
+    hops included, for the WARC writer; None (the default) costs nothing."""
     result = Fetched(url=url)
     clock: _Clock | None = None
     try:
@@ -366,7 +372,7 @@ async def fetch(
             clock = _Clock(timer, deadline)
             try:
                 return await _follow(session, url, result, max_body_bytes, max_redirects,
-                                     allow_private, may_follow, pace, truncate, clock)
+                                     allow_private, may_follow, pace, truncate, clock, capture)
             finally:
                 clock.stop()  # while the timer is still entered: it may be rescheduled
     except CrawlerFault:
@@ -394,6 +400,7 @@ async def _follow(
     pace: Callable[[], Awaitable[Turn]] | None,
     truncate: bool,
     clock: _Clock,
+    capture: list[Exchange] | None,
 ) -> Fetched:
     current = url
     guard = session_guard(session)
@@ -410,14 +417,23 @@ async def _follow(
         if pace is not None:
             with clock.paused():
                 turn = await _crawler_call("pace", pace)
+        sent_at = time.time() if capture is not None else 0.0
         try:
             response = await session.get(current, allow_redirects=False, trace_request_ctx=turn)
         finally:
             if turn is not None:
                 turn.done()  # sent already, or failed before anything was sent
         async with response:
+            exchange = None
+            if capture is not None:
+                exchange = Exchange.of(response, current, sent_at)
+                capture.append(exchange)
             location = response.headers.get("Location")
             if response.status in REDIRECT_STATUSES and location:
+                if exchange is not None:
+                    # The archive keeps the redirect's own (small) body too; nobody parses it.
+                    exchange.body, exchange.truncated = await _read_capped(
+                        response, NON_HTML_BYTES, True)
                 target = resolve(location, current)
                 try:
                     next_url = canonicalize(target) if target else None
@@ -442,8 +458,16 @@ async def _follow(
             result.status = response.status
             result.final_url = current
             result.content_type = response.headers.get("Content-Type")
-            result.body = await _read_capped(response, max_body_bytes, truncate)
+            try:
+                result.body, cut = await _read_capped(response, max_body_bytes, truncate)
+            except BodyTooLarge:
+                if exchange is not None:  # archived as its headers alone, marked truncated
+                    exchange.body, exchange.truncated = b"", True
+                raise
+            if exchange is not None:
+                exchange.body, exchange.truncated = result.body, cut
             result.retry_after = response.headers.get("Retry-After")
+            result.content_language = response.headers.get("Content-Language")
             if response.status == 429:
                 result.error = "http_429"
             elif response.status >= 500:
@@ -473,12 +497,16 @@ def _wants_whole_body(response: aiohttp.ClientResponse) -> bool:
     return not content_type or is_html(content_type)
 
 
-async def _read_capped(response: aiohttp.ClientResponse, limit: int, truncate: bool) -> bytes:
-    """The body, bounded: ``too_large`` (BodyTooLarge) past ``limit``, checked on the declared
-    Content-Length before anything is read and on the decompressed bytes as they come; with
-    ``truncate`` the first ``limit`` bytes instead. A body that is not HTML (and not untyped)
-    is read only to ``NON_HTML_BYTES`` and the connection dropped: the result records what was
-    read, never an error (its declared length does not matter either)."""
+async def _read_capped(
+    response: aiohttp.ClientResponse, limit: int, truncate: bool
+) -> tuple[bytes, bool]:
+    """The body and whether it was cut short, bounded: ``too_large`` (BodyTooLarge) past
+    ``limit``, checked on the declared Content-Length before anything is read and on the
+    decompressed bytes as they come; with ``truncate`` the first ``limit`` bytes instead. A
+    body that is not HTML (and not untyped) is read only to ``NON_HTML_BYTES`` and the
+    connection dropped: the result records what was read, never an error (its declared length
+    does not matter either). A body of exactly ``limit`` bytes counts as cut unless its end
+    has arrived with it."""
     if not truncate and not _wants_whole_body(response):
         limit, truncate = min(limit, NON_HTML_BYTES), True
     declared = response.content_length
@@ -493,8 +521,9 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int, truncate: b
         if size > limit or (truncate and size >= limit):
             if not truncate:
                 raise BodyTooLarge
-            break  # leaving the response drops the connection and the rest of the body
-    return b"".join(chunks)[:limit]
+            # Leaving the response drops the connection and the rest of the body.
+            return b"".join(chunks)[:limit], size > limit or not response.content.at_eof()
+    return b"".join(chunks), False
 
 
 # c-ares codes a retry may change: the nameserver failed, refused, timed out or was unreachable.

@@ -6,7 +6,8 @@ per page is bounded: at most ``max_links`` links are resolved (the rest are only
 :func:`parse_page_async` takes a large body off the event loop.
 
 Pipeline: :func:`decode_html` picks the encoding (BOM > header charset > ``<meta>`` > guess)
-and rejects binary junk, then :func:`parse_html` does one Lexbor parse and one CSS query.
+and rejects binary junk, then :func:`parse_html` does one Lexbor parse and one CSS query. With
+``keep_text`` (CRAWLFLEET_TEXT) the same tree also gives the visible text and the language.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from selectolax.lexbor import LexborHTMLParser
 from w3lib.encoding import html_to_unicode, http_content_type_encoding, read_bom, to_unicode
 
 from crawlfleet.common.urls import resolve, resolve_and_canonicalize
+
+from .text import page_lang, visible_text
 
 __all__ = [
     "BodyError",
@@ -93,6 +96,7 @@ _SELECTOR = (
     "link[rel~=canonical i][href],"
     "meta[name=robots i][content]"
 )
+_TEXT_SELECTOR = _SELECTOR + ",meta[http-equiv=content-language i][content]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,13 @@ class ParsedPage:
     """What relative URLs were resolved against: a valid ``<base href>``, else the page URL."""
     encoding: str
     """Python codec name the body was decoded with; ``""`` from :func:`parse_html` (given str)."""
+    text: str | None = None
+    """With ``keep_text``: the visible text (no script, style, noscript, template, head ...),
+    whitespace collapsed, at most ``TEXT_MAX_BYTES`` of UTF-8; else None."""
+    lang: str | None = None
+    """With ``keep_text``: the language tag, lower-case, of ``<html lang>``, else of ``<meta
+    http-equiv=content-language>``, else of the Content-Language header; None if none is
+    valid."""
 
 
 class BodyError(Exception):
@@ -190,7 +201,8 @@ def decode_html(body: bytes, content_type: str | None) -> tuple[str, str]:
 
 
 def parse_html(
-    text: str, page_url: str, *, sort_query: bool = False, max_links: int | None = None
+    text: str, page_url: str, *, sort_query: bool = False, max_links: int | None = None,
+    keep_text: bool = False, content_language: str | None = None,
 ) -> ParsedPage:
     """Extract title, outlinks, canonical and robots directives from decoded HTML.
 
@@ -198,9 +210,10 @@ def parse_html(
     the first ``<base href>`` (itself resolved against *page_url*; ignored unless http(s)) or
     *page_url*, canonicalised, de-duplicated in document order; non-http(s) targets and links to
     the page itself are dropped; ``max_links`` (None: no limit) caps how many are kept.
-    ``encoding`` is ``""``: *text* arrived already decoded.
+    ``encoding`` is ``""``: *text* arrived already decoded. ``keep_text`` fills ``text`` and
+    ``lang`` (``content_language``: the response's header, the last resort for ``lang``).
     """
-    return _parse(text, page_url, sort_query, "", max_links)
+    return _parse(text, page_url, sort_query, "", max_links, keep_text, content_language)
 
 
 def parse_page(
@@ -210,10 +223,12 @@ def parse_page(
     *,
     sort_query: bool = False,
     max_links: int | None = None,
+    keep_text: bool = False,
+    content_language: str | None = None,
 ) -> ParsedPage:
     """:func:`decode_html` then :func:`parse_html`; may raise :class:`BodyError`."""
     text, encoding = decode_html(body, content_type)
-    return _parse(text, page_url, sort_query, encoding, max_links)
+    return _parse(text, page_url, sort_query, encoding, max_links, keep_text, content_language)
 
 
 async def parse_page_async(
@@ -223,14 +238,18 @@ async def parse_page_async(
     *,
     sort_query: bool = False,
     max_links: int | None = None,
+    keep_text: bool = False,
+    content_language: str | None = None,
 ) -> ParsedPage:
     """:func:`parse_page`, in a worker thread when the body is over ``PARSE_IN_THREAD_BYTES``
     so a large page does not block the event loop; inline (cheaper) otherwise."""
     if len(body) > PARSE_IN_THREAD_BYTES:
         return await asyncio.to_thread(
-            parse_page, body, content_type, page_url, sort_query=sort_query, max_links=max_links
+            parse_page, body, content_type, page_url, sort_query=sort_query,
+            max_links=max_links, keep_text=keep_text, content_language=content_language,
         )
-    return parse_page(body, content_type, page_url, sort_query=sort_query, max_links=max_links)
+    return parse_page(body, content_type, page_url, sort_query=sort_query, max_links=max_links,
+                      keep_text=keep_text, content_language=content_language)
 
 
 # A scheme, as the URL parser would see it after stripping leading whitespace.
@@ -276,7 +295,8 @@ def _too_deep_at(tags: list[str], limit: int) -> int | None:
 
 
 def _parse(
-    text: str, page_url: str, sort_query: bool, encoding: str, max_links: int | None
+    text: str, page_url: str, sort_query: bool, encoding: str, max_links: int | None,
+    keep_text: bool = False, content_language: str | None = None,
 ) -> ParsedPage:
     text = cap_nesting(text)
     title: str | None = None
@@ -285,8 +305,10 @@ def _parse(
     canonical_href: str | None = None
     noindex = nofollow = False
     hrefs: list[str] = []
+    meta_lang: str | None = None
 
-    for node in LexborHTMLParser(text).css(_SELECTOR):
+    tree = LexborHTMLParser(text)
+    for node in tree.css(_TEXT_SELECTOR if keep_text else _SELECTOR):
         tag = node.tag
         if tag == "a" or tag == "area":
             hrefs.append(node.attrs.sget("href"))
@@ -296,6 +318,9 @@ def _parse(
                 seen_title = True
                 title = " ".join(node.text().split())[:TITLE_MAX_CHARS] or None
         elif tag == "meta":
+            if keep_text and node.attrs.sget("http-equiv").lower() == "content-language":
+                meta_lang = meta_lang or node.attrs.sget("content")
+                continue
             # "noindex, nofollow" is the norm, but "noindex nofollow" is seen too.
             tokens = node.attrs.sget("content").lower().replace(",", " ").split()
             if "none" in tokens:
@@ -346,6 +371,11 @@ def _parse(
     if canonical_href is not None:
         canonical = resolve_and_canonicalize(canonical_href, base_url, sort_query=sort_query)
 
+    page_text = lang = None
+    if keep_text:
+        lang = page_lang(tree, meta_lang, content_language)
+        page_text = visible_text(tree)  # last: it takes the invisible parts out of the tree
+
     return ParsedPage(
         title=title,
         links=links,
@@ -355,6 +385,8 @@ def _parse(
         nofollow=nofollow,
         base_url=base_url,
         encoding=encoding,
+        text=page_text,
+        lang=lang,
     )
 
 

@@ -13,6 +13,7 @@ from crawlfleet.common.settings import Settings
 
 from .fetch import Fetched
 from .parse import BodyError, ParsedPage, is_html, parse_page, parse_page_async, sniff_html
+from .warc import WarcRef
 
 
 def skipped_result(entry: QueuedURL, reason: str, settings: Settings) -> PageResult:
@@ -31,8 +32,11 @@ def wants_parsing(fetched: Fetched) -> bool:
 def _parse_args(
     entry: QueuedURL, fetched: Fetched, settings: Settings
 ) -> tuple[tuple[bytes, str | None, str], dict[str, Any]]:
-    return ((fetched.body, fetched.content_type, fetched.final_url or entry.url),
-            {"sort_query": settings.sort_query, "max_links": settings.max_links_per_page})
+    kwargs: dict[str, Any] = {"sort_query": settings.sort_query,
+                              "max_links": settings.max_links_per_page}
+    if settings.text:
+        kwargs.update(keep_text=True, content_language=fetched.content_language)
+    return (fetched.body, fetched.content_type, fetched.final_url or entry.url), kwargs
 
 
 async def parse_fetched(
@@ -55,10 +59,11 @@ _UNPARSED: Any = object()
 def build_result(
     entry: QueuedURL, fetched: Fetched, settings: Settings,
     parsed_page: ParsedPage | str | None = _UNPARSED,
+    warc: WarcRef | None = None,
 ) -> tuple[PageResult, list[str], list[PageResult]]:
     """Turn a fetch (and its parsed page, from ``parse_fetched``; parsed here when not given)
     into the page result, the links to follow from it, and results for the redirect targets
-    it followed (pure)."""
+    it followed (pure). ``warc``: where the fetch's records went (CRAWLFLEET_WARC)."""
     if parsed_page is _UNPARSED:
         parsed_page = None
         if wants_parsing(fetched):
@@ -100,6 +105,11 @@ def build_result(
         encoding=parsed.encoding if parsed else None,
         worker=settings.worker_id,
         redirects=fetched.redirects,
+        warc_file=warc.file if warc else None,
+        warc_offset=warc.offset if warc else None,
+        warc_length=warc.length if warc else None,
+        text=parsed.text if parsed else None,
+        lang=parsed.lang if parsed else None,
     )
     # The targets on the way got the same content; a failed fetch vouches for none of them.
     followed = fetched.redirects[:-1] if fetched.redirect_stopped else fetched.redirects

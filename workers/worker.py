@@ -50,6 +50,7 @@ from .fetch import GuardedResolver, HostCookieJar, SessionGuard, guard_session
 from .links import LinkFilter
 from .pacing import pacing_trace
 from .robots import RobotsCache
+from .warc import open_warc
 
 log = get_logger("crawlfleet.worker")
 
@@ -128,8 +129,14 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["frontier"] = Frontier(ctx["redis"], keys)
     ctx["robots"] = RobotsCache(ctx["redis"], keys, ctx["session"], settings)
     ctx["links"] = LinkFilter(settings)
+    ctx["warc"] = warc = open_warc(settings)
+    if warc is not None:
+        # Closed before the session (the stack unwinds backwards), after arq has stopped the
+        # jobs: the last file is renamed from .open, and uploaded for an s3:// output.
+        ctx["resources"].push_async_callback(warc.close)
     log.info("worker_started", worker_id=settings.worker_id, max_in_flight=settings.max_in_flight,
-             nameservers=list(settings.dns_nameservers) or "system")
+             nameservers=list(settings.dns_nameservers) or "system",
+             warc=str(warc.series.directory) if warc is not None else None)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -208,7 +215,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "job_completion_wait": int(settings.shutdown_grace),
         "job_serializer": job_serializer,
         "job_deserializer": job_deserializer,
+        # One key per worker, written often: `crawlfleet health` (the pod's probe) reads it.
         "health_check_key": keys.arq_health_check(settings.worker_id),
+        "health_check_interval": max(1, round(settings.health_check_interval)),
         "ctx": {"settings": settings},
     }
 
