@@ -13,11 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from warcio.archiveiterator import ArchiveIterator
 
 from ..conftest import CRAWLFLEET, Fleet, RedisServer, WebUnderTest, wait_for
 from ..moto_server import (  # noqa: F401  (fixtures)
     MotoServer,
     moto_server_fixture,
+    s3_client,
     s3_environ,
     s3_objects,
     s3_output_fixture,
@@ -209,12 +211,13 @@ def _peak_rss_mb(fleet: Fleet, target: Path) -> float:
 
 def test_a_bucket_receives_the_parts(
     redis_server: RedisServer, testweb: WebUnderTest, fleet_factory: Callable[..., Fleet],
-    s3_output: str, moto_server: MotoServer,
+    s3_output: str, moto_server: MotoServer, tmp_path: Path,
 ) -> None:
     """An S3-compatible bucket on loopback (moto's server mode) as the output: the sinks put
-    parts there, export and check read them back, and no credential reaches a log."""
+    parts there and the workers their WARC files, export and check read the parts back, every
+    page's response record is at its stored offset, and no credential reaches a log."""
     fleet = fleet_factory(redis_server.url, testweb, CRAWLFLEET_OUTPUT=s3_output,
-                          CRAWLFLEET_OUTPUT_PART_RESULTS="40",
+                          CRAWLFLEET_OUTPUT_PART_RESULTS="40", CRAWLFLEET_WARC="1",
                           **s3_environ(moto_server.endpoint))
     fleet.start(*testweb.seeds, workers=1)
     fleet.spawn("sink", "sink")
@@ -228,5 +231,25 @@ def test_a_bucket_receives_the_parts(
     exported = fleet.run("export").stdout
     assert_once_each([json.loads(line)["url"] for line in exported.splitlines()], testweb)
     assert fleet.stop("sink") == 0
+    assert fleet.stop("worker-0") == 0  # closes its WARC file, which goes up to the bucket
+    warcs = wait_for(lambda: [k for k in s3_objects(s3_output, moto_server.endpoint)
+                              if k.endswith(".warc.gz")], timeout=30,
+                     what="the worker's WARC file in the bucket")
+    local = tmp_path / "warc"
+    local.mkdir()
+    client = s3_client(moto_server.endpoint)
+    bucket = s3_output.removeprefix("s3://").partition("/")[0]
+    for key in warcs:
+        client.download_file(bucket, key, str(local / key.rsplit("/", 1)[-1]))
+    pages = [json.loads(line) for line in exported.splitlines()]
+    for page in (p for p in pages if p["status"] == 200):
+        path = local / page["warc_file"].rsplit("/", 1)[-1]
+        with open(path, "rb") as handle:
+            handle.seek(page["warc_offset"])
+            record = next(iter(ArchiveIterator(handle)))
+        assert record.rec_type == "response"
+        assert record.rec_headers.get_header("WARC-Target-URI") in (page["final_url"],
+                                                                    page["url"])
     secret = s3_environ(moto_server.endpoint)["AWS_SECRET_ACCESS_KEY"]
-    assert secret not in fleet.log("sink")
+    for name in ("sink", "worker-0", "scheduler"):
+        assert secret not in fleet.log(name)
