@@ -145,8 +145,16 @@ async def _run_crawl(settings: Settings, seeds: list[str], workers: int, out: st
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        # The first Ctrl-C stops cleanly; a second one, while that takes time, ends at once.
+        if stop.is_set():
+            loop.remove_signal_handler(sig)
+            signal.raise_signal(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     scheduler_redis = open_redis(settings.redis_url)
     scheduler = asyncio.create_task(Scheduler(settings, scheduler_redis).run(stop))
     fleet = [

@@ -144,6 +144,14 @@ async def test_a_sink_lost_after_writing_is_taken_over_without_a_second_copy(
     assert await env["redis"].hlen(KEYS.sink_claims) == 0
 
 
+async def test_a_part_of_many_results_fits_one_reply(env: dict[str, Any]) -> None:
+    await add(env, *range(12_000))  # more than Lua's unpack() could return at once
+    sink = Sink(env["settings"].replace(output_part_results=10_000), env["redis"], env["store"])
+    assert await sink.step() is None
+    assert sink.results == 10_000
+    assert await sink.drain() == 2_000
+
+
 async def test_a_late_done_changes_nothing(env: dict[str, Any]) -> None:
     await add(env, 1, 2)
     frontier = Frontier(env["redis"], KEYS)

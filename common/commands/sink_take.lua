@@ -19,9 +19,10 @@ local owner, max_n, max_bytes = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local min_n, max_age, hold = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = now_s()
 
-local function results_of(entries)
-  local out = {}
-  for _, e in ipairs(entries) do out[#out + 1] = entry_field(e[2], 'r') or '' end
+-- The reply is built as one table: unpack() of thousands of results would pass Lua's stack limit.
+local function claim_reply(first, last, entries, n)
+  local out = {'claim', first, last}
+  for i = 1, n do out[#out + 1] = entry_field(entries[i][2], 'r') or '' end
   return out
 end
 
@@ -37,8 +38,8 @@ for i = 1, #claims, 2 do
 end
 if oldest then
   redis.call('HSET', K.sink_claims, oldest, oldest_last .. '|' .. owner .. '|' .. (now + hold))
-  local taken = results_of(redis.call('XRANGE', K.results, oldest, oldest_last))
-  return {'claim', oldest, oldest_last, unpack(taken)}
+  local entries = redis.call('XRANGE', K.results, oldest, oldest_last)
+  return claim_reply(oldest, oldest_last, entries, #entries)
 end
 
 local cursor = redis.call('GET', K.sink_cursor) or '0-0'
@@ -48,14 +49,13 @@ if #entries < min_n then
   local age = now - tonumber(string.match(entries[1][1], '^(%d+)')) / 1000
   if age < max_age then return {'wait', tostring(max_age - age)} end
 end
-local taken, bytes = {}, 0
+local n, bytes = 0, 0
 for _, e in ipairs(entries) do
-  local r = entry_field(e[2], 'r') or ''
-  if #taken > 0 and bytes + #r > max_bytes then break end
-  taken[#taken + 1] = r
-  bytes = bytes + #r
+  local size = #(entry_field(e[2], 'r') or '')
+  if n > 0 and bytes + size > max_bytes then break end
+  n, bytes = n + 1, bytes + size
 end
-local first, last = entries[1][1], entries[#taken][1]
+local first, last = entries[1][1], entries[n][1]
 redis.call('HSET', K.sink_claims, first, last .. '|' .. owner .. '|' .. (now + hold))
 redis.call('SET', K.sink_cursor, last)
-return {'claim', first, last, unpack(taken)}
+return claim_reply(first, last, entries, n)
