@@ -1,8 +1,10 @@
-# crawlfleet: one image for every process; the subcommand picks the role.
+# crawlfleet: one image for every process; the subcommand picks the role. The same name and tag
+# everywhere (docker-compose.yml builds it, k8s/ runs it; tests/test_deploy.py checks):
 #
-#   docker build -t crawlfleet .
-#   docker run --rm -e CRAWLFLEET_REDIS_URL=redis://redis:6379/0 crawlfleet            # a worker
-#   docker run --rm -e CRAWLFLEET_REDIS_URL=redis://redis:6379/0 crawlfleet scheduler
+#   docker build -t crawlfleet:0.1.0 .
+#   export CRAWLFLEET_REDIS_URL=redis://:PASSWORD@redis:6379/0
+#   docker run --rm -e CRAWLFLEET_REDIS_URL crawlfleet:0.1.0              # a worker (the CMD)
+#   docker run --rm -e CRAWLFLEET_REDIS_URL crawlfleet:0.1.0 scheduler
 #
 # Build-time network: PyPI only (the dependencies and setuptools). No apt packages are needed:
 # every dependency ships manylinux wheels for CPython 3.11.
@@ -51,9 +53,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     CRAWLFLEET_LOG_FORMAT=json
 
+# The output's mount point (CRAWLFLEET_OUTPUT=/data/output in docker-compose.yml and k8s/),
+# owned by the crawlfleet user: Docker copies that ownership into a new named volume, so the
+# sink can write to it with a read-only root filesystem.
+RUN mkdir -p /data/output && chown 10001:10001 /data/output
+
 # `crawlfleet export --out F` / `crawl --out F` write relative paths here (mount a volume).
 WORKDIR /home/crawlfleet
 USER 10001:10001
+
+# Prometheus /metrics and /healthz when CRAWLFLEET_METRICS_PORT=9100 (the deployments' value).
+EXPOSE 9100
 
 # The worker and the scheduler stop cleanly on SIGTERM (the worker finishes or hands back its
 # batches within CRAWLFLEET_SHUTDOWN_GRACE seconds); orchestrators must wait a little longer.

@@ -87,7 +87,8 @@ Peak RSS per process
 
 ``--write-docs [PATH]`` writes the tables, the machine, the date, the command line and the
 project's targets (met / not met, from the measured figures) to PATH (default
-docs/benchmarks.md), keeping the section ``benchmarks/scheduler.py --write-docs`` put there.
+docs/benchmarks.md), keeping the sections ``benchmarks/scheduler.py --write-docs`` and
+``benchmarks/memory.py --write-docs`` put there.
 """
 
 from __future__ import annotations
@@ -1284,18 +1285,18 @@ def parameters(args: argparse.Namespace) -> list[str]:
 # docs/benchmarks.md (and its figures as JSON, for benchmarks/scheduler.py)
 # --------------------------------------------------------------------------------------------
 
-# benchmarks/scheduler.py --write-docs keeps its own section between these lines.
+# benchmarks/scheduler.py --write-docs keeps its own section between these lines, and
+# benchmarks/memory.py its own between the same lines with its name.
 SCHEDULER_BEGIN = "<!-- benchmarks/scheduler.py: begin -->"
 SCHEDULER_END = "<!-- benchmarks/scheduler.py: end -->"
+_SECTION = re.compile(r"<!-- (benchmarks/[\w.-]+\.py): begin -->.*?<!-- \1: end -->", re.DOTALL)
 
 
 def kept_section(path: Path) -> str:
-    """The section another script wrote into ``path`` (with its markers), or ''."""
+    """The sections other scripts wrote into ``path`` (with their markers, in their order),
+    or ''."""
     with contextlib.suppress(OSError):
-        text = path.read_text()
-        start, end = text.find(SCHEDULER_BEGIN), text.find(SCHEDULER_END)
-        if 0 <= start < end:
-            return text[start:end + len(SCHEDULER_END)] + "\n"
+        return "\n".join(m[0] + "\n" for m in _SECTION.finditer(path.read_text()))
     return ""
 
 

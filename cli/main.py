@@ -2,7 +2,7 @@
 
     seed       enqueue seed URLs (arguments, --file F, or - for stdin)
     scheduler  run the frontier
-    worker     run a fetch worker (the same as ``arq crawlfleet.workers.worker.WorkerSettings``)
+    worker     run a fetch worker (crawlfleet's arq worker: JSON logs, waits for Redis)
     sink       drain results out of Redis into CRAWLFLEET_OUTPUT (parts, exactly once)
     status     counters of the crawl, --json for machines, --watch for a live view
     health     exit 0 if this worker is alive (a Kubernetes probe)

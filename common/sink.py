@@ -23,6 +23,7 @@ from .connections import as_text, is_transient, redact_url
 from .frontier import Frontier, SinkClaim, StateLost
 from .keys import Keys
 from .logs import get_logger
+from .metrics import SINK_PARTS, SINK_RESULTS, serve_metrics
 from .resultlog import part_name
 from .settings import Settings
 from .storage import StorageError, Store
@@ -90,6 +91,8 @@ class Sink:
         trimmed = await self.frontier.sink_done(crawl, claim)
         self.parts += 1
         self.results += len(claim.lines)
+        SINK_PARTS.inc()
+        SINK_RESULTS.inc(len(claim.lines))
         if self.on_lines is not None:
             for line in claim.lines:
                 self.on_lines(line)
@@ -107,6 +110,11 @@ class Sink:
     async def run(self, stop: asyncio.Event) -> None:
         """Write parts until ``stop``; Redis or storage trouble waits with a backoff and
         never loses a result (the claim stays in Redis until its part is written)."""
+        async with serve_metrics(self.settings.metrics_port, role="sink",
+                                 healthy=lambda: not stop.is_set()):
+            await self._run(stop)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
         log.info("sink_started", output=redact_url(self.store.where), owner=self.owner)
         while not stop.is_set():

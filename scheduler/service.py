@@ -22,6 +22,7 @@ import msgspec
 from arq.connections import ArqRedis
 from redis.exceptions import ResponseError
 
+from crawlfleet.common import metrics
 from crawlfleet.common.addresses import url_port
 from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedded
 from crawlfleet.common.frontier import ADMIT_CHUNK, Admission, Frontier, Limits, StateLost
@@ -67,14 +68,42 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Lead when the lock is free, stand by otherwise, until ``stop`` is set. Neither a
-        Redis outage nor a script's error ends the process: it waits and tries again."""
+        Redis outage nor a script's error ends the process: it waits and tries again.
+        With CRAWLFLEET_METRICS_PORT, leader and standbys alike serve the frontier's gauges."""
+        port = self.settings.metrics_port
+        async with metrics.serve_metrics(port, role="scheduler",
+                                         healthy=lambda: not stop.is_set()) as serving:
+            exporter = asyncio.create_task(self._export_frontier(stop)) if serving else None
+            try:
+                await self._run(stop)
+            finally:
+                if exporter is not None:
+                    exporter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await exporter
+
+    async def _export_frontier(self, stop: asyncio.Event) -> None:
+        """The status snapshot behind the frontier-wide gauges, every few seconds. A failed
+        read leaves the last one, which stops being served once it is stale."""
+        while not stop.is_set():
+            try:
+                await metrics.refresh_frontier(self.redis, self.keys)
+            except Exception as exc:  # Redis trouble, which the main loop handles and logs
+                log.debug("metrics_status_failed", error=str(exc))
+            await _sleep_or_stop(stop, metrics.STATUS_EVERY_S)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
         standby_logged = False
         while not stop.is_set():
             try:
                 if await self.acquire_lock():
                     standby_logged = False
-                    await self.lead(stop)
+                    metrics.LEADING.set(1)
+                    try:
+                        await self.lead(stop)
+                    finally:
+                        metrics.LEADING.set(0)
                 elif not standby_logged:
                     log.info("scheduler_standby", leader=as_text(
                         await self.redis.get(self.keys.scheduler_lock) or b"?"))
@@ -252,6 +281,7 @@ class Scheduler:
             self.crawl_id, max_losses=self.settings.max_worker_losses,
             claim_timeout=self.settings.lease_seconds,
         )
+        metrics.record_given_up(expired.given_up)
         if expired.leases:
             log.warning("leases_expired", hosts=expired.leases, urls=expired.requeued,
                         given_up=expired.given_up)

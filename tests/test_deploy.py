@@ -1,46 +1,81 @@
-"""Offline checks of the deployment files: Dockerfile, .dockerignore, docker-compose.yml, k8s/.
+"""Offline checks of the deployment files: Dockerfile, .dockerignore, docker-compose.yml,
+.env.example, k8s/ (the base, k8s/seed and every overlay), and the probe command they run.
 
-No Docker engine or cluster is needed. The files are parsed and checked against the code they
-deploy: setting names against ``Settings().describe()``, commands against the CLI parser, and the
-worker's stop grace period against CRAWLFLEET_SHUTDOWN_GRACE as those same files set it.
+No Docker engine or cluster is needed. Every kustomization is rendered (tests/deploy_files.py,
+compared with ``kubectl kustomize`` where kubectl is installed) and every object validated
+against the Kubernetes schemas of KUBERNETES_VERSION (kubernetes-validate, strict: unknown fields
+fail), the KEDA ScaledObject against tests/schemas/keda-scaledobject.json, docker-compose.yml
+against the Compose Specification's schema (as check-jsonschema ships it). The files are also
+checked against the code they deploy: setting names against ``Settings().describe()``, commands
+against the CLI parser, grace periods against CRAWLFLEET_SHUTDOWN_GRACE as those files set it.
+tests/integration/test_deploy_run.py runs what they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fnmatch
+import importlib
+import importlib.resources
 import json
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import tomllib
+import uuid
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
-from crawlfleet.cli.main import build_parser
+from crawlfleet.cli import health as health_command
+from crawlfleet.cli.main import build_parser, main
+from crawlfleet.common.connections import open_redis
+from crawlfleet.common.keys import Keys
 from crawlfleet.common.settings import Settings, SettingsError
+from crawlfleet.testweb.cli import build_parser as build_web_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+from . import deploy_files as files
+from .deploy_files import (
+    COMPOSE,
+    ENV_EXAMPLE,
+    K8S,
+    KUSTOMIZATIONS,
+    ROOT,
+    as_argv,
+    containers,
+    crawlfleet_containers,
+    example_secrets,
+    pod_spec,
+    rendered,
+    split_image,
+)
+
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-COMPOSE = ROOT / "docker-compose.yml"
-K8S = ROOT / "k8s"
-KUSTOMIZATION = K8S / "kustomization.yaml"
-# Manifests in k8s/ that are applied by hand and so must stay out of kustomization.yaml.
-NOT_IN_KUSTOMIZATION = {"seed-job.yaml"}
+KEDA_SCHEMA = ROOT / "tests" / "schemas" / "keda-scaledobject.json"
+# The oldest Kubernetes the manifests promise to work on; kubernetes-validate ships its schemas.
+KUBERNETES_VERSION = "1.30.0"
+IMAGE = "crawlfleet"
+DEMO_PROFILE = "demo"
 
-K8S_FILES = sorted([*K8S.glob("*.yaml"), *K8S.glob("*.yml")])
+K8S_FILES = sorted(K8S.rglob("*.yaml"))
 YAML_FILES = [COMPOSE, *K8S_FILES]
-DEPLOY_FILES = [DOCKERFILE, *YAML_FILES]
+DEPLOY_FILES = [DOCKERFILE, ENV_EXAMPLE, *YAML_FILES]
 
 ENV_NAME = re.compile(r"\bCRAWLFLEET_[A-Z0-9_]+\b")
-POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "Pod", "CronJob"}
+# Private, shared and link-local IPv4 ranges the workers' egress must leave out.
+PRIVATE_RANGES = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+                  "100.64.0.0/10"}
 
 
 def rel(path: Path) -> str:
@@ -66,6 +101,12 @@ def subcommands() -> frozenset[str]:
     raise AssertionError("crawlfleet's parser has no subcommands")
 
 
+@cache
+def project_version() -> str:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return str(pyproject["project"]["version"])
+
+
 def check_crawlfleet_argv(argv: list[str], where: str) -> None:
     """``argv`` (what follows ``crawlfleet``) must be a subcommand the CLI accepts, with arguments
     it accepts."""
@@ -73,17 +114,17 @@ def check_crawlfleet_argv(argv: list[str], where: str) -> None:
     assert argv[0] in subcommands(), (
         f"{where}: {argv[0]!r} is not a crawlfleet subcommand (have {sorted(subcommands())})"
     )
-    if argv[0] == "testweb":  # parsed by its own parser, see crawlfleet.cli.main.main
-        return
+    parser = build_web_parser() if argv[0] == "testweb" else build_parser()
     try:
-        build_parser().parse_args(argv)
+        parser.parse_args(argv[1:] if argv[0] == "testweb" else argv)
     except SystemExit as exc:
         raise AssertionError(f"{where}: `crawlfleet {shlex.join(argv)}` does not parse") from exc
 
 
 def effective_settings(env: dict[str, Any], where: str) -> Settings:
     try:
-        return Settings.from_env({k: str(v) for k, v in env.items()})
+        return Settings.from_env({k: str(v) for k, v in env.items()
+                                  if k.startswith("CRAWLFLEET_")})
     except SettingsError as exc:
         raise AssertionError(f"{where}: {exc}") from exc
 
@@ -95,25 +136,29 @@ def effective_settings(env: dict[str, Any], where: str) -> Settings:
 
 @cache
 def load_yaml(path: Path) -> tuple[Any, ...]:
-    with path.open(encoding="utf-8") as handle:
-        return tuple(doc for doc in yaml.safe_load_all(handle) if doc is not None)
+    return tuple(files.load_docs(path))
+
+
+@cache
+def render(name: str) -> tuple[dict[str, Any], ...]:
+    return tuple(rendered(name))
 
 
 @cache
 def compose() -> dict[str, Any]:
-    (doc,) = load_yaml(COMPOSE)
-    assert isinstance(doc, dict)
-    return doc
+    """docker-compose.yml as compose reads it, with .env.example as .env."""
+    return files.compose()
 
 
-def k8s_docs() -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Every document of every manifest in k8s/, seed-job.yaml included."""
-    for path in K8S_FILES:
-        if path.name == KUSTOMIZATION.name:
-            continue
-        for doc in load_yaml(path):
-            assert isinstance(doc, dict), f"{rel(path)}: a document is not a mapping"
-            yield path, doc
+def all_rendered() -> Iterator[tuple[str, dict[str, Any]]]:
+    for name in KUSTOMIZATIONS:
+        for obj in render(name):
+            yield name, obj
+
+
+def where_of(name: str, obj: dict[str, Any], container: dict[str, Any] | None = None) -> str:
+    suffix = f"/{container['name']}" if container else ""
+    return f"k8s/{name}: {obj['kind']} {obj['metadata']['name']}{suffix}"
 
 
 @cache
@@ -175,14 +220,6 @@ def dockerfile_env() -> dict[str, str]:
     return env
 
 
-def as_argv(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return shlex.split(value)
-    return [str(v) for v in value]
-
-
 def env_pairs(node: Any) -> Iterator[tuple[str, Any]]:
     """Every CRAWLFLEET_* name and value set anywhere in a parsed YAML document: mapping keys
     (compose ``environment``, ConfigMap ``data``), ``{name, value}`` items (k8s ``env``) and
@@ -206,6 +243,27 @@ def env_pairs(node: Any) -> Iterator[tuple[str, Any]]:
             yield match.group(1), match.group(2)
 
 
+# Memory units, by who reads them: Kubernetes quantities (Ki..Ti binary, k..T decimal), compose's
+# (docker's go-units: binary whatever the case, an optional b), Redis's (kb/mb/gb binary, k/m/g
+# decimal).
+UNITS = {
+    "k8s": {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+            "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12},
+    "compose": {"": 1, **{u + b: 1 << (10 * (i + 1)) for i, u in enumerate("kmgt")
+                          for b in ("", "b")}},
+    "redis": {"": 1, "k": 10**3, "kb": 1 << 10, "m": 10**6, "mb": 1 << 20, "g": 10**9,
+              "gb": 1 << 30},
+}
+
+
+def memory_bytes(quantity: Any, reader: str) -> int:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(quantity).strip())
+    assert match, f"bad memory quantity {quantity!r}"
+    unit = match.group(2).lower() if reader != "k8s" else match.group(2)
+    assert unit in UNITS[reader], f"{quantity!r} has no unit {reader} knows"
+    return int(float(match.group(1)) * UNITS[reader][unit])
+
+
 # ------------------------------------------------------------------------------------------------
 # Compose helpers
 # ------------------------------------------------------------------------------------------------
@@ -218,9 +276,7 @@ def compose_services() -> dict[str, dict[str, Any]]:
 
 
 def is_crawlfleet_image(image: str) -> bool:
-    name = image.split("@", 1)[0]
-    last = name.rsplit("/", 1)[-1]
-    return last.split(":", 1)[0] == "crawlfleet"
+    return split_image(image)[0].rsplit("/", 1)[-1] == IMAGE
 
 
 def compose_crawlfleet_argv(service: dict[str, Any]) -> list[str] | None:
@@ -235,18 +291,16 @@ def compose_crawlfleet_argv(service: dict[str, Any]) -> list[str] | None:
     return command
 
 
-def compose_env(service: dict[str, Any]) -> dict[str, Any]:
-    environment = service.get("environment") or {}
-    if isinstance(environment, list):
-        return dict(item.partition("=")[::2] for item in environment)
-    return dict(environment)
-
-
-def compose_services_running(subcommand: str) -> list[tuple[str, dict[str, Any]]]:
+def compose_services_running(subcommand: str, *, profile: str | None = None
+                             ) -> list[tuple[str, dict[str, Any]]]:
+    """Services running ``subcommand``; with ``profile`` None, those started by a plain
+    ``docker compose up`` (no profile)."""
     found = []
     for name, service in compose_services().items():
         argv = compose_crawlfleet_argv(service)
-        if argv and argv[0] == subcommand:
+        profiles = service.get("profiles") or []
+        in_profile = not profiles if profile is None else profile in profiles
+        if argv and argv[0] == subcommand and in_profile:
             found.append((name, service))
     return found
 
@@ -262,87 +316,25 @@ def duration_seconds(value: Any) -> float:
     return sum(float(number) * units[unit] for number, unit in parts)
 
 
-def redis_aof_flags(argv: list[str], where: str) -> None:
-    def flag(name: str) -> str | None:
-        for i, arg in enumerate(argv[:-1]):
-            if arg == name:
-                return argv[i + 1]
-        return None
+def flag(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv[:-1]):
+        if arg == name:
+            return argv[i + 1]
+    return None
 
+
+def check_redis_flags(argv: list[str], where: str, password: str, limit: int) -> None:
     assert argv[:1] == ["redis-server"], f"{where}: Redis must run redis-server, got {argv}"
-    assert flag("--appendonly") == "yes", f"{where}: AOF is off ({shlex.join(argv)})"
-    assert flag("--appendfsync") == "everysec", f"{where}: want --appendfsync everysec"
-
-
-# ------------------------------------------------------------------------------------------------
-# Kubernetes helpers
-# ------------------------------------------------------------------------------------------------
-
-
-def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
-    kind = doc.get("kind")
-    if kind not in POD_KINDS:
-        return None
-    if kind == "Pod":
-        return doc["spec"]
-    if kind == "CronJob":
-        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    return doc["spec"]["template"]["spec"]
-
-
-def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    return [*spec.get("initContainers", []), *spec.get("containers", [])]
-
-
-def k8s_crawlfleet_argv(container: dict[str, Any]) -> list[str] | None:
-    if not is_crawlfleet_image(str(container.get("image", ""))):
-        return None
-    command = as_argv(container.get("command"))
-    args = as_argv(container.get("args")) if "args" in container else None
-    if command:
-        assert Path(command[0]).name == "crawlfleet", f"command {command} is not crawlfleet"
-        return command[1:] + (args or [])
-    return args if args is not None else dockerfile_default_cmd()
-
-
-def k8s_workloads_running(subcommand: str) -> list[tuple[Path, dict[str, Any], dict[str, Any]]]:
-    """(file, workload, container) for every container whose crawlfleet subcommand matches."""
-    found = []
-    for path, doc in k8s_docs():
-        spec = pod_spec(doc)
-        for container in containers(spec) if spec else []:
-            argv = k8s_crawlfleet_argv(container)
-            if argv and argv[0] == subcommand:
-                found.append((path, doc, container))
-    return found
-
-
-def config_maps() -> dict[tuple[str | None, str], dict[str, Any]]:
-    return {
-        (doc["metadata"].get("namespace"), doc["metadata"]["name"]): doc.get("data") or {}
-        for _, doc in k8s_docs()
-        if doc.get("kind") == "ConfigMap"
-    }
-
-
-def k8s_container_env(doc: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
-    """The container's CRAWLFLEET_* environment as Kubernetes builds it: envFrom ConfigMaps in
-    order, then ``env`` (which wins). Literal values only."""
-    namespace = doc["metadata"].get("namespace")
-    maps = config_maps()
-    env: dict[str, Any] = {}
-    for source in container.get("envFrom", []):
-        ref = source.get("configMapRef")
-        if ref is None:
-            continue
-        key = (namespace, ref["name"])
-        assert key in maps, f"{doc['metadata']['name']}: envFrom ConfigMap {ref['name']} not found"
-        prefix = source.get("prefix", "")
-        env.update({prefix + k: v for k, v in maps[key].items()})
-    for item in container.get("env", []):
-        if "value" in item:
-            env[item["name"]] = item["value"]
-    return {k: v for k, v in env.items() if k.startswith("CRAWLFLEET_")}
+    assert flag(argv, "--appendonly") == "yes", f"{where}: AOF is off ({shlex.join(argv)})"
+    assert flag(argv, "--appendfsync") == "everysec", f"{where}: want --appendfsync everysec"
+    assert flag(argv, "--maxmemory-policy") == "noeviction", (
+        f"{where}: the frontier must never be evicted: want --maxmemory-policy noeviction")
+    assert flag(argv, "--requirepass") == password, f"{where}: --requirepass is not the password"
+    maxmemory = flag(argv, "--maxmemory")
+    assert maxmemory, f"{where}: no --maxmemory: Redis would grow into its memory limit"
+    assert memory_bytes(maxmemory, "redis") <= 0.75 * limit, (
+        f"{where}: maxmemory {maxmemory} leaves too little of the {limit} B limit for the fork "
+        "of an AOF rewrite (keep it at most 75%)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,43 +349,114 @@ def test_every_crawlfleet_variable_is_a_setting(path: Path) -> None:
     assert not unknown, f"{rel(path)} names unknown settings {unknown}"
 
 
+def test_env_example_documents_every_setting() -> None:
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
+    missing = [name for name in sorted(setting_names())
+               if not re.search(rf"^(# )?{name}=", text, re.MULTILINE)]
+    assert not missing, f".env.example does not document {missing}"
+    for name in setting_names():
+        line = re.search(rf"^(# )?{name}=.*$", text, re.MULTILINE)
+        assert line is not None
+        before = text[:line.start()].rstrip("\n").splitlines()
+        assert before and before[-1].startswith("# ") and not before[-1].startswith(
+            "# CRAWLFLEET_"), f".env.example: {name} has no comment saying what it does"
+    effective_settings(files.env_example(), ".env.example")
+
+
 @pytest.mark.parametrize("path", YAML_FILES, ids=rel)
 def test_every_crawlfleet_value_parses(path: Path) -> None:
-    for doc in load_yaml(path):
+    docs = [compose()] if path == COMPOSE else load_yaml(path)
+    password = example_secrets()["crawlfleet-redis"]["password"]
+    for doc in docs:
         for name, value in env_pairs(doc):
-            if isinstance(value, str) and "${" in value:  # compose interpolation
-                continue
+            value = files.expand_k8s(str(value), {"REDIS_PASSWORD": password})
             effective_settings({name: value}, f"{rel(path)}: {name}")
 
 
-@pytest.mark.parametrize("path", DEPLOY_FILES, ids=rel)
-def test_allow_private_is_never_enabled(path: Path) -> None:
+def allow_private_values(path: Path) -> list[Any]:
     values: list[Any] = []
-    if path.suffix in (".yml", ".yaml"):
+    if path == DOCKERFILE:
+        values += [v for n, v in dockerfile_env().items() if n == "CRAWLFLEET_ALLOW_PRIVATE"]
+    elif path == ENV_EXAMPLE:
+        values += [v for n, v in files.env_example().items() if n == "CRAWLFLEET_ALLOW_PRIVATE"]
+    else:
         values += [v for doc in load_yaml(path) for n, v in env_pairs(doc)
                    if n == "CRAWLFLEET_ALLOW_PRIVATE"]
-    else:
-        values += [v for n, v in dockerfile_env().items() if n == "CRAWLFLEET_ALLOW_PRIVATE"]
     # Also any textual assignment (comments included), whatever the syntax around it.
     text = path.read_text(encoding="utf-8")
     values += re.findall(r"CRAWLFLEET_ALLOW_PRIVATE[\"']?\s*[:=]\s*[\"']?([^\s\"'#]*)", text)
-    for value in values:
-        if isinstance(value, str) and "${" in value:
+    return values
+
+
+@pytest.mark.parametrize("path", [p for p in DEPLOY_FILES if p != COMPOSE], ids=rel)
+def test_allow_private_is_never_enabled(path: Path) -> None:
+    for value in allow_private_values(path):
+        if isinstance(value, str) and ("${" in value or "$(" in value):
             pytest.fail(f"{rel(path)}: CRAWLFLEET_ALLOW_PRIVATE must not come from the outside")
-        enabled = effective_settings(
-            {"CRAWLFLEET_ALLOW_PRIVATE": value}, rel(path)
-        ).allow_private
+        enabled = effective_settings({"CRAWLFLEET_ALLOW_PRIVATE": value}, rel(path)).allow_private
         assert not enabled, f"{rel(path)} enables CRAWLFLEET_ALLOW_PRIVATE ({value!r})"
 
 
+def test_compose_allows_private_addresses_only_to_the_demo_worker() -> None:
+    """The demo's worker crawls the test web on loopback, in the test web's own network
+    namespace; no other service, and no value from .env, may turn the guard off."""
+    assert not [v for v in allow_private_values(COMPOSE) if "${" in str(v)], (
+        "docker-compose.yml: CRAWLFLEET_ALLOW_PRIVATE must not come from .env")
+    enabled = []
+    for name, service in compose_services().items():
+        env = files.compose_service_env(service)
+        if "CRAWLFLEET_ALLOW_PRIVATE" in env and effective_settings(
+                {"CRAWLFLEET_ALLOW_PRIVATE": env["CRAWLFLEET_ALLOW_PRIVATE"]}, name).allow_private:
+            enabled.append(name)
+            assert service.get("profiles") == [DEMO_PROFILE], f"{name}: not in the demo profile"
+            assert service.get("network_mode") == "service:testweb", (
+                f"{name}: CRAWLFLEET_ALLOW_PRIVATE=1 outside the test web's network namespace")
+        elif (compose_crawlfleet_argv(service) or ["testweb"])[0] != "testweb":
+            assert env.get("CRAWLFLEET_ALLOW_PRIVATE") in ("0", "false"), (
+                f"service {name} must fix CRAWLFLEET_ALLOW_PRIVATE to 0 over .env")
+    assert enabled == ["demo-worker"], enabled
+
+
 def test_configmap_values_are_strings() -> None:
-    for path, doc in k8s_docs():
-        if doc.get("kind") == "ConfigMap":
-            for key, value in (doc.get("data") or {}).items():
+    for name, obj in all_rendered():
+        if obj["kind"] == "ConfigMap":
+            for key, value in (obj.get("data") or {}).items():
                 assert isinstance(value, str), (
-                    f"{rel(path)}: ConfigMap {doc['metadata']['name']} {key} is {value!r}, "
-                    "not a string (quote it)"
-                )
+                    f"{where_of(name, obj)} {key} is {value!r}, not a string (quote it)")
+
+
+def base_configmap() -> dict[str, str]:
+    (config,) = [o for o in render("base") if o["kind"] == "ConfigMap"]
+    return dict(config["data"])
+
+
+def test_compose_settings_match_the_configmap() -> None:
+    """.env.example (compose) and the base ConfigMap (k8s) set the same values."""
+    env = files.env_example()
+    for key, value in base_configmap().items():
+        if key == "CRAWLFLEET_ALLOW_PRIVATE":  # fixed by docker-compose.yml itself
+            continue
+        assert key in env, f".env.example does not set {key}, which the ConfigMap sets"
+        ours = effective_settings({key: env[key]}, ".env.example")
+        theirs = effective_settings({key: value}, "configmap.yaml")
+        field = key.removeprefix("CRAWLFLEET_").lower()
+        assert getattr(ours, field) == getattr(theirs, field), (
+            f"{key}: .env.example says {env[key]!r}, k8s/base/configmap.yaml {value!r}")
+
+
+def test_worker_ids_are_never_shared() -> None:
+    """A shared CRAWLFLEET_WORKER_ID gives every worker one health-check key, and lets two
+    schedulers both believe they hold the leader lock."""
+    assert "CRAWLFLEET_WORKER_ID" not in files.env_example(), ".env.example sets a worker id"
+    for name, obj in all_rendered():
+        if obj["kind"] == "ConfigMap":
+            assert "CRAWLFLEET_WORKER_ID" not in (obj.get("data") or {}), where_of(name, obj)
+    for service_name, service in compose_services().items():
+        env = files.compose_service_env(service)
+        if "CRAWLFLEET_WORKER_ID" in env:
+            assert service.get("network_mode") == "service:testweb", service_name
+            assert "deploy" not in service and "scale" not in service, (
+                f"{service_name}: a fixed worker id on a service with replicas")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,13 +481,19 @@ def test_dockerfile_runs_as_non_root() -> None:
     assert user not in ("root", "0"), f"USER {users[-1]} is root"
 
 
-def test_dockerfile_stop_signal_and_env() -> None:
+def test_dockerfile_stop_signal_env_and_output_dir() -> None:
     stage = dockerfile_final_stage()
     signals = [args for keyword, args in stage if keyword == "STOPSIGNAL"]
     assert signals and signals[-1] in ("SIGTERM", "15"), f"STOPSIGNAL is {signals}"
     env = dockerfile_env()
     assert env.get("PYTHONUNBUFFERED") == "1"
     assert env.get("CRAWLFLEET_LOG_FORMAT") == "json"
+    # A new named volume takes the ownership of the image's directory: the sink's output
+    # volume must be the crawlfleet user's, or a read-only container cannot write results.
+    user = [args for keyword, args in stage if keyword == "USER"][-1]
+    runs = " ".join(args for keyword, args in stage if keyword == "RUN")
+    assert "/data/output" in runs and f"chown {user}" in runs.replace("chown  ", "chown "), (
+        "the runtime stage must create /data/output owned by its USER")
 
 
 def dockerignore_patterns() -> list[str]:
@@ -447,8 +516,8 @@ def dockerignored(path: str) -> bool:
 
 
 def test_dockerignore_keeps_the_build_inputs_and_drops_local_state() -> None:
-    for path in (".venv/bin/python", ".git/HEAD", ".pytest_cache/README.md",
-                 "common/__pycache__/settings.cpython-311.pyc", ".mypy_cache/x"):
+    for path in (".venv/bin/python", ".git/HEAD", ".pytest_cache/README.md", ".env",
+                 ".env.example", "common/__pycache__/settings.cpython-311.pyc", ".mypy_cache/x"):
         assert dockerignored(path), f".dockerignore lets {path} into the build context"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     needed = ["pyproject.toml"]
@@ -456,8 +525,32 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_local_state() -> None:
         needed.append(pyproject["project"]["readme"])
     package_dirs = pyproject["tool"]["setuptools"]["package-dir"].values()
     needed += [f"{folder}/__init__.py" for folder in package_dirs]
+    needed += ["common/commands/admit.lua"]
     for path in needed:
         assert not dockerignored(path), f".dockerignore drops {path}, which `pip install .` needs"
+
+
+# ------------------------------------------------------------------------------------------------
+# One image everywhere
+# ------------------------------------------------------------------------------------------------
+
+
+def test_one_image_name_and_tag_everywhere() -> None:
+    expected = f"{IMAGE}:{project_version()}"
+    header = re.findall(r"^#\s+docker build -t (\S+) \.", DOCKERFILE.read_text(), re.MULTILINE)
+    assert header == [expected], f"the Dockerfile's header tags {header}, want {expected}"
+    for name, service in compose_services().items():
+        if compose_crawlfleet_argv(service) is not None:
+            assert service.get("image") == expected, f"compose {name}: image {service.get('image')}"
+    seen = set()
+    for name, obj in all_rendered():
+        for workload, container in crawlfleet_containers([obj]):
+            seen.add(name)
+            # A registry prefix is allowed (newName); the name and tag are not negotiable.
+            image, tag = split_image(container["image"])
+            assert (image.rsplit("/", 1)[-1], tag) == (IMAGE, project_version()), (
+                f"{where_of(name, workload, container)}: image {container['image']}")
+    assert seen == set(KUSTOMIZATIONS), f"kustomizations without a crawlfleet image: {seen}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,33 +558,63 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_local_state() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+@cache
+def compose_schema() -> dict[str, Any]:
+    # check-jsonschema vendors the Compose Specification's schema (compose-spec/compose-spec's
+    # schema/compose-spec.json), so no copy is kept here.
+    source = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+    schema: dict[str, Any] = json.loads(source.joinpath("compose-spec.json").read_text())
+    return schema
+
+
+def compose_errors(doc: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft202012Validator(compose_schema())
+    return [f"{e.json_path}: {e.message[:300]}" for e in validator.iter_errors(doc)]
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    assert compose_errors(files.compose_raw()) == []
+    assert compose_errors(compose()) == []  # and once interpolated with .env.example
+
+
+def test_compose_schema_check_catches_a_typo() -> None:
+    broken = json.loads(json.dumps(compose()))
+    broken["services"]["worker"]["stop_grace_perod"] = "30s"
+    assert compose_errors(broken), "the Compose schema accepted an unknown service field"
+
+
+def test_compose_needs_the_redis_password() -> None:
+    with pytest.raises(files.MissingVariable, match="REDIS_PASSWORD"):
+        files.compose({k: v for k, v in files.env_example().items() if k != "REDIS_PASSWORD"})
+
+
 def test_compose_has_no_version_key() -> None:
     assert "version" not in compose(), "the compose spec has no `version:`"
 
 
 def test_compose_commands_are_crawlfleet_subcommands() -> None:
-    checked = 0
+    checked = set()
     for name, service in compose_services().items():
         argv = compose_crawlfleet_argv(service)
         if argv is not None:
             check_crawlfleet_argv(argv, f"docker-compose.yml service {name}")
-            checked += 1
-    assert checked >= 3, "expected the scheduler, worker and seed services"
+            checked.add(argv[0])
+    assert checked >= {"scheduler", "worker", "sink", "seed", "testweb"}, checked
 
 
-def test_compose_one_scheduler() -> None:
+def test_compose_schedulers_lead_and_stand_by() -> None:
     schedulers = compose_services_running("scheduler")
-    assert len(schedulers) == 1, f"want one scheduler service, got {[n for n, _ in schedulers]}"
-    name, service = schedulers[0]
-    replicas = (service.get("deploy") or {}).get("replicas", 1)
-    assert replicas == 1, f"service {name}: scheduler replicas must be 1, got {replicas}"
+    replicas = sum((s.get("deploy") or {}).get("replicas", 1) for _, s in schedulers)
+    assert replicas >= 2, f"want a leader and a standby, got {replicas} scheduler(s)"
 
 
 def test_compose_worker_stop_grace_period_exceeds_shutdown_grace() -> None:
-    workers = compose_services_running("worker")
-    assert workers, "docker-compose.yml has no worker service"
+    workers = compose_services_running("worker") + compose_services_running(
+        "worker", profile=DEMO_PROFILE)
+    assert len(workers) == 2, "want the fleet's worker and the demo's"
     for name, service in workers:
-        grace = effective_settings(compose_env(service), f"service {name}").shutdown_grace
+        env = files.compose_service_env(service)
+        grace = effective_settings(env, f"service {name}").shutdown_grace
         assert "stop_grace_period" in service, f"service {name} has no stop_grace_period"
         period = duration_seconds(service["stop_grace_period"])
         assert period > grace, (
@@ -500,22 +623,83 @@ def test_compose_worker_stop_grace_period_exceeds_shutdown_grace() -> None:
         )
 
 
-def test_compose_redis_has_aof_volume_and_healthcheck() -> None:
+def test_compose_worker_healthcheck_runs_crawlfleet_health() -> None:
+    for name, service in compose_services_running("worker") + compose_services_running(
+            "worker", profile=DEMO_PROFILE):
+        test = as_argv(service["healthcheck"]["test"])
+        command = test[1:] if test[0] == "CMD" else shlex.split(test[1])
+        assert "crawlfleet" in command and "health" in command, f"{name}: healthcheck {test}"
+        assert not service.get("init"), (
+            f"{name}: with `init:` the worker is no longer PID 1, and its id not <hostname>-1")
+
+
+def test_compose_redis_has_aof_password_maxmemory_volume_and_healthcheck() -> None:
     redis = [(n, s) for n, s in compose_services().items()
-             if str(s.get("image", "")).split(":")[0].rsplit("/", 1)[-1] == "redis"]
+             if split_image(str(s.get("image", "")))[0].rsplit("/", 1)[-1] == "redis"]
     assert len(redis) == 1, "want one redis service"
     name, service = redis[0]
-    redis_aof_flags(as_argv(service.get("command")), f"docker-compose.yml service {name}")
+    password = files.env_example()["REDIS_PASSWORD"]
+    limit = memory_bytes(service["deploy"]["resources"]["limits"]["memory"], "compose")
+    check_redis_flags(as_argv(service.get("command")), f"compose service {name}", password, limit)
     mounts = [str(v).split(":")[1] for v in service.get("volumes", []) if isinstance(v, str)]
     assert "/data" in mounts, f"service {name}: /data (the AOF) is not on a volume"
     test = " ".join(as_argv(service.get("healthcheck", {}).get("test")))
     assert "redis-cli" in test and "ping" in test, f"service {name}: healthcheck is {test!r}"
+    assert service.get("environment", {}).get("REDISCLI_AUTH") == password, (
+        f"service {name}: the healthcheck's redis-cli needs REDISCLI_AUTH")
     for other, dependent in compose_services().items():
-        if compose_crawlfleet_argv(dependent) is not None:
+        argv = compose_crawlfleet_argv(dependent)
+        if argv is not None and argv[0] != "testweb":
             depends = dependent.get("depends_on") or {}
             assert isinstance(depends, dict), f"service {other}: depends_on needs conditions"
             condition = depends.get(name, {}).get("condition")
             assert condition == "service_healthy", f"service {other} must wait for {name} healthy"
+
+
+def test_compose_clients_use_the_password_and_the_redis_service() -> None:
+    password = files.env_example()["REDIS_PASSWORD"]
+    for name, service in compose_services().items():
+        argv = compose_crawlfleet_argv(service)
+        if argv is None or argv[0] == "testweb":
+            continue
+        url = effective_settings(files.compose_service_env(service), name).redis_url
+        parts = urlsplit(url)
+        assert (parts.hostname, parts.password) == ("redis", password), f"{name}: {url}"
+
+
+def test_compose_sink_writes_to_its_volume() -> None:
+    volumes = compose().get("volumes") or {}
+    sinks = compose_services_running("sink") + compose_services_running(
+        "sink", profile=DEMO_PROFILE)
+    assert len(sinks) == 2, "want the fleet's sink and the demo's"
+    for name, service in sinks:
+        output = effective_settings(files.compose_service_env(service), name).output
+        assert output, f"service {name}: no CRAWLFLEET_OUTPUT"
+        mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in service.get("volumes", [])}
+        assert output in mounts, f"service {name}: {output} is not a mounted volume"
+        assert mounts[output] in volumes, f"service {name}: {mounts[output]} is not a volume"
+    (seed_name, seed), = compose_services_running("seed", profile="tools")
+    assert any(str(v).startswith("output:") for v in seed.get("volumes", [])), (
+        f"service {seed_name}: export and check need the output volume")
+
+
+def test_compose_demo_crawls_the_test_web_in_its_own_namespace() -> None:
+    services = compose_services()
+    demo = {n: s for n, s in services.items() if DEMO_PROFILE in (s.get("profiles") or [])}
+    roles = {(compose_crawlfleet_argv(s) or [""])[0]: n for n, s in demo.items()}
+    assert set(roles) == {"testweb", "scheduler", "worker", "sink", "seed"}, roles
+    namespaces = {n: effective_settings(files.compose_service_env(s), n).namespace
+                  for n, s in demo.items() if n != roles["testweb"]}
+    fleet = effective_settings(files.compose_service_env(services["scheduler"]), "scheduler")
+    assert len(set(namespaces.values())) == 1 and fleet.namespace not in namespaces.values(), (
+        f"the demo needs a namespace of its own, so that the fleet's workers never take its "
+        f"jobs: {namespaces}")
+    web = build_web_parser().parse_args(as_argv(demo[roles["testweb"]]["command"])[1:])
+    worker = effective_settings(files.compose_service_env(demo[roles["worker"]]), "demo-worker")
+    assert worker.dns_nameservers == (f"127.0.0.1:{web.dns_port}",)
+    seeds = as_argv(demo[roles["seed"]]["command"])[1:]
+    assert seeds == [f"http://site{i}.test:{web.port}/" for i in range(web.hosts)], seeds
+    assert demo[roles["seed"]]["depends_on"]["testweb"]["condition"] == "service_healthy"
 
 
 def test_docker_compose_config() -> None:
@@ -528,133 +712,593 @@ def test_docker_compose_config() -> None:
         reason = (version.stderr or version.stdout).strip().splitlines() or ["no output"]
         pytest.skip(f"`docker compose` unavailable: {reason[0]}")
     result = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE), "--profile", "tools", "config", "--quiet"],
+        [docker, "compose", "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "--profile",
+         "tools", "--profile", DEMO_PROFILE, "config", "--quiet"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 0, result.stderr
 
 
 # ------------------------------------------------------------------------------------------------
-# k8s/
+# k8s/: rendering and schemas
 # ------------------------------------------------------------------------------------------------
 
 
-def test_k8s_commands_are_crawlfleet_subcommands() -> None:
-    checked = 0
-    for path, doc in k8s_docs():
-        spec = pod_spec(doc)
-        for container in containers(spec) if spec else []:
-            argv = k8s_crawlfleet_argv(container)
-            if argv is not None:
-                where = f"{rel(path)}: {doc['kind']} {doc['metadata']['name']}/{container['name']}"
-                check_crawlfleet_argv(argv, where)
-                checked += 1
-    assert checked >= 3, "expected the scheduler, worker and seed containers"
+def test_every_manifest_is_rendered_or_an_example() -> None:
+    """No file in k8s/ is forgotten: each is a kustomization, listed by one (a resource or a
+    patch), or an example applied by hand."""
+    used = set()
+    for name in KUSTOMIZATIONS:
+        directory = K8S / name
+        (spec,) = load_yaml(directory / "kustomization.yaml")
+        used.add(directory / "kustomization.yaml")
+        for entry in spec.get("resources", []):
+            path = (directory / entry).resolve()
+            assert path.exists(), f"k8s/{name}/kustomization.yaml lists missing {entry}"
+            used.add(path)
+        used |= {(directory / p["path"]).resolve() for p in spec.get("patches", []) if "path" in p}
+        for generator in spec.get("configMapGenerator", []):
+            used |= {(directory / f.rpartition("=")[2]).resolve() for f in generator["files"]}
+    directories = {(K8S / name).resolve() for name in KUSTOMIZATIONS}
+    for path in sorted(K8S.rglob("*")):
+        if not path.is_file() or path.name.endswith(".example.yaml"):
+            continue
+        # Manifests anywhere, and whatever sits in a kustomization's folder (k8s/grafana's
+        # dashboard is imported into Grafana, not applied).
+        if path.suffix in (".yaml", ".yml") or path.parent.resolve() in directories:
+            assert path.resolve() in used, f"{rel(path)} is in no kustomization"
 
 
-def test_k8s_one_scheduler_recreated() -> None:
-    schedulers = k8s_workloads_running("scheduler")
-    assert len(schedulers) == 1, "want exactly one scheduler workload"
-    path, doc, _ = schedulers[0]
-    assert doc["kind"] == "Deployment", f"{rel(path)}: the scheduler is a {doc['kind']}"
-    assert doc["spec"].get("replicas") == 1, f"{rel(path)}: scheduler replicas must be 1"
-    strategy = doc["spec"].get("strategy", {}).get("type")
-    assert strategy == "Recreate", f"{rel(path)}: a rollout must not run two schedulers"
+def test_every_kustomization_renders_with_the_features_we_render() -> None:
+    for name in KUSTOMIZATIONS:
+        kinds = {obj["kind"] for obj in render(name)}
+        assert kinds, f"k8s/{name} renders nothing"
+    assert {"Namespace", "ConfigMap", "Secret", "StatefulSet", "Service", "Deployment",
+            "PersistentVolumeClaim", "PodDisruptionBudget", "NetworkPolicy"} <= {
+        obj["kind"] for obj in render("overlays/local")}
+    assert "ScaledObject" in {obj["kind"] for obj in render("overlays/production")}
+    assert "HorizontalPodAutoscaler" in {obj["kind"] for obj in render("overlays/hpa")}
 
 
-def test_k8s_worker_grace_period_exceeds_shutdown_grace() -> None:
-    workers = k8s_workloads_running("worker")
-    assert workers, "k8s/ has no worker"
-    for path, doc, container in workers:
-        where = f"{rel(path)}: {doc['metadata']['name']}"
-        grace = effective_settings(k8s_container_env(doc, container), where).shutdown_grace
-        spec = pod_spec(doc)
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_kubectl_kustomize_renders_the_same(name: str) -> None:
+    """The renderer of tests/deploy_files.py against the real one, where it is installed."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl binary (k8s/ is rendered by tests/deploy_files.py alone)")
+    result = subprocess.run([kubectl, "kustomize", str(K8S / name)], capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+
+    def keyed(objects: Any) -> dict[tuple[str, str, str], Any]:
+        return {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): o
+                for o in objects if o}
+
+    theirs = keyed(yaml.safe_load_all(result.stdout))
+    ours = keyed(render(name))
+    assert sorted(ours) == sorted(theirs)
+    for key, obj in ours.items():
+        assert obj == theirs[key], f"k8s/{name}: {key} renders differently from kubectl"
+
+
+def k8s_validate(obj: dict[str, Any]) -> None:
+    kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+@cache
+def keda_validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(KEDA_SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_rendered_object_is_valid(name: str) -> None:
+    for obj in render(name):
+        where = where_of(name, obj)
+        if obj["apiVersion"].startswith("keda.sh/"):
+            errors = [f"{e.json_path}: {e.message}" for e in keda_validator().iter_errors(obj)]
+            assert not errors, f"{where}: {errors}"
+            continue
+        try:
+            k8s_validate(obj)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{where}: {path}: {exc.message} (Kubernetes {KUBERNETES_VERSION})")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            pytest.fail(f"{where}: {exc.message}: add its schema under tests/schemas/")
+
+
+def test_example_secrets_are_valid_placeholders() -> None:
+    examples = sorted(K8S.rglob("*.example.yaml"))
+    assert examples
+    for path in examples:
+        for doc in load_yaml(path):
+            k8s_validate(doc)
+    secrets = [*example_secrets().values(),
+               *(o.get("stringData") or {} for _, o in all_rendered() if o["kind"] == "Secret")]
+    for values in secrets:
+        assert not [o for _, o in all_rendered() if o["kind"] == "Secret" and "data" in o]
+        for key, value in values.items():
+            assert re.fullmatch(r"(change-me|local-only)[a-z-]*", value), (
+                f"{key}: {value!r} does not look like a placeholder")
+    # Every Redis password goes into a redis:// URL: it must need no escaping there.
+    for values in secrets:
+        if "password" in values:
+            assert re.fullmatch(r"[A-Za-z0-9._~-]+", values["password"]), values
+
+
+def test_the_validators_catch_mistakes() -> None:
+    (deployment,) = [o for o in render("base") if o["metadata"]["name"] == "crawlfleet-worker"
+                     and o["kind"] == "Deployment"]
+    broken = json.loads(json.dumps(deployment))
+    broken["spec"]["template"]["spec"]["terminationGracePeriod"] = 30
+    with pytest.raises(kubernetes_validate.ValidationError):
+        k8s_validate(broken)
+    (scaled,) = [o for o in render("overlays/production") if o["kind"] == "ScaledObject"]
+    for mutate in (lambda s: s["spec"].update(minReplicas=0),
+                   lambda s: s["spec"]["triggers"][0]["metadata"].pop("query"),
+                   lambda s: s["spec"]["triggers"][0]["metadata"].update(threshold=32)):
+        broken = json.loads(json.dumps(scaled))
+        mutate(broken)
+        assert list(keda_validator().iter_errors(broken)), "the KEDA schema accepted a mistake"
+
+
+def test_k8s_objects_have_kind_name_and_namespace() -> None:
+    for name, obj in all_rendered():
+        assert obj.get("apiVersion") and obj.get("kind"), f"k8s/{name}: apiVersion/kind missing"
+        metadata = obj.get("metadata") or {}
+        assert metadata.get("name"), f"k8s/{name}: {obj['kind']} has no name"
+        if obj["kind"] != "Namespace":
+            assert metadata.get("namespace") == "crawlfleet", where_of(name, obj)
+
+
+def test_secret_references_exist() -> None:
+    """Each secretKeyRef names a Secret the kustomization renders, or one made by hand from an
+    example file, with that key."""
+    for name in KUSTOMIZATIONS:
+        available = {**example_secrets(), **files.rendered_secrets(list(render(name)))}
+        for obj in render(name):
+            spec = pod_spec(obj)
+            for container in containers(spec) if spec else []:
+                for item in container.get("env", []):
+                    ref = item.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        assert ref["key"] in available.get(ref["name"], {}), (
+                            f"{where_of(name, obj, container)}: Secret {ref['name']} has no "
+                            f"{ref['key']} (neither rendered nor in a *.example.yaml)")
+
+
+# ------------------------------------------------------------------------------------------------
+# k8s/: what the objects say
+# ------------------------------------------------------------------------------------------------
+
+
+def container_env(name: str, obj: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    # k8s/seed runs in the namespace the fleet made: its ConfigMap is the base's.
+    objects = [*render(name), *(render("base") if name == "seed" else ())]
+    secrets = {**example_secrets(), **files.rendered_secrets(objects)}
+    return files.k8s_container_env(objects, obj, container,
+                                   pod_name=f"{obj['metadata']['name']}-0", secrets=secrets)
+
+
+def workloads_running(name: str, subcommand: str
+                      ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(obj, c) for obj, c in crawlfleet_containers(list(render(name)))
+            if k8s_argv(c)[0] == subcommand]
+
+
+def k8s_argv(container: dict[str, Any]) -> list[str]:
+    command = as_argv(container.get("command"))
+    args = as_argv(container.get("args")) if "args" in container else None
+    if command:
+        assert Path(command[0]).name == "crawlfleet", f"command {command} is not crawlfleet"
+        return command[1:] + (args or [])
+    return args if args is not None else dockerfile_default_cmd()
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_k8s_commands_are_crawlfleet_subcommands(name: str) -> None:
+    for obj, container in crawlfleet_containers(list(render(name))):
+        check_crawlfleet_argv(k8s_argv(container), where_of(name, obj, container))
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            command = container.get(probe, {}).get("exec", {}).get("command")
+            if command and command[0] == "crawlfleet":
+                check_crawlfleet_argv(command[1:], f"{where_of(name, obj, container)} {probe}")
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_k8s_clients_use_the_secret_password(name: str) -> None:
+    """CRAWLFLEET_REDIS_URL carries the Secret's password: $(REDIS_PASSWORD) is expanded by the
+    kubelet only from a variable defined before it."""
+    for obj, container in crawlfleet_containers(list(render(name))):
+        where = where_of(name, obj, container)
+        env = container_env(name, obj, container)
+        settings = effective_settings(env, where)
+        parts = urlsplit(settings.redis_url)
+        assert parts.password == env["REDIS_PASSWORD"], f"{where}: no password in the URL"
+        assert parts.hostname == "redis-0.redis", f"{where}: {parts.hostname}"
+
+
+def test_k8s_schedulers_lead_and_stand_by() -> None:
+    for name in KUSTOMIZATIONS:
+        if name == "seed":
+            continue
+        schedulers = workloads_running(name, "scheduler")
+        assert len(schedulers) == 1, f"k8s/{name}: want one scheduler Deployment"
+        obj, _ = schedulers[0]
+        assert obj["kind"] == "Deployment" and obj["spec"].get("replicas", 1) >= 2, (
+            f"{where_of(name, obj)}: want two replicas (one leads, one stands by)")
+
+
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def test_k8s_pods_have_their_own_worker_id(name: str) -> None:
+    for role in ("scheduler", "worker", "sink"):
+        for obj, container in workloads_running(name, role):
+            items = {i["name"]: i for i in container.get("env", [])}
+            item = items.get("CRAWLFLEET_WORKER_ID", {})
+            assert item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == \
+                "metadata.name", f"{where_of(name, obj, container)}: id from the pod's name"
+
+
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def test_k8s_worker_grace_period_and_probes(name: str) -> None:
+    workers = workloads_running(name, "worker")
+    assert len(workers) == 1, f"k8s/{name}: want one worker Deployment"
+    obj, container = workers[0]
+    where = where_of(name, obj, container)
+    settings = effective_settings(container_env(name, obj, container), where)
+    spec = pod_spec(obj)
+    assert spec is not None
+    period = spec.get("terminationGracePeriodSeconds")
+    assert period is not None and period > settings.shutdown_grace, (
+        f"{where}: terminationGracePeriodSeconds {period} must exceed "
+        f"CRAWLFLEET_SHUTDOWN_GRACE {settings.shutdown_grace:g}, or the kubelet kills workers "
+        "mid hand-back")
+    for kind in ("livenessProbe", "readinessProbe"):
+        probe = container.get(kind)
+        assert probe, f"{where}: no {kind}"
+        assert probe["exec"]["command"] == ["crawlfleet", "health"], f"{where}: {kind}"
+        # The probe gives up on Redis after DEADLINE; the kubelet must not cut it short.
+        assert probe.get("timeoutSeconds", 1) > health_command.DEADLINE, f"{where}: {kind}"
+        # A probe more often than the health key's life could only see the same key again.
+        assert probe.get("periodSeconds", 10) >= settings.health_check_interval, where
+    liveness = container["livenessProbe"]
+    patience = liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3)
+    assert patience >= 60, f"{where}: liveness restarts every worker after {patience} s of Redis"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_k8s_crawlfleet_containers_are_locked_down(name: str) -> None:
+    for obj, container in crawlfleet_containers(list(render(name))):
+        spec = pod_spec(obj)
         assert spec is not None
-        period = spec.get("terminationGracePeriodSeconds")
-        assert period is not None, f"{where}: set terminationGracePeriodSeconds"
-        assert period > grace, (
-            f"{where}: terminationGracePeriodSeconds {period} must exceed "
-            f"CRAWLFLEET_SHUTDOWN_GRACE {grace:g}, or the kubelet kills workers mid hand-back"
-        )
+        where = where_of(name, obj, container)
+        pod_security = spec.get("securityContext", {})
+        security = container.get("securityContext", {})
+        non_root = security.get("runAsNonRoot", pod_security.get("runAsNonRoot"))
+        assert non_root is True, f"{where}: runAsNonRoot is not set"
+        assert security.get("readOnlyRootFilesystem") is True, f"{where}: writable root fs"
+        assert security.get("allowPrivilegeEscalation") is False, where
+        assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        assert "/tmp" in mounts, f"{where}: read-only root needs a /tmp volume"
+        resources = container.get("resources", {})
+        assert resources.get("limits") and resources.get("requests"), f"{where}: resources"
+        assert spec.get("automountServiceAccountToken") is False, f"{where}: needs no API token"
 
 
-def test_k8s_crawlfleet_containers_are_locked_down() -> None:
-    for path, doc in k8s_docs():
-        spec = pod_spec(doc)
-        for container in containers(spec) if spec else []:
-            if k8s_crawlfleet_argv(container) is None:
-                continue
-            where = f"{rel(path)}: {doc['metadata']['name']}/{container['name']}"
-            pod_security = spec.get("securityContext", {})
-            security = container.get("securityContext", {})
-            non_root = security.get("runAsNonRoot", pod_security.get("runAsNonRoot"))
-            assert non_root is True, f"{where}: runAsNonRoot is not set"
-            assert security.get("readOnlyRootFilesystem") is True, f"{where}: writable root fs"
-            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
-            assert "/tmp" in mounts, f"{where}: read-only root needs a /tmp volume"
-            assert container.get("resources", {}).get("limits"), f"{where}: no resource limits"
-            for item in container.get("envFrom", []):
-                if "configMapRef" in item:
-                    namespace = doc["metadata"].get("namespace")
-                    assert (namespace, item["configMapRef"]["name"]) in config_maps(), where
-
-
-def test_k8s_redis_statefulset_has_aof_storage_and_probe() -> None:
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def test_k8s_redis_statefulset(name: str) -> None:
     found = []
-    for path, doc in k8s_docs():
-        spec = pod_spec(doc)
+    for obj in render(name):
+        spec = pod_spec(obj)
         for container in containers(spec) if spec else []:
-            image = str(container.get("image", "")).split(":")[0].rsplit("/", 1)[-1]
-            if image == "redis":
-                found.append((path, doc, container))
-    assert len(found) == 1, "want one Redis container"
-    path, doc, container = found[0]
-    where = f"{rel(path)}: {doc['kind']} {doc['metadata']['name']}"
-    assert doc["kind"] == "StatefulSet", f"{where}: Redis must be a StatefulSet"
-    assert doc["spec"].get("replicas") == 1, f"{where}: Redis replicas must be 1"
-    redis_aof_flags(as_argv(container.get("command")) + as_argv(container.get("args")), where)
-    claims = {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
+            if split_image(container["image"])[0].rsplit("/", 1)[-1] == "redis":
+                found.append((obj, container))
+    assert len(found) == 1, f"k8s/{name}: want one Redis container"
+    obj, container = found[0]
+    where = where_of(name, obj, container)
+    assert obj["kind"] == "StatefulSet", f"{where}: Redis must be a StatefulSet"
+    assert obj["spec"].get("replicas") == 1, f"{where}: Redis replicas must be 1"
+    env = container_env(name, obj, container)
+    argv = [files.expand_k8s(a, env) for a in
+            as_argv(container.get("command")) + as_argv(container.get("args"))]
+    secrets = {**example_secrets(), **files.rendered_secrets(list(render(name)))}
+    password = secrets["crawlfleet-redis"]["password"]
+    limit = memory_bytes(container["resources"]["limits"]["memory"], "k8s")
+    check_redis_flags(argv, where, password, limit)
+    assert env.get("REDISCLI_AUTH") == password, f"{where}: the probe's redis-cli needs it"
+    claims = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
     data = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/data"]
     assert data and data[0]["name"] in claims, f"{where}: /data is not on a PVC template"
     probe = " ".join(as_argv(container.get("readinessProbe", {}).get("exec", {}).get("command")))
     assert "redis-cli" in probe and "ping" in probe, f"{where}: readiness probe is {probe!r}"
-    service_name = doc["spec"].get("serviceName")
-    services = [d for _, d in k8s_docs() if d.get("kind") == "Service"
-                and d["metadata"]["name"] == service_name]
-    assert services, f"{where}: no Service {service_name!r}"
-    assert services[0]["spec"].get("clusterIP") == "None", f"Service {service_name} not headless"
+    services = [o for o in render(name) if o["kind"] == "Service"
+                and o["metadata"]["name"] == obj["spec"].get("serviceName")]
+    assert services and services[0]["spec"].get("clusterIP") == "None", (
+        f"{where}: no headless Service {obj['spec'].get('serviceName')!r}")
 
 
-def test_kustomization_lists_existing_files() -> None:
-    (kustomization,) = load_yaml(KUSTOMIZATION)
-    resources = kustomization.get("resources", [])
-    assert resources, "kustomization.yaml lists no resources"
-    for resource in resources:
-        assert (K8S / resource).exists(), f"kustomization.yaml lists missing {resource}"
-    listed = {Path(r).name for r in resources}
-    manifests = {p.name for p in K8S_FILES} - {KUSTOMIZATION.name}
-    assert not listed & NOT_IN_KUSTOMIZATION, "seed-job.yaml is applied by hand, not by -k"
-    forgotten = sorted(manifests - listed - NOT_IN_KUSTOMIZATION)
-    assert not forgotten, f"k8s/ manifests missing from kustomization.yaml: {forgotten}"
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def test_k8s_sink_output(name: str) -> None:
+    sinks = workloads_running(name, "sink")
+    assert len(sinks) == 1, f"k8s/{name}: want one sink Deployment"
+    obj, container = sinks[0]
+    where = where_of(name, obj, container)
+    env = container_env(name, obj, container)
+    output = effective_settings(env, where).output
+    assert output, f"{where}: no CRAWLFLEET_OUTPUT"
+    spec = pod_spec(obj)
+    assert spec is not None
+    if output.startswith("s3://"):
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env), where
+        items = {i["name"]: i for i in container["env"]}
+        assert "secretKeyRef" in items["AWS_SECRET_ACCESS_KEY"].get("valueFrom", {}), where
+        return
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    assert output in mounts, f"{where}: {output} is not a mounted volume"
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    claim = volumes[mounts[output]].get("persistentVolumeClaim", {}).get("claimName")
+    assert claim in {o["metadata"]["name"] for o in render(name)
+                     if o["kind"] == "PersistentVolumeClaim"}, f"{where}: no PVC {claim}"
+    assert obj["spec"].get("replicas", 1) == 1 and obj["spec"]["strategy"]["type"] == \
+        "Recreate", f"{where}: a ReadWriteOnce volume takes one pod, replaced, not rolled"
 
 
-def test_k8s_manifests_have_kind_name_and_namespace() -> None:
-    for path, doc in k8s_docs():
-        assert doc.get("apiVersion") and doc.get("kind"), f"{rel(path)}: apiVersion/kind missing"
-        metadata = doc.get("metadata") or {}
-        assert metadata.get("name"), f"{rel(path)}: {doc['kind']} has no name"
-        if doc["kind"] != "Namespace":
-            assert metadata.get("namespace") == "crawlfleet", (
-                f"{rel(path)}: {doc['kind']} {metadata['name']} is not in namespace crawlfleet"
-            )
+def test_production_writes_to_a_bucket_and_drops_the_volume() -> None:
+    objects = render("overlays/production")
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    ((obj, container),) = workloads_running("overlays/production", "sink")
+    output = effective_settings(container_env("overlays/production", obj, container), "").output
+    assert output and output.startswith("s3://")
 
 
-def test_kubectl_kustomize_builds() -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("no kubectl binary")
-    result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
-    assert {"Namespace", "ConfigMap", "StatefulSet", "Service", "Deployment"} <= kinds
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def test_k8s_pods_are_annotated_for_scraping(name: str) -> None:
+    port = effective_settings(base_configmap(), "configmap.yaml").metrics_port
+    assert port == 9100
+    for obj, container in crawlfleet_containers(list(render(name))):
+        if obj["kind"] != "Deployment":
+            continue
+        where = where_of(name, obj, container)
+        annotations = obj["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", where
+        assert annotations.get("prometheus.io/port") == str(port), where
+        assert annotations.get("prometheus.io/path") == "/metrics", where
+        assert {"name": "metrics", "containerPort": port} in container.get("ports", []), where
+        env = container_env(name, obj, container)
+        assert effective_settings(env, where).metrics_port == port, where
+
+
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def test_k8s_disruption_budgets(name: str) -> None:
+    objects = render(name)
+    budgets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PodDisruptionBudget"}
+    for role in ("worker", "scheduler"):
+        ((obj, _),) = workloads_running(name, role)
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        covering = [b for b in budgets.values()
+                    if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(covering) == 1, f"k8s/{name}: want one PodDisruptionBudget for the {role}s"
+    worker_budget = budgets["crawlfleet-worker"]["spec"]
+    assert worker_budget.get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
+
+
+def network_policies(name: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o["spec"] for o in render(name) if o["kind"] == "NetworkPolicy"}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def test_k8s_only_crawlfleet_pods_reach_redis(name: str) -> None:
+    objects = render(name)
+    (redis,) = [o for o in objects if o["kind"] == "StatefulSet"]
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in network_policies(name).values()
+                if selects(p["podSelector"], redis_labels)]
+    assert len(policies) == 1, f"k8s/{name}: want one NetworkPolicy for Redis"
+    (policy,) = policies
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    assert set(source) == {"podSelector"}, f"k8s/{name}: Redis open beyond this namespace's pods"
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    everyone = [*files.crawlfleet_containers(list(objects))]
+    seed_objects = render("seed")
+    for obj, _ in [*everyone, *files.crawlfleet_containers(list(seed_objects))]:
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        assert selects(source["podSelector"], labels), f"{obj['metadata']['name']}: no Redis"
+    assert not selects(source["podSelector"], {"app.kubernetes.io/part-of": "crawlfleet"}), (
+        "a pod that is merely part-of the crawlfleet app reaches Redis")
+
+
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def test_k8s_workers_reach_the_internet_but_not_the_cluster(name: str) -> None:
+    ((worker, _),) = workloads_running(name, "worker")
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in network_policies(name).values() if selects(p["podSelector"], labels)]
+    assert len(policies) == 1, f"k8s/{name}: want one NetworkPolicy for the workers"
+    (policy,) = policies
+    assert "Egress" in policy["policyTypes"]
+    blocks, dns, redis = [], [], []
+    for rule in policy["egress"]:
+        for peer in rule.get("to", []):
+            if "ipBlock" in peer:
+                blocks.append(peer["ipBlock"])
+            elif peer.get("podSelector", {}).get("matchLabels", {}).get("k8s-app") == "kube-dns":
+                dns.append(rule)
+            elif peer.get("podSelector", {}).get("matchLabels", {}).get(
+                    "app.kubernetes.io/name") == "redis":
+                redis.append(rule)
+            else:
+                pytest.fail(f"k8s/{name}: unexpected egress peer {peer}")
+    ipv4 = [b for b in blocks if b["cidr"] == "0.0.0.0/0"]
+    assert len(ipv4) == 1 and set(ipv4[0]["except"]) >= PRIVATE_RANGES, ipv4
+    for block in blocks:
+        assert block["cidr"] in ("0.0.0.0/0", "::/0"), f"k8s/{name}: egress to {block['cidr']}"
+    assert len(dns) == 1 and {(p["protocol"], p["port"]) for p in dns[0]["ports"]} == {
+        ("UDP", 53), ("TCP", 53)}
+    (dns_peer,) = dns[0]["to"]
+    assert dns_peer["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "kube-system"}
+    assert len(redis) == 1 and redis[0]["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+
+def test_k8s_worker_replicas_belong_to_whoever_scales_them() -> None:
+    for name, autoscaler in (("base", None), ("overlays/local", None),
+                             ("overlays/production", "ScaledObject"),
+                             ("overlays/hpa", "HorizontalPodAutoscaler")):
+        ((worker, _),) = workloads_running(name, "worker")
+        scalers = [o for o in render(name) if o["kind"] in (
+            "ScaledObject", "HorizontalPodAutoscaler")]
+        if autoscaler is None:
+            assert not scalers and worker["spec"].get("replicas", 0) >= 1, name
+            continue
+        (scaler,) = scalers
+        assert scaler["kind"] == autoscaler, name
+        assert scaler["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"], name
+        assert "replicas" not in worker["spec"], (
+            f"k8s/{name}: the {autoscaler} owns the workers' count; `replicas` would reset it "
+            "on every apply")
+    ((worker, _),) = workloads_running("overlays/local", "worker")
+    assert worker["spec"]["replicas"] == 1, "the local overlay runs one worker"
+
+
+def scaled_object() -> dict[str, Any]:
+    (scaled,) = [o for o in render("overlays/production") if o["kind"] == "ScaledObject"]
+    return scaled
+
+
+def test_keda_scales_to_zero_on_the_hosts_with_work() -> None:
+    spec = scaled_object()["spec"]
+    assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] > 1
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    metadata = trigger["metadata"]
+    # Any threshold above 0 would leave a crawl with few hosts left at zero workers.
+    assert float(metadata["activationThreshold"]) == 0
+    assert metadata["ignoreNullValues"] == "false", "a lost target must not scale to zero"
+    assert "fallback" in spec, "a failing query needs a fallback replica count"
+    ((obj, container),) = workloads_running("overlays/production", "worker")
+    settings = effective_settings(container_env("overlays/production", obj, container), "")
+    assert float(metadata["threshold"]) == settings.jobs_per_worker, (
+        "the threshold is hosts per worker: keep it CRAWLFLEET_JOBS_PER_WORKER")
+    # Leased + waiting + queued: with zero workers a small crawl's hosts all wait for a claim,
+    # so a query without the waiting ones would never wake the fleet.
+    assert set(re.findall(r"\bcrawlfleet_[a-z_]+\b", metadata["query"])) == {
+        "crawlfleet_hosts_with_work"}
+
+
+def test_keda_query_names_metrics_that_exist() -> None:
+    """The query's metric names are among those common/metrics.py serves."""
+    metrics = importlib.import_module("crawlfleet.common.metrics")
+    names: set[str] = set(metrics.metric_names())
+    query = scaled_object()["spec"]["triggers"][0]["metadata"]["query"]
+    missing = set(re.findall(r"\bcrawlfleet_[a-z_]+\b", query)) - names
+    assert not missing, f"the KEDA query names metrics common/metrics.py lacks: {missing}"
+
+
+def test_seed_job_reads_its_configmap() -> None:
+    objects = render("seed")
+    ((job, container),) = workloads_running("seed", "seed")
+    assert job["kind"] == "Job" and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    argv = k8s_argv(container)
+    seed_file = argv[argv.index("--file") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    directory, _, key = seed_file.rpartition("/")
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    config_name = volumes[mounts[directory]]["configMap"]["name"]
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap"
+                 and o["metadata"]["name"] == config_name]
+    assert key in config["data"], f"ConfigMap {config_name} has no {key}"
+    from crawlfleet.cli.commands import parse_seed_lines
+
+    seeds, errors = parse_seed_lines(config["data"][key].splitlines())
+    assert seeds and not errors, errors
+
+
+# ------------------------------------------------------------------------------------------------
+# `crawlfleet health`, the workers' probe
+# ------------------------------------------------------------------------------------------------
+
+
+def probe_settings(**changes: Any) -> Settings:
+    return Settings(redis_url=f"embedded://health-{uuid.uuid4().hex[:8]}", namespace="h",
+                    worker_id="pod-a", health_check_interval=10).replace(**changes)
+
+
+def write(settings: Settings, key: str, value: bytes, ttl_ms: int | None) -> None:
+    async def go() -> None:
+        redis = open_redis(settings.redis_url)
+        try:
+            if ttl_ms is None:
+                await redis.set(key, value)
+            else:
+                await redis.psetex(key, ttl_ms, value)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())
+
+
+def test_health_reads_the_workers_own_key(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = probe_settings()
+    key = Keys("h").arq_health_check("pod-a")
+    assert health_command.health(settings) == 1
+    err = capsys.readouterr().err
+    assert err == ("crawlfleet health: no health check from worker pod-a in the last 11 s "
+                   "(namespace h)\n")
+    # Another worker's key is not this one's health.
+    write(settings, Keys("h").arq_health_check("pod-b"), b"x", 11_000)
+    assert health_command.health(settings) == 1
+    write(settings, key, b"Dec-02 05:26:01 j_complete=3 j_failed=0", 11_000)
+    assert health_command.health(settings) == 0
+    assert "worker pod-a: alive (Dec-02 05:26:01 j_complete=3" in capsys.readouterr().out
+    # Same key in another namespace: not ours.
+    assert health_command.health(settings.replace(namespace="other")) == 1
+    capsys.readouterr()
+    write(settings, key, b"x", None)
+    assert health_command.health(settings) == 1
+    assert "has no expiry" in capsys.readouterr().err
+
+
+def test_health_key_is_the_one_the_worker_writes() -> None:
+    from crawlfleet.workers.worker import worker_options
+
+    for interval in (0.4, 10.0, 12.6):
+        settings = probe_settings(health_check_interval=interval)
+        options = worker_options(settings)
+        assert options["health_check_key"] == Keys("h").arq_health_check("pod-a")
+        # arq's expiry is its interval + 1 s: the window the probe reports.
+        assert options["health_check_interval"] + 1 == health_command.health_window(settings)
+
+
+def test_health_with_redis_unreachable_is_one_line_exit_1(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CRAWLFLEET_UVLOOP", "0")  # main() would install uvloop's policy here
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    code = main(["health", "--redis-url", f"redis://:pw@127.0.0.1:{port}/0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "Redis is unreachable at redis://:***@127.0.0.1" in err
+    assert "pw@" not in err
+
+
+def test_health_gives_up_on_a_silent_redis(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A Redis that accepts and never answers: the probe ends by itself, one line, exit 1."""
+    monkeypatch.setattr(health_command, "DEADLINE", 0.5)
+    monkeypatch.setenv("CRAWLFLEET_UVLOOP", "0")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshakes; nobody ever reads
+        port = silent.getsockname()[1]
+        code = main(["health", "--redis-url", f"redis://127.0.0.1:{port}/0"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "no answer within 0.5 s" in err, err

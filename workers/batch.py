@@ -29,6 +29,7 @@ import aiohttp
 import msgspec
 from redis.exceptions import RedisError
 
+from crawlfleet.common import metrics
 from crawlfleet.common.connections import retry_while_unavailable
 from crawlfleet.common.frontier import (
     ADMIT_CHUNK,
@@ -383,13 +384,15 @@ class BatchRun:
         async with self.global_slots:
             if self.halted:
                 return
-            fetched = await fetch(
-                self.session, entry.url, max_body_bytes=self.settings.max_body_bytes,
-                max_redirects=self.settings.max_redirects,
-                allow_private=self.settings.allow_private,
-                deadline=self.settings.fetch_timeout, may_follow=self._may_follow,
-                pace=self.pacer.turn, capture=exchanges,
-            )
+            with metrics.FETCH_IN_FLIGHT:
+                fetched = await fetch(
+                    self.session, entry.url, max_body_bytes=self.settings.max_body_bytes,
+                    max_redirects=self.settings.max_redirects,
+                    allow_private=self.settings.allow_private,
+                    deadline=self.settings.fetch_timeout, may_follow=self._may_follow,
+                    pace=self.pacer.turn, capture=exchanges,
+                )
+        metrics.record_fetch(fetched.elapsed_ms, len(fetched.body))
         if is_retryable(fetched.error) and self._retry_later(entry, fetched):
             if exchanges:  # archived like any response; the result waits for the last try
                 await self._archive(entry, fetched, exchanges, None)
@@ -411,6 +414,7 @@ class BatchRun:
         self._store(entry, outcome, result)
         for alias in aliases:
             self.pending.append(StoredResult(fingerprint(alias.url), ALIAS, encode(alias)))
+            metrics.record_result(PAGE, alias)  # a page unless another got it first (rare)
         self.log.info("page", url=entry.url, status=result.status, error=result.error,
                       elapsed_ms=result.elapsed_ms, bytes=result.bytes, links=result.links,
                       depth=entry.depth, redirects=len(result.redirects) or None)
@@ -438,6 +442,7 @@ class BatchRun:
             retry = msgspec.structs.replace(entry, retries=entry.retries + 1)
             self.pending.append(StoredResult(entry.fp, RETRY, encode(retry)))
             self.retried += 1
+            metrics.RETRIES.inc()
             self.log.info("retry_scheduled", url=entry.url, error=fetched.error,
                           status=fetched.status, retries=entry.retries + 1,
                           in_s=round(wait, 2))
@@ -455,6 +460,7 @@ class BatchRun:
         else:
             self.failed += 1
         self.pending.append(StoredResult(entry.fp, outcome, encode(result)))
+        metrics.record_result(outcome, result)
 
     async def _may_follow(self, target: str) -> bool:
         """Follow a redirect hop only on this host (others get their own lease and limits),

@@ -15,6 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from crawlfleet.common.metrics import POLITENESS_WAIT
+
 
 class Turn:
     """One request's turn; ``sent`` or ``done`` ends it (whichever comes first, once)."""
@@ -47,7 +49,9 @@ class Pacer:
         """Wait for this host's next allowed start and hold it until the request is sent."""
         if self.spacing <= 0:
             self._mark()  # nothing to wait for, but a later, larger spacing counts from here
+            POLITENESS_WAIT.observe(0.0)
             return Turn(None)
+        asked = time.monotonic()
         await self._lock.acquire()
         # A loop: the spacing may be raised (robots.txt Crawl-delay) while this turn waits.
         while self._last_sent_mono is not None:
@@ -55,6 +59,8 @@ class Pacer:
             if wait <= 0:
                 break
             await asyncio.sleep(wait)
+        # The lock included: a turn queued behind the host's other requests waited for them.
+        POLITENESS_WAIT.observe(time.monotonic() - asked)
         return Turn(self)
 
     def set_spacing(self, spacing: float) -> None:

@@ -5,7 +5,8 @@ pointed at ``CRAWLFLEET_DNS_NAMESERVERS``, and ONE ``asyncio.Semaphore`` boundin
 across all jobs. Per job: at most ``CRAWLFLEET_PER_HOST_CONCURRENCY`` fetches at once, which, with
 one batch per host at a time, is the limit for the whole fleet.
 
-``crawlfleet worker`` runs this; so does ``arq crawlfleet.workers.worker.WorkerSettings``.
+``crawlfleet worker`` runs this. ``arq crawlfleet.workers.worker.WorkerSettings`` runs the same
+job as arq's plain Worker: arq's plain-text logs, and no waiting out a missing Redis.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from crawlfleet.common.messages import (
     job_deserializer,
     job_serializer,
 )
+from crawlfleet.common.metrics import serve_metrics
 from crawlfleet.common.settings import Settings, SettingsError
 
 from .batch import BatchRun, lease_size
@@ -134,6 +136,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         # Closed before the session (the stack unwinds backwards), after arq has stopped the
         # jobs: the last file is renamed from .open, and uploaded for an s3:// output.
         ctx["resources"].push_async_callback(warc.close)
+    # /healthz turns 503 once the worker stops taking jobs (SIGTERM's grace); closed first.
+    await ctx["resources"].enter_async_context(serve_metrics(
+        settings.metrics_port, role="worker", healthy=ctx.get("taking_jobs")))
     log.info("worker_started", worker_id=settings.worker_id, max_in_flight=settings.max_in_flight,
              nameservers=list(settings.dns_nameservers) or "system",
              warc=str(warc.series.directory) if warc is not None else None)
@@ -239,6 +244,7 @@ class CrawlWorker(Worker):
         # there, long before _poll_iteration could ride the outage out. Wait for it first, as
         # the scheduler does; meanwhile no health check is written, so the worker shows as not
         # ready. A Redis that refuses us (a wrong password) raises RedisProblem instead.
+        self.ctx["taking_jobs"] = lambda: self.allow_pick_jobs  # for /healthz
         while True:
             await wait_for_redis(self.pool, self.redis_url, role="worker")
             try:

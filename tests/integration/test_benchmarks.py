@@ -6,11 +6,13 @@ redis-server on a free loopback port and stop every process they start.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -19,6 +21,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 SCHEDULER = ROOT / "benchmarks" / "scheduler.py"
+MEMORY = ROOT / "benchmarks" / "memory.py"
 ROWS = ("fetch floor", "fetch+parse floor", "naive", "embedded", "fleet of 1", "fleet of 2")
 KEPT = ("<!-- benchmarks/scheduler.py: begin -->\nkept section\n"
         "<!-- benchmarks/scheduler.py: end -->")
@@ -74,3 +77,53 @@ def test_scheduler_runs_small(tmp_path: Path) -> None:
     text = docs.read_text()
     assert "<!-- benchmarks/scheduler.py: begin -->" in text
     assert "(c) seen set" in text
+
+
+def load_script(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+# The memory table's rows (text; the docs' have Markdown marks around the same words).
+MEMORY_ROWS = ("Redis in all (used_memory growth)", "without connections' buffers",
+               "in keys (MEMORY USAGE",
+               "· seen buckets {ns}:seen:*", "· results log {ns}:results:log",
+               "· per-host keys {ns}:h:*", "· host hashes/zsets", "· robots cache",
+               "· everything else", "client connections' buffers", "the rest (key table",
+               "peak during the crawl", "part files in the output")
+
+
+def test_memory_runs_on_a_tiny_crawl(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"# Benchmarks\n\nthroughput's tables\n\n{KEPT}\n")
+    done = run(MEMORY, "--hosts", "2", "--pages", "20", "--repeat", "1",
+               "--write-docs", str(docs), timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    out = done.stdout
+    for label in MEMORY_ROWS:  # both configurations' figures, or "-" where none
+        assert re.search(rf"^{re.escape(label)}.*?\s(-|-?[\d,]+\.\d)\s+-?[\d,]+\.\d",
+                         out, re.MULTILINE), label
+    assert "Redis ≤ 32 B per seen URL at the end of a crawl, with an output:" in out
+    assert "the results cost Redis nothing once drained" in out
+    assert "crawlfleet check exited 0" in out
+
+    memory = load_script(MEMORY)
+    text = docs.read_text()
+    assert "throughput's tables" in text and KEPT in text  # the rest of the file stays
+    assert text.count(memory.BEGIN) == 1 and text.count(memory.END) == 1
+    section = text[text.index(memory.BEGIN):text.index(memory.END)]
+    assert "| B per seen URL | no output | output + sink | floor / target |" in section
+    assert re.search(r"^\| \*\*Redis in all\*\* \(used_memory growth\) \| [\d,.-]+ \| "
+                     r"[\d,.-]+ \| target ≤ 32", section, re.MULTILINE)
+    assert "| · seen buckets `{ns}:seen:*` |" in section
+    assert "* machine: nproc" in section and "* date: " in section
+    # Written again, the section is replaced, and throughput.py --write-docs keeps it.
+    memory.write_docs(docs, f"{memory.BEGIN}\nnew figures\n{memory.END}")
+    text = docs.read_text()
+    assert "new figures" in text and "| B per seen URL |" not in text and KEPT in text
+    kept = load_script(THROUGHPUT).kept_section(docs)
+    assert KEPT in kept and f"{memory.BEGIN}\nnew figures\n{memory.END}" in kept
