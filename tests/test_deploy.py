@@ -1302,3 +1302,16 @@ def test_health_gives_up_on_a_silent_redis(monkeypatch: pytest.MonkeyPatch,
         code = main(["health", "--redis-url", f"redis://127.0.0.1:{port}/0"])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "no answer within 0.5 s" in err, err
+
+
+@pytest.mark.parametrize("component", ["scheduler", "sink"])
+def test_scheduler_and_sink_are_ready_on_their_healthz(component: str) -> None:
+    """Their readiness probe asks /healthz on the port the ConfigMap's CRAWLFLEET_METRICS_PORT
+    makes them serve (common/metrics.py)."""
+    ((obj, container),) = workloads_running("base", component)
+    probe = container["readinessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    settings = effective_settings(container_env("base", obj, container), "")
+    assert probe["path"] == "/healthz"
+    assert ports[probe["port"]] == settings.metrics_port > 0
+    assert "livenessProbe" not in container  # a Redis outage must not restart it

@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -359,6 +360,7 @@ def test_the_deployment_files_crawl_end_to_end(tmp_path: Path, procs: Processes)
     wait_for(lambda: redis_ping(k_port, k_password), timeout=10, what="the k8s redis")
 
     k8s_probes: dict[str, tuple[list[str], dict[str, str]]] = {}
+    http_probes: dict[str, tuple[str, int]] = {}  # pod -> (path, port)
     k_sink_env: dict[str, str] = {}
     for obj, container in crawlfleet_containers(objects):
         replicas = min(obj["spec"].get("replicas", 1), MAX_REPLICAS)
@@ -371,6 +373,10 @@ def test_the_deployment_files_crawl_end_to_end(tmp_path: Path, procs: Processes)
             if argv[0] == "worker":
                 for kind in ("readinessProbe", "livenessProbe"):
                     k8s_probes[f"k8s-{pod} {kind}"] = (container[kind]["exec"]["command"], env)
+            if "httpGet" in container.get("readinessProbe", {}):
+                # The kubelet's GET, on the free port this process was given for its metrics.
+                http_probes[f"k8s-{pod}"] = (container["readinessProbe"]["httpGet"]["path"],
+                                            int(env["CRAWLFLEET_METRICS_PORT"]))
             if argv[0] == "sink":
                 k_sink_env = env
     ((job, seed_container),) = list(crawlfleet_containers(seed_objects))
@@ -426,6 +432,11 @@ def test_the_deployment_files_crawl_end_to_end(tmp_path: Path, procs: Processes)
                 commands[name] = (command[1:], env)
         return commands
 
+    assert {name.split("-")[2] for name in http_probes} >= {"scheduler", "sink"}, http_probes
+    for name, (path, port) in http_probes.items():
+        wait_for(lambda p=path, n=port: http_ok(n, p), timeout=30,
+                 what=f"{name}'s readiness probe (GET {path})")
+
     checks = {f"check {c.name}": ([CRAWLFLEET, "check"], c.tools_env) for c in crawls}
     for name, done in run_all({**checks, **worker_probes()}).items():
         if name in checks:
@@ -443,3 +454,12 @@ def test_the_deployment_files_crawl_end_to_end(tmp_path: Path, procs: Processes)
     rest = [n for n in procs.running if not n.endswith("redis") and n != "testweb"]
     for name, code in procs.stop(*rest).items():
         assert code == 0, f"{name} exited with {code} on SIGTERM: {procs.log(name)}"
+
+
+def http_ok(port: int, path: str) -> bool:
+    """GET http://127.0.0.1:port/path answers 200, as the kubelet's httpGet probe asks."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
