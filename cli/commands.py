@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -223,10 +223,12 @@ def seed(settings: Settings, urls: list[str], file: str | None) -> int:
     return 1 if errors else 0
 
 
-def scheduler(settings: Settings) -> int:
-    from crawlfleet.scheduler.service import Scheduler
-
-    configure_logging(settings.log_format, settings.log_level, role="scheduler")
+def run_role(settings: Settings, role: str,
+             work: Callable[[Any, asyncio.Event], Awaitable[None]]) -> int:
+    """A long-running fleet role until SIGTERM/SIGINT. Started before its Redis, it waits for
+    it (redis_unavailable, with backoff); a Redis that refuses us (a wrong password) ends the
+    process with one line instead."""
+    configure_logging(settings.log_format, settings.log_level, role=role)
 
     async def go() -> None:
         stop = asyncio.Event()
@@ -235,15 +237,20 @@ def scheduler(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         redis = open_redis(settings.redis_url)
         try:
-            # Started before its Redis: wait for it (redis_unavailable, with backoff); a Redis
-            # that refuses us (a wrong password) ends the process with one line instead.
-            if await wait_for_redis(redis, settings.redis_url, stop=stop, role="scheduler"):
-                await Scheduler(settings, redis).run(stop)
+            if await wait_for_redis(redis, settings.redis_url, stop=stop, role=role):
+                await work(redis, stop)
         finally:
             await redis.aclose()
 
     run_on_redis(settings, go)
     return 0
+
+
+def scheduler(settings: Settings) -> int:
+    from crawlfleet.scheduler.service import Scheduler
+
+    return run_role(settings, "scheduler",
+                    lambda redis, stop: Scheduler(settings, redis).run(stop))
 
 
 def sink(settings: Settings) -> int:
@@ -254,23 +261,8 @@ def sink(settings: Settings) -> int:
     if not settings.output:
         raise UsageError("CRAWLFLEET_OUTPUT is not set: a sink needs somewhere to write "
                          "(a directory or s3://bucket/prefix)")
-    configure_logging(settings.log_format, settings.log_level, role="sink")
     store = open_store(settings.output)
-
-    async def go() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        redis = open_redis(settings.redis_url)
-        try:
-            if await wait_for_redis(redis, settings.redis_url, stop=stop, role="sink"):
-                await Sink(settings, redis, store).run(stop)
-        finally:
-            await redis.aclose()
-
-    run_on_redis(settings, go)
-    return 0
+    return run_role(settings, "sink", lambda redis, stop: Sink(settings, redis, store).run(stop))
 
 
 def purge(settings: Settings, *, yes: bool) -> int:

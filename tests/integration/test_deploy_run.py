@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from .. import deploy_files as files
-from ..conftest import CRAWLFLEET, free_port, wait_for
+from ..conftest import CRAWLFLEET, WebUnderTest, free_port, wait_for
 from ..deploy_files import as_argv, crawlfleet_containers, pod_spec
 
 pytestmark = pytest.mark.integration
@@ -52,33 +52,15 @@ BIN = str(Path(sys.executable).parent)
 MAX_REPLICAS = 2
 
 
-@dataclass
-class Web:
-    argv: list[str]  # the compose testweb service's command, ports rewritten
-    info: dict[str, Any]
-    process: subprocess.Popen[bytes]
-
-    @property
-    def port(self) -> int:
-        return int(self.info["http_port"])
-
-    @property
-    def dns(self) -> str:
-        return str(self.info["dns"])
-
-    @property
-    def seeds(self) -> list[str]:
-        return list(self.info["seeds"])
-
-    def reachable(self) -> list[str]:
-        args = list(self.argv[1:])
-        for flag in ("--port", "--dns-port"):  # --print-reachable takes the real --port only
-            if flag in args:
-                i = args.index(flag)
-                del args[i:i + 2]
-        out = subprocess.run([CRAWLFLEET, "testweb", *args, "--print-reachable", "--port",
-                              str(self.port)], check=True, capture_output=True, text=True).stdout
-        return sorted(line for line in out.splitlines() if line)
+def web_args(argv: list[str]) -> list[str]:
+    """The compose testweb command's own arguments without its ports: what ``--print-reachable``
+    needs beside the real ``--port`` (WebUnderTest.reachable)."""
+    args = list(argv[1:])
+    for flag in ("--port", "--dns-port"):
+        if flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+    return args
 
 
 @dataclass
@@ -152,7 +134,7 @@ def run_all(commands: dict[str, tuple[list[str], dict[str, str]]], timeout: floa
 @dataclass
 class Local:
     redis_port: int
-    web: Web
+    web: WebUnderTest
     mounts: dict[str, Path]  # container path -> directory here
 
     def path(self, value: str) -> str:
@@ -222,7 +204,7 @@ def redis_ping(port: int, password: str) -> bool:
         return False
 
 
-def start_web(compose: dict[str, Any], logdir: Path) -> Web:
+def start_web(compose: dict[str, Any], logdir: Path) -> WebUnderTest:
     service = compose["services"]["testweb"]
     argv = as_argv(service["command"])
     for flag in ("--port", "--dns-port"):
@@ -235,7 +217,7 @@ def start_web(compose: dict[str, Any], logdir: Path) -> Web:
     if not line:
         process.kill()
         pytest.fail("the test web did not start")
-    return Web(argv, json.loads(line), process)
+    return WebUnderTest(json.loads(line), process, web_args(argv))
 
 
 # --------------------------------------------------------------------------------------------------
