@@ -126,8 +126,8 @@ from redis.asyncio import Redis
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.stats import read_status
-from crawlfleet.workers.batch import PACING_MARGIN
 from crawlfleet.workers.pacing import Pacer
+from crawlfleet.workers.page import PACING_MARGIN
 from crawlfleet.workers.parse import BodyError, is_html, parse_page
 from crawlfleet.workers.worker import worker_session
 

@@ -33,15 +33,12 @@ from dnslib.server import BaseResolver, DNSServer
 from crawlfleet.common.messages import QueuedURL
 from crawlfleet.common.settings import Settings
 from crawlfleet.testweb.dns import DnsServer
-from crawlfleet.workers.fetch import (
+from crawlfleet.workers.fetch import CrawlerFault, Fetched, classify_error, fetch
+from crawlfleet.workers.guard import (
     BlockedAddressError,
-    CrawlerFault,
-    Fetched,
     GuardedResolver,
     PrivateAddressError,
     blocked_rule,
-    classify_error,
-    fetch,
     is_private_address,
     literal_private_host,
 )

@@ -48,7 +48,8 @@ from crawlfleet.common.metrics import serve_metrics
 from crawlfleet.common.settings import Settings, SettingsError
 
 from .batch import BatchRun, lease_size
-from .fetch import GuardedResolver, HostCookieJar, SessionGuard, guard_session
+from .fetch import HostCookieJar
+from .guard import GuardedResolver, SessionGuard, guard_session
 from .links import LinkFilter
 from .pacing import pacing_trace
 from .robots import RobotsCache
