@@ -34,7 +34,7 @@ from crawlfleet.workers.worker import make_worker
 
 from . import state
 from .commands import UsageError, enqueue_seeds, parse_seed_lines, run_on_redis
-from .outfile import ResultsFile
+from .outfile import ResultsFile, file_key
 from .progress import ProgressDisplay, summary_table
 from .tally import Tally
 
@@ -110,8 +110,8 @@ async def _open(settings: Settings, redis: Any, keys: Keys, out: str | None, *, 
     replaced (``--fresh`` replaces the file this crawl wrote before)."""
     if fresh:
         # This crawl's own --out file is its to replace when it starts over.
-        field = out if out in (None, "-") else _realpath(out)
-        overwrite = overwrite or bool(field and await redis.hexists(keys.out_files, field))
+        overwrite = overwrite or bool(
+            out is not None and await redis.hexists(keys.out_files, file_key(out)))
         await _delete_namespace(redis, keys)
         if state_file is not None:
             state.remove(state_file)
@@ -228,10 +228,6 @@ async def _delete_namespace(redis: Any, keys: Keys) -> None:
                 await redis.unlink(*found)
             if cursor == 0:
                 break
-
-
-def _realpath(path: str) -> str:
-    return os.path.realpath(path)
 
 
 def format_summary(s: dict[str, Any], settings: Settings, workers: int, out: str) -> str:

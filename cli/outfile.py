@@ -17,10 +17,16 @@ from typing import IO, Any
 
 from crawlfleet.common.connections import as_text
 from crawlfleet.common.keys import Keys
+from crawlfleet.common.resultlog import log_page
 
 from .commands import UsageError
 
 APPEND_PAGE = 5000
+
+
+def file_key(path: str) -> str:
+    """The field of ``{ns}:out:files`` that records how far the file ``path`` got."""
+    return "-" if path == "-" else os.path.realpath(path)
 
 
 class ResultsFile:
@@ -34,7 +40,7 @@ class ResultsFile:
         self.after: str | None = None  # the last log id in the file
         self.written = 0  # results written by this run
         self.resumed_at = 0  # results already in the file when this run began
-        self.field = "-" if path == "-" else os.path.realpath(path)
+        self.field = file_key(path)
 
     async def open(self, *, overwrite: bool) -> None:
         """Pick up where a previous run of this crawl left the file, or start it; refuse to
@@ -54,18 +60,16 @@ class ResultsFile:
         assert self.handle is not None
         appended = 0
         while True:
-            start = "-" if self.after is None else "(" + self.after
-            entries = await self.redis.xrange(self.keys.results, min=start, max="+",
-                                              count=APPEND_PAGE)
+            entries = await log_page(self.redis, self.keys, after=self.after,
+                                     count=APPEND_PAGE)
             if not entries:
                 return appended
             chunk = []
-            for _, fields in entries:
-                data = fields.get(b"r") or b""
+            for _, _, data in entries:
                 chunk.append(data + b"\n")
                 if self.on_line is not None:
                     self.on_line(data)
-            last = as_text(entries[-1][0])
+            last = entries[-1][0]
             _append(self.handle, b"".join(chunk), durable=self.path != "-")
             if self.path != "-":
                 await self.redis.hset(self.keys.out_files, self.field,

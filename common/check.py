@@ -42,7 +42,6 @@ from .snapshot import (
     PAGE,
     Malformed,
     Snapshot,
-    classify_result,
     collect,
     entry_fp,
     parse_host_key,
@@ -51,7 +50,7 @@ from .snapshot import (
 from .stats import COUNTERS, DISCARDS
 from .storage import Store
 
-__all__ = ["PAGE", "Malformed", "Problem", "Snapshot", "check", "classify_result", "collect",
+__all__ = ["PAGE", "Malformed", "Problem", "Snapshot", "check", "collect",
            "compare", "entry_fp", "format_report", "parse_host_key", "report"]
 
 # Counters that must hold an integer (``finished_at`` is a float time and is not checked).

@@ -197,9 +197,9 @@ FRONTIER = FrontierGauges()
 
 
 async def refresh_frontier(redis: Any, keys: Keys) -> None:
-    """Read the status (one transaction) and the hosts queued into ``FRONTIER``."""
+    """Read the status (one transaction, the hosts queued in it) into ``FRONTIER``."""
     status = await read_status(redis, keys)
-    FRONTIER.update(status, int(await redis.zcard(keys.ready)))
+    FRONTIER.update(status, status["hosts_ready"])
 
 
 ROLES: dict[str, tuple[Collector, ...]] = {

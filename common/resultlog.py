@@ -62,20 +62,31 @@ class Stored:
     where: str
 
 
+async def log_page(redis: Any, keys: Keys, *, after: str | None = None,
+                   count: int = PAGE) -> list[tuple[str, str | None, bytes]]:
+    """Up to ``count`` (entry id, fp, result JSON) of the results log after entry ``after``
+    (from the start when None), oldest first."""
+    entries = await redis.xrange(keys.results, min="-" if after is None else "(" + after,
+                                 max="+", count=count)
+    page = []
+    for entry_id_raw, fields in entries:
+        fp = fields.get(b"f", fields.get("f"))
+        data = fields.get(b"r", fields.get("r")) or b""
+        page.append((as_text(entry_id_raw), as_text(fp) if fp is not None else None,
+                     data if isinstance(data, bytes) else data.encode()))
+    return page
+
+
 async def log_entries(redis: Any, keys: Keys, *, after: str | None = None,
                       page: int = PAGE) -> AsyncIterator[tuple[str, str | None, bytes]]:
     """(entry id, fp, result JSON) of the results log, oldest first, a page at a time."""
-    start = "-" if after is None else "(" + after
     while True:
-        entries = await redis.xrange(keys.results, min=start, max="+", count=page)
-        for entry_id_raw, fields in entries:
-            fp = fields.get(b"f", fields.get("f"))
-            data = fields.get(b"r", fields.get("r")) or b""
-            yield (as_text(entry_id_raw), as_text(fp) if fp is not None else None,
-                   data if isinstance(data, bytes) else data.encode())
+        entries = await log_page(redis, keys, after=after, count=page)
+        for entry in entries:
+            yield entry
         if len(entries) < page:
             return
-        start = "(" + as_text(entries[-1][0])
+        after = entries[-1][0]
 
 
 async def list_parts(store: Store, namespace: str, crawl_id: str) -> list[str]:

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .connections import as_text, is_transient, redact_url
+from .connections import is_transient, redact_url
 from .frontier import Frontier, SinkClaim, StateLost
 from .keys import Keys
 from .logs import get_logger
 from .metrics import SINK_PARTS, SINK_RESULTS, serve_metrics
-from .resultlog import part_name
+from .resultlog import current_crawl, part_name
 from .settings import Settings
 from .storage import StorageError, Store
 
@@ -55,8 +55,7 @@ class Sink:
     async def _crawl(self) -> str:
         """The current crawl's id ('' while no crawl has opened), and the output recorded for
         ``export`` and ``check`` to find."""
-        raw = await self.redis.hget(self.keys.crawl, "id")
-        self.crawl_id = as_text(raw) if raw else ""
+        self.crawl_id = await current_crawl(self.redis, self.keys)
         if self.crawl_id:
             await self.redis.set(self.keys.output, self.settings.output or self.store.where)
         return self.crawl_id

@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 
 from .keys import HOST_KINDS, HOST_PREFIX, Keys
 from .messages import decode_entry, decode_result
-from .resultlog import iter_results
+from .resultlog import current_crawl, iter_results
 from .storage import Store
 from .urls import fingerprint
 
@@ -94,10 +94,6 @@ def read_result(data: bytes | str) -> tuple[str, str, bool]:
     return outcome, result.url, result.dead
 
 
-def classify_result(data: bytes | str) -> str:
-    """``pages``, ``skipped`` or ``failed`` for a PageResult; raises ValueError if unreadable."""
-    return read_result(data)[0]
-
 
 def entry_fp(data: bytes | str) -> str:
     """The fp of a queue/lease entry (QueuedURL, read by name); ValueError if unreadable, by
@@ -168,8 +164,7 @@ async def collect(redis: Any, keys: Keys, *, page: int = PAGE,
     async def read_results() -> None:
         # The log and, with an output, the parts a sink wrote: each result once, by the same
         # reader as export, so a duplicate here is one in what the user gets.
-        crawl_id = _text(await redis.hget(keys.crawl, "id") or b"")
-        async for stored in iter_results(redis, keys, store, crawl_id):
+        async for stored in iter_results(redis, keys, store, await current_crawl(redis, keys)):
             try:
                 outcome, url, dead = read_result(stored.data)
             except ValueError as exc:

@@ -34,11 +34,12 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
         pipe.xlen(keys.events)
         pipe.hgetall(keys.rate)
         pipe.zcard(keys.waiting)
+        pipe.zcard(keys.ready)
         pipe.xlen(keys.results)
         pipe.xlen(keys.quarantine)
         pipe.hgetall(keys.crawl)
-        (redis_time, stats_raw, leased, backlog, rate_raw, waiting, results_held, quarantine,
-         marker_raw) = await pipe.execute()
+        (redis_time, stats_raw, leased, backlog, rate_raw, waiting, ready, results_held,
+         quarantine, marker_raw) = await pipe.execute()
     if now is None:
         seconds, micros = redis_time
         now = int(seconds) + int(micros) / 1e6
@@ -55,6 +56,7 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
     status["quarantine_entries"] = int(quarantine)  # everything set aside (URLs and others)
     status["hosts_leased"] = int(leased)
     status["batches_waiting"] = int(waiting)
+    status["hosts_ready"] = int(ready)  # hosts with URLs queued and no turn out
     status["events_unread"] = int(backlog)
     for name in ("leases_expired", "batches_unclaimed", "retries", "quarantined_events",
                  "quarantined_other"):

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from .. import deploy_files as files
-from ..conftest import CRAWLFLEET, WebUnderTest, free_port, wait_for
+from ..conftest import CRAWLFLEET, WebUnderTest, free_port, start_testweb, wait_for
 from ..deploy_files import as_argv, crawlfleet_containers, pod_spec
 
 pytestmark = pytest.mark.integration
@@ -204,20 +204,11 @@ def redis_ping(port: int, password: str) -> bool:
         return False
 
 
-def start_web(compose: dict[str, Any], logdir: Path) -> WebUnderTest:
-    service = compose["services"]["testweb"]
-    argv = as_argv(service["command"])
-    for flag in ("--port", "--dns-port"):
-        argv[argv.index(flag) + 1] = "0"
-    assert "--bind" not in argv  # its default, 127.0.0.1
-    process = subprocess.Popen([CRAWLFLEET, *argv], stdout=subprocess.PIPE,
-                               stderr=open(logdir / "testweb.log", "ab"))  # noqa: SIM115
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line:
-        process.kill()
-        pytest.fail("the test web did not start")
-    return WebUnderTest(json.loads(line), process, web_args(argv))
+def start_web(compose: dict[str, Any]) -> WebUnderTest:
+    """The compose testweb service's command, on free ports (conftest's start_testweb)."""
+    argv = as_argv(compose["services"]["testweb"]["command"])
+    assert argv[0] == "testweb" and "--bind" not in argv  # its default, 127.0.0.1
+    return start_testweb(*web_args(argv))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,7 +269,7 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
 def test_the_deployment_files_crawl_end_to_end(tmp_path: Path, procs: Processes) -> None:
     compose = files.compose()  # .env.example as .env
     services = compose["services"]
-    web = start_web(compose, procs.logdir)
+    web = start_web(compose)
     procs.running["testweb"] = web.process
     expected = web.reachable()
     seeds_text = "\n".join(web.seeds) + "\n"
