@@ -137,10 +137,22 @@ function Counters:fix()
   end
   self.bad = {}
 end
+-- One HSET of the new values (read by counters(), and nothing else writes K.stats inside a
+-- command) instead of one HINCRBY per counter: fewer commands per call for the same result.
 function Counters:apply()
+  local fields = {}
   for name, n in pairs(self.delta) do
-    if n ~= 0 then redis.call('HINCRBY', K.stats, name, n) end
+    if n ~= 0 then
+      local v = self.value[name]
+      if v then
+        fields[#fields + 1] = name
+        fields[#fields + 1] = string.format('%.0f', v + n)
+      else
+        redis.call('HINCRBY', K.stats, name, n)  -- a name counters() was not given
+      end
+    end
   end
+  if #fields > 0 then redis.call('HSET', K.stats, unpack(fields)) end
 end
 
 -- Taking URLs from a host queue into its lease (dispatch.lua, progress.lua): take_plan reads and

@@ -73,13 +73,24 @@ end
 c:fix()
 local stored, finished = 0, 0
 if held then
+  -- One HMGET and one HDEL for the call's results, not one HDEL each.
+  local in_lease, leaving = {}, {}
   if n_results > 0 then
     local fps = {}
     for i = first_result, first_admit - 1, 3 do fps[#fps + 1] = ARGV[i] end
     redis.call('SREM', fetching, unpack(fps))  -- no longer in flight
+    local entries = redis.call('HMGET', lease, unpack(fps))
+    for j, fp in ipairs(fps) do
+      if entries[j] then in_lease[fp] = true end
+    end
   end
   for i = first_result, first_admit - 1, 3 do
     local fp, outcome, data = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local leaves = outcome ~= 'a' and in_lease[fp]
+    if leaves then
+      in_lease[fp] = nil  -- a fp reported twice in one call leaves once
+      leaving[#leaving + 1] = fp
+    end
     if outcome == 'a' then
       -- New to the crawl, it is done already; known, it is left to its own fetch.
       if alias_ok[i] and seen('SADD', fp) == 1 then
@@ -89,7 +100,7 @@ if held then
         stored = stored + 1
         finished = finished + 1
       end
-    elseif redis.call('HDEL', lease, fp) == 1 then
+    elseif leaves then
       c:add('in_flight', -1)
       if outcome == 'r' then
         redis.call('RPUSH', q, data)
@@ -108,6 +119,7 @@ if held then
       end
     end
   end
+  if #leaving > 0 then redis.call('HDEL', lease, unpack(leaving)) end
   if n_marks > 0 and not final then
     redis.call('SADD', fetching, unpack(ARGV, 17, first_result - 1))
   end
