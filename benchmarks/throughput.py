@@ -2,9 +2,10 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/throughput.py [--shape many|one|both] [--repeat 3]
+    .venv/bin/python benchmarks/throughput.py [--shape many|docs|one|both|all] [--repeat 3]
         [--workers 1,2] [--write-docs [docs/benchmarks.md]] [--no-embedded]
         [--hosts 20 --pages 150 --links 8 --per-host-concurrency 2]     # the "many" shape
+        [--docs-hosts 40 --docs-pages 150 --docs-links 100 --docs-concurrency 4]  # "docs"
         [--one-pages 1200 --one-links 100 --one-concurrency 16]         # the "one" shape
         [--latency-ms 20] [--crawl-delay 0] [--max-in-flight 64] [--set NAME=VALUE]
 
@@ -13,17 +14,27 @@ Everything runs on loopback: one ``crawlfleet testweb`` (HTTP + DNS) per shape, 
 Every run stops by itself (deadlines everywhere), and every process started here is stopped
 (its process group gets SIGTERM, then SIGKILL) on the way out, Ctrl-C and errors included.
 
-Two site shapes (``--shape``, default both):
+Three site shapes (``--shape``, default all; ``both`` is many and one):
 
 many
     ``--hosts`` hosts x ``--pages`` HTML pages, ``--links`` links a page, ``--per-host-
-    concurrency`` fetches in flight per host (default 20 x 150, 8 links, 2 in flight).
+    concurrency`` fetches in flight per host (default 20 x 150, 8 links, 2 in flight). Thin
+    pages and a low per-host limit: the politeness bound (hosts x in flight / latency) is what
+    every crawler meets here, so the naive crawler runs at the fetch+parse floor and the ratios
+    show the cost of the machinery, not what it buys.
+docs
+    ``--docs-hosts`` documentation sites of ``--docs-pages`` pages, ``--docs-links`` links a
+    page (navigation, mostly links already seen) and ``--docs-concurrency`` fetches in flight
+    per host (default 40 x 150, 100 links, 4 in flight): the shape the project's issue measured
+    (documentation sites, ~114 links a page). The politeness bound is far above what two cores
+    parse, so the machine's CPU bounds every crawler, and how the work spreads over processes
+    and what each link costs decide the ratios.
 one
     ONE host of ``--one-pages`` pages with ``--one-links`` links a page and ``--one-concurrency``
     fetches in flight (default 1200 pages, 100 links, 16 in flight): a big documentation site.
 
-Both have ``--latency-ms`` per answer and ``--crawl-delay`` (default 0: the machinery is
-measured, not politeness). robots.txt answers 404 on every host of both shapes (RFC 9309
+All three have ``--latency-ms`` per answer and ``--crawl-delay`` (default 0: the machinery is
+measured, not politeness). robots.txt answers 404 on every host of every shape (RFC 9309
 "unavailable": nothing is disallowed), so that the naive crawler, which ignores robots.txt, and
 crawlfleet, which obeys it, fetch exactly the same URLs: the test web's reachable set, which
 every crawl's results are checked against (count and URL set). crawlfleet still requests each
@@ -153,7 +164,8 @@ FETCH_FLOOR, PARSE_FLOOR, NAIVE_ROW, EMBEDDED = ("fetch floor", "fetch+parse flo
 FLEET_PREFIX = "fleet of "
 
 # The project's targets (the issue), next to the figures in the report and the docs.
-TARGET_RATIO = {"one": (1.0, 1.2), "many": (1.3, None)}  # x naive: (target, goal)
+# x naive: (target, goal)
+TARGET_RATIO = {"one": (1.0, 1.2), "many": (1.3, None), "docs": (1.3, None)}
 TARGET_REDIS_CMDS = 6.0  # per page
 TARGET_CPU_MS = {"workers": 1.2, "scheduler": 0.05, "redis-server": 0.05}  # per page
 TARGET_WORKER_RSS_MB = 120.0
@@ -373,7 +385,7 @@ class CpuMeter:
 
 @dataclass(frozen=True)
 class Shape:
-    name: str  # "many" or "one"
+    name: str  # "many", "docs" or "one"
     hosts: int
     pages: int
     links: int
@@ -408,9 +420,12 @@ class Shape:
 def shapes_from(args: argparse.Namespace) -> list[Shape]:
     many = Shape("many", args.hosts, args.pages, args.links, args.per_host_concurrency,
                  args.latency_ms, args.crawl_delay, args.max_in_flight)
+    docs = Shape("docs", args.docs_hosts, args.docs_pages, args.docs_links,
+                 args.docs_concurrency, args.latency_ms, args.crawl_delay, args.max_in_flight)
     one = Shape("one", 1, args.one_pages, args.one_links, args.one_concurrency,
                 args.latency_ms, args.crawl_delay, args.max_in_flight)
-    return {"many": [many], "one": [one], "both": [many, one]}[args.shape]
+    return {"many": [many], "docs": [docs], "one": [one], "both": [many, one],
+            "all": [many, docs, one]}[args.shape]
 
 
 @dataclass(frozen=True)
@@ -1140,6 +1155,11 @@ def verdicts(result: ShapeResult) -> list[Verdict]:
             if goal is not None:
                 reached = ratio is not None and ratio >= goal
                 target += f" (goal {goal:.1f}{TIMES}: {'reached' if reached else 'not reached'})"
+            # Where the floor itself (no Redis, URLs known in advance) is below the target, no
+            # crawler can meet it on this shape: said beside the verdict, which stays as it is.
+            floor = result.ratio(PARSE_FLOOR, NAIVE_ROW)
+            if floor is not None and floor < low:
+                target += f" (the fetch+parse floor is {floor:.2f}{TIMES} naive here)"
             add(target, ratio, low, TIMES, ".2f", at_least=True)
         add(f"≤ {TARGET_REDIS_CMDS:g} Redis commands per page", row.redis_per_page(),
             TARGET_REDIS_CMDS, "", ".1f")
@@ -1424,10 +1444,10 @@ def worker_counts(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Throughput of crawlfleet (embedded, and fleets of N workers) against a "
-        "naive crawler and the bare fetch (and parse) floors, on the local test web, for two "
+        "naive crawler and the bare fetch (and parse) floors, on the local test web, for three "
         "site shapes. See the module docstring.")
-    p.add_argument("--shape", choices=("many", "one", "both"), default="both",
-                   help="site shape(s) to measure (default both)")
+    p.add_argument("--shape", choices=("many", "docs", "one", "both", "all"), default="all",
+                   help="site shape(s) to measure (default all; both: many and one)")
     many = p.add_argument_group("the 'many' shape")
     many.add_argument("--hosts", type=int, default=20, help="test web hosts (default 20)")
     many.add_argument("--pages", type=int, default=150, help="HTML pages per host (default 150)")
@@ -1435,12 +1455,20 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--per-host-concurrency", type=int, default=DEFAULTS.per_host_concurrency,
                       help="fetches in flight per host (CRAWLFLEET_PER_HOST_CONCURRENCY, "
                       f"default {DEFAULTS.per_host_concurrency})")
+    docs = p.add_argument_group("the 'docs' shape (many documentation sites)")
+    docs.add_argument("--docs-hosts", type=int, default=40, help="hosts (default 40)")
+    docs.add_argument("--docs-pages", type=int, default=150,
+                      help="HTML pages per host (default 150)")
+    docs.add_argument("--docs-links", type=int, default=100,
+                      help="links per page (default 100)")
+    docs.add_argument("--docs-concurrency", type=int, default=4,
+                      help="fetches in flight per host (default 4)")
     one = p.add_argument_group("the 'one' shape (one host)")
     one.add_argument("--one-pages", type=int, default=1200, help="HTML pages (default 1200)")
     one.add_argument("--one-links", type=int, default=100, help="links per page (default 100)")
     one.add_argument("--one-concurrency", type=int, default=16,
                      help="fetches in flight to the host (default 16)")
-    both = p.add_argument_group("both shapes")
+    both = p.add_argument_group("every shape")
     both.add_argument("--latency-ms", type=float, default=20.0,
                       help="test web latency per response (default 20)")
     both.add_argument("--crawl-delay", type=float, default=0.0,
@@ -1526,10 +1554,12 @@ def measure_shape(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if min(args.repeat, args.hosts, args.pages, args.one_pages, args.per_host_concurrency,
-           args.one_concurrency, args.max_in_flight) < 1 or min(args.links, args.one_links) < 0:
-        raise SystemExit("--repeat, --hosts, --pages, --one-pages and the concurrencies must be "
-                         "at least 1, the link counts at least 0")
+    if min(args.repeat, args.hosts, args.pages, args.docs_hosts, args.docs_pages,
+           args.one_pages, args.per_host_concurrency, args.docs_concurrency,
+           args.one_concurrency, args.max_in_flight) < 1 or min(
+               args.links, args.docs_links, args.one_links) < 0:
+        raise SystemExit("--repeat, the host and page counts and the concurrencies must be at "
+                         "least 1, the link counts at least 0")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     load_before = os.getloadavg()

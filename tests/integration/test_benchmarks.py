@@ -36,20 +36,21 @@ def test_throughput_runs_on_tiny_shapes(tmp_path: Path) -> None:
     docs = tmp_path / "benchmarks.md"
     docs.write_text(f"old text\n{KEPT}\n")  # scheduler.py's section survives a rewrite
     done = run(THROUGHPUT, "--repeat", "1", "--hosts", "2", "--pages", "10",
+               "--docs-hosts", "2", "--docs-pages", "10", "--docs-links", "20",
                "--one-pages", "30", "--one-links", "20", "--write-docs", str(docs),
-               timeout=150)
+               timeout=200)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     out = done.stdout
-    for shape in ("many", "one"):
+    for shape in ("many", "docs", "one"):
         assert f"Shape {shape!r}:" in out
     for label in ROWS:  # one row per shape in the rate table (flagged if a crawl fell short)
         rows = re.findall(rf"^{re.escape(label)}(?: \(!\d+/\d+\))?\s+\d+ ", out, re.MULTILINE)
-        assert len(rows) == 2, label
+        assert len(rows) == 3, label
     assert "Targets (fleets):" in out and "Notes:" in out
 
     text = docs.read_text()
     assert "old text" not in text and KEPT in text
-    for heading in ("## Shape `many`", "## Shape `one`", "## Targets"):
+    for heading in ("## Shape `many`", "## Shape `docs`", "## Shape `one`", "## Targets"):
         assert heading in text
     for label in ROWS:  # the rate tables' rows start with the label and pages/s
         rows = re.findall(rf"^\| {re.escape(label)}(?: \(!\d+/\d+\))? \| [\d,]+ \|", text,
@@ -59,6 +60,7 @@ def test_throughput_runs_on_tiny_shapes(tmp_path: Path) -> None:
     figures = json.loads(docs.with_suffix(".json").read_text())
     assert figures["shapes"]["many"]["rows"]["fleet of 1"]["pages_per_s"] > 0
     assert figures["shapes"]["one"]["urls"] > 30
+    assert figures["shapes"]["docs"]["rows"]["fleet of 2"]["pages_per_s"] > 0
 
 
 def test_scheduler_runs_small(tmp_path: Path) -> None:
