@@ -23,6 +23,7 @@ THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 SCHEDULER = ROOT / "benchmarks" / "scheduler.py"
 MEMORY = ROOT / "benchmarks" / "memory.py"
 ROWS = ("fetch floor", "fetch+parse floor", "naive", "embedded", "fleet of 1", "fleet of 2")
+IN_INFLIGHT = ("naive", "fleet of 1")  # the only rows of the inflight shape
 KEPT = ("<!-- benchmarks/scheduler.py: begin -->\nkept section\n"
         "<!-- benchmarks/scheduler.py: end -->")
 
@@ -37,25 +38,27 @@ def test_throughput_runs_on_tiny_shapes(tmp_path: Path) -> None:
     docs.write_text(f"old text\n{KEPT}\n")  # scheduler.py's section survives a rewrite
     done = run(THROUGHPUT, "--repeat", "1", "--hosts", "2", "--pages", "10",
                "--docs-hosts", "2", "--docs-pages", "10", "--docs-links", "20",
-               "--one-pages", "30", "--one-links", "20", "--write-docs", str(docs),
-               timeout=200)
+               "--one-pages", "30", "--one-links", "20", "--in-flight", "8",
+               "--in-flight-pages", "30", "--write-docs", str(docs), timeout=200)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     out = done.stdout
-    for shape in ("many", "docs", "one"):
+    for shape in ("many", "docs", "one", "inflight"):
         assert f"Shape {shape!r}:" in out
+    assert re.search(r"worker RSS ≤ 120 MB at ≥ \d+ fetches in flight", out)
     for label in ROWS:  # one row per shape in the rate table (flagged if a crawl fell short)
         rows = re.findall(rf"^{re.escape(label)}(?: \(!\d+/\d+\))?\s+\d+ ", out, re.MULTILINE)
-        assert len(rows) == 3, label
+        assert len(rows) == 3 + (label in IN_INFLIGHT), label
     assert "Targets (fleets):" in out and "Notes:" in out
 
     text = docs.read_text()
     assert "old text" not in text and KEPT in text
-    for heading in ("## Shape `many`", "## Shape `docs`", "## Shape `one`", "## Targets"):
+    for heading in ("## Shape `many`", "## Shape `docs`", "## Shape `one`", "## Shape `inflight`",
+                    "## Targets"):
         assert heading in text
     for label in ROWS:  # the rate tables' rows start with the label and pages/s
         rows = re.findall(rf"^\| {re.escape(label)}(?: \(!\d+/\d+\))? \| [\d,]+ \|", text,
                           re.MULTILINE)
-        assert len(rows) == 2, label
+        assert len(rows) == 3 + (label in IN_INFLIGHT), label
     assert "| worker RSS ≤ 120 MB | many | fleet of 1 |" in text
     figures = json.loads(docs.with_suffix(".json").read_text())
     assert figures["shapes"]["many"]["rows"]["fleet of 1"]["pages_per_s"] > 0
