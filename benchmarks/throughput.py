@@ -113,6 +113,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -151,6 +152,7 @@ from crawlfleet.workers.worker import worker_session
 BIN = Path(sys.executable).parent
 CRAWLFLEET = str(BIN / "crawlfleet") if (BIN / "crawlfleet").exists() else "crawlfleet"
 NAIVE = str(Path(__file__).with_name("naive.py"))
+SCRAPY_PEER = str(Path(__file__).with_name("scrapy_peer.py"))
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 POLL_S = 0.025  # status poll interval while a fleet crawls
@@ -168,12 +170,14 @@ TIMES = "\N{MULTIPLICATION SIGN}"
 FETCH_FLOOR, PARSE_FLOOR, NAIVE_ROW, EMBEDDED = ("fetch floor", "fetch+parse floor", "naive",
                                                  "embedded")
 FLEET_PREFIX = "fleet of "
+SCRAPY_ROW = "scrapy"  # benchmarks/scrapy_peer.py, when Scrapy is installed (the bench extra)
 INFLIGHT = "inflight"  # the shape that measures the worker's memory with many fetches in flight
 INFLIGHT_LATENCY_MS = 500.0
 
 # The project's targets (the issue), next to the figures in the report and the docs.
 # x naive: (target, goal)
 TARGET_RATIO = {"one": (1.0, 1.2), "many": (1.3, None), "docs": (1.3, None)}
+TARGET_SCRAPY_RATIO = 20.0  # many sites: x Scrapy
 TARGET_REDIS_CMDS = 6.0  # per page
 TARGET_CPU_MS = {"workers": 1.2, "scheduler": 0.05, "redis-server": 0.05}  # per page
 TARGET_WORKER_RSS_MB = 120.0
@@ -642,35 +646,41 @@ def used_memory(client: Any) -> int:
     return int(client.info("memory")["used_memory"])
 
 
+def scrapy_installed() -> bool:
+    return importlib.util.find_spec("scrapy") is not None
+
+
 def measure_naive(
     procs: Processes, web: TestWeb, shape: Shape, server: RedisServer, workdir: Path,
-    warnings: list[str],
+    warnings: list[str], script: str = NAIVE, name: str = NAIVE_ROW,
 ) -> Run:
-    out = workdir / "naive.txt"
+    """benchmarks/naive.py, or (script, name) a peer with its interface: scrapy_peer.py."""
+    shown = f"benchmarks/{Path(script).name}"
+    out = workdir / f"{name}.txt"
     key = f"naive{uuid.uuid4().hex}:seen"
-    argv = [sys.executable, NAIVE, *web.seeds, "--redis-url", server.url, "--key", key,
+    argv = [sys.executable, script, *web.seeds, "--redis-url", server.url, "--key", key,
             "--dns", web.dns, "--max-in-flight", str(shape.max_in_flight),
             "--per-host-concurrency", str(shape.per_host_concurrency),
             "--crawl-delay", str(shape.crawl_delay), "--out", str(out), "--wait-go", "--linger"]
-    with (workdir / "naive.log").open("ab") as log:
+    with (workdir / f"{name}.log").open("ab") as log:
         proc = procs.start(argv, stdout=subprocess.PIPE, stderr=log)
     # redis-py types its commands as `Awaitable[T] | T`; this client is the synchronous one.
     client: Any = redis.Redis.from_url(server.url)
     try:
         assert proc.stdout is not None
-        ready = read_line(proc.stdout, STARTUP_TIMEOUT_S, "benchmarks/naive.py")
+        ready = read_line(proc.stdout, STARTUP_TIMEOUT_S, shown)
         if not json.loads(ready).get("ready"):
-            raise BenchError(f"benchmarks/naive.py: {ready.strip()}")
+            raise BenchError(f"{shown}: {ready.strip()}")
         client.config_resetstat()
         memory_before = used_memory(client)
         reset_peak_rss(server.proc.pid)
         meter = CpuMeter({"testweb": [web.pid], "redis-server": [server.proc.pid],
-                          "naive": [proc.pid]})
+                          name: [proc.pid]})
         meter.start()
         os.kill(proc.pid, signal.SIGUSR1)
-        line = read_line(proc.stdout, CRAWL_TIMEOUT_S, "benchmarks/naive.py")
+        line = read_line(proc.stdout, CRAWL_TIMEOUT_S, shown)
         cpu, window = meter.stop()
-        rss = {"naive": peak_rss_kb(proc.pid), "redis-server": peak_rss_kb(server.proc.pid)}
+        rss = {name: peak_rss_kb(proc.pid), "redis-server": peak_rss_kb(server.proc.pid)}
         calls = parse_commandstats(client.info("commandstats"))
         memory = used_memory(client) - memory_before
         seen = int(client.scard(key))
@@ -679,17 +689,21 @@ def measure_naive(
     finally:
         client.close()
         if procs.stop(proc) not in (0, None):
-            warnings.append(f"WARNING naive: exited with {proc.returncode}; see "
-                            f"{workdir / 'naive.log'} (--keep-logs keeps it)")
+            warnings.append(f"WARNING {name}: exited with {proc.returncode}; see "
+                            f"{workdir / (name + '.log')} (--keep-logs keeps it)")
     try:
         summary = json.loads(line)
         fetched = int(summary["pages"]) + int(summary["failed"])
         elapsed = float(summary["elapsed_s"])
     except (ValueError, KeyError, TypeError):
-        raise BenchError(f"benchmarks/naive.py: {line.strip()[:300]}") from None
-    problems = check_results(out.read_text().split(), fetched, web, "naive")
+        raise BenchError(f"{shown}: {line.strip()[:300]}") from None
+    problems = check_results(out.read_text().split(), fetched, web, name)
     warnings += problems
     out.unlink()
+    if name != NAIVE_ROW:  # Scrapy keeps its dedup in memory: Redis figures are not its own
+        cpu.pop("redis-server", None)
+        return Run(fetched, elapsed, cpu, window, Counter(), rss_kb={name: rss[name]},
+                   incomplete=bool(problems))
     return Run(fetched, elapsed, cpu, window, calls, rss_kb=rss, seen=seen,
                redis_bytes=memory, seen_bytes=seen_bytes, seen_keys=1,
                incomplete=bool(problems))
@@ -1029,7 +1043,7 @@ def median_of(runs: list[Run]) -> Run:
 
 
 NOT_CRAWLER = ("testweb", CpuMeter.SELF, CpuMeter.OTHERS)  # CPU that is not the crawl's own
-PROCESS_ORDER = ("floor", "naive", "crawl process", "workers", "worker", "scheduler",
+PROCESS_ORDER = ("floor", "naive", "scrapy", "crawl process", "workers", "worker", "scheduler",
                  "redis-server")
 
 
@@ -1171,6 +1185,10 @@ def verdicts(result: ShapeResult) -> list[Verdict]:
             if floor is not None and floor < low:
                 target += f" (the fetch+parse floor is {floor:.2f}{TIMES} naive here)"
             add(target, ratio, low, TIMES, ".2f", at_least=True)
+        scrapy = result.ratio(label, SCRAPY_ROW)
+        if name != "one" and SCRAPY_ROW in result.rows:
+            add(f"many sites ≥ {TARGET_SCRAPY_RATIO:g}{TIMES} Scrapy", scrapy,
+                TARGET_SCRAPY_RATIO, TIMES, ".1f", at_least=True)
         add(f"≤ {TARGET_REDIS_CMDS:g} Redis commands per page", row.redis_per_page(),
             TARGET_REDIS_CMDS, "", ".1f")
         for process, limit in TARGET_CPU_MS.items():
@@ -1504,6 +1522,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a crawler setting for every crawl, e.g. --set BATCH_SIZE=50 "
                    "(CRAWLFLEET_ prefix optional; repeatable)")
     p.add_argument("--no-embedded", action="store_true", help="skip the embedded backend")
+    p.add_argument("--no-scrapy", dest="scrapy", action="store_false", default=None,
+                   help="skip Scrapy (benchmarks/scrapy_peer.py; it runs on the many and docs "
+                   "shapes when Scrapy is installed: pip install -e '.[bench]')")
     p.add_argument("--redis-breakdown", action="store_true",
                    help="one more crawl per fleet size under MONITOR: commands sent by clients "
                    "vs run inside Lua scripts (untimed)")
@@ -1537,7 +1558,9 @@ def measure_shape(
     per_poll: Counter[str], workdir: Path, warnings: list[str],
 ) -> ShapeResult:
     web = start_testweb(procs, shape, workdir)
-    labels = [FETCH_FLOOR, PARSE_FLOOR, NAIVE_ROW, *([] if args.no_embedded else [EMBEDDED]),
+    labels = [FETCH_FLOOR, PARSE_FLOOR, NAIVE_ROW,
+              *([SCRAPY_ROW] if args.scrapy and shape.name != "one" else []),
+              *([] if args.no_embedded else [EMBEDDED]),
               *(f"{FLEET_PREFIX}{w}" for w in args.workers)]
     if shape.name == INFLIGHT:
         labels = [NAIVE_ROW, f"{FLEET_PREFIX}1"]
@@ -1553,6 +1576,9 @@ def measure_shape(
                     run = measure_floor(web, shape, parse=True)
                 elif label == NAIVE_ROW:
                     run = measure_naive(procs, web, shape, server, workdir, warnings)
+                elif label == SCRAPY_ROW:
+                    run = measure_naive(procs, web, shape, server, workdir, warnings,
+                                        SCRAPY_PEER, SCRAPY_ROW)
                 elif label == EMBEDDED:
                     run = measure_embedded(procs, web, shape, args, workdir, warnings)
                 else:
@@ -1583,6 +1609,8 @@ def main(argv: list[str] | None = None) -> int:
                args.links, args.docs_links, args.one_links) < 0:
         raise SystemExit("--repeat, the host and page counts and the concurrencies must be at "
                          "least 1, the link counts at least 0")
+    if args.scrapy is None:
+        args.scrapy = scrapy_installed()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     load_before = os.getloadavg()
