@@ -38,6 +38,10 @@ READ_COUNT = 256
 LOCK_TTL = 5.0
 STANDBY_POLL = 0.5
 HOUSEKEEPING_INTERVAL = 0.5
+# An idle scheduler asks finish.lua this often, so that a crawl is seen to end within ~50 ms of
+# its last result instead of at the next housekeeping pass (up to 0.5 s later: 5 % of a 9 s
+# crawl). finish.lua reads four keys: ~140 commands a second while idle.
+FINISH_CHECK_INTERVAL = 0.05
 PROGRESS_INTERVAL = 5.0
 CANONICALISE_SLICE = 2000  # links canonicalised between two yields to the event loop
 QUARANTINE_LOG_BATCH = 100
@@ -149,7 +153,7 @@ class Scheduler:
         # Events a leader read but had not acknowledged when it stopped come first.
         while await self._guarded(self.read_events(pending=True)):
             pass
-        next_housekeeping = next_progress = 0.0
+        next_housekeeping = next_progress = next_finish_check = 0.0
         while not stop.is_set():
             if self._reread_pending:  # events refused while the state was lost: again
                 self._reread_pending = False
@@ -164,8 +168,12 @@ class Scheduler:
                 if not await self.acquire_lock():
                     log.warning("scheduler_lock_lost", instance=self.instance)
                     return
-                await self._guarded(self.housekeeping(now))
+                await self._guarded(self.housekeeping(now))  # checks finished too
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                next_finish_check = now + FINISH_CHECK_INTERVAL
+            elif not read and not dispatched and now >= next_finish_check:
+                await self._guarded(self.frontier.check_finished(self.crawl_id))
+                next_finish_check = now + FINISH_CHECK_INTERVAL
             if now >= next_progress:
                 await self.log_progress()
                 next_progress = now + PROGRESS_INTERVAL

@@ -994,3 +994,44 @@ def _stopped() -> Any:
     stop = asyncio.Event()
     stop.set()
     return stop
+
+
+async def _poll(check: Any, *, within: float, what: str) -> None:
+    """Await ``check()`` until it is truthy; fail naming ``what`` after ``within`` seconds."""
+    import asyncio
+
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_an_idle_leader_sees_the_crawl_end_between_housekeeping_passes(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from crawlfleet.scheduler import service
+
+    # Housekeeping (which checks finished too) once, at the start, and not again in this test:
+    # only the idle loop's own check can see the end.
+    monkeypatch.setattr(service, "HOUSEKEEPING_INTERVAL", 3600.0)
+    redis, keys = env["redis"], env["keys"]
+    assert await admit(env, ["http://a.test/1"]) == 1
+    [claimed] = await dispatch(env)
+    stop = asyncio.Event()
+    leader = asyncio.create_task(env["scheduler"].lead(stop))
+    try:
+        await _poll(lambda: redis.exists(keys.scheduler_lock), within=10,
+                    what="the leader's first housekeeping pass")
+        assert not (await read_status(redis, keys))["finished"]  # the URL is still out
+        assert (await report(env, claimed)).stored == 1
+
+        async def finished() -> bool:
+            return bool((await read_status(redis, keys))["finished"])
+
+        await _poll(finished, within=10, what="finished_at, set by the idle leader")
+    finally:
+        stop.set()
+        await asyncio.wait_for(leader, timeout=10)
