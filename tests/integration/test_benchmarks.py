@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 SCHEDULER = ROOT / "benchmarks" / "scheduler.py"
 MEMORY = ROOT / "benchmarks" / "memory.py"
+SCALE = ROOT / "benchmarks" / "scale.py"
 ROWS = ("fetch floor", "fetch+parse floor", "naive", "embedded", "fleet of 1", "fleet of 2")
 IN_INFLIGHT = ("naive", "fleet of 1")  # the only rows of the inflight shape
 KEPT = ("<!-- benchmarks/scheduler.py: begin -->\nkept section\n"
@@ -85,6 +86,21 @@ def test_scheduler_runs_small(tmp_path: Path) -> None:
     text = docs.read_text()
     assert "<!-- benchmarks/scheduler.py: begin -->" in text
     assert "(c) seen set" in text
+
+
+def test_scale_plan_runs_small(tmp_path: Path) -> None:
+    docs = tmp_path / "scale.md"
+    docs.write_text("# plan\nkept prose\n")
+    done = run(SCALE, "--arq-small", "--sample-hosts", "500", "--write-docs", str(docs),
+               timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    out = done.stdout
+    for limit in ("memory", "Redis CPU", "Redis command rate", "arq job rate"):
+        assert re.search(rf"^  {re.escape(limit)}\s+\d+$", out, re.MULTILINE), limit
+    assert re.search(r"first limit: [\w ]+ -> \d+ shards", out)
+    assert re.search(r"arq_rate.py, run now, [\d,]+ jobs", out)  # measured, not read back
+    text = docs.read_text()
+    assert "kept prose" in text and "<!-- benchmarks/scale.py: begin -->" in text
 
 
 def load_script(path: Path) -> ModuleType:
