@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,31 +43,13 @@ from arq import func
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py, next to this file
+from throughput import cpu_seconds, free_port
+
 from crawlfleet.common.settings import Settings
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 QUEUE = "arqrate:queue"
 STARTUP_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds of a live process: schedstat (ns) summed over its threads, or utime+stime."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        total = 0
-        for task in os.scandir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError):
-                total += int(Path(task.path, "schedstat").read_text().split()[0])
-        return total / 1e9
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def commands(stats: dict[str, Any]) -> Counter[str]:

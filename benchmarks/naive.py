@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("seeds", nargs="+", metavar="SEED_URL")
     p.add_argument("--redis-url", required=True, help="Redis for the one dedup SET")
     p.add_argument("--key", default="naive:seen", help="the dedup SET's key")
+    add_peer_arguments(p)
+    return p
+
+
+def add_peer_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every peer crawler of the benchmark takes (scrapy_peer.py too), so that
+    benchmarks/throughput.py drives them alike."""
     p.add_argument("--dns", default="", help="nameserver HOST:PORT (default: the system's)")
     p.add_argument("--max-in-flight", type=int, default=64)
     p.add_argument("--per-host-concurrency", type=int, default=2)
@@ -192,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a ready line, then wait for SIGUSR1 before crawling")
     p.add_argument("--linger", action="store_true",
                    help="after the summary line, wait for SIGTERM before exiting")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

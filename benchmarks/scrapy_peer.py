@@ -57,6 +57,9 @@ from twisted.names import client
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # naive.py, next to this file
+from naive import add_peer_arguments
+
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
@@ -212,16 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("seeds", nargs="+", metavar="SEED_URL")
     p.add_argument("--redis-url", default="", help="ignored (naive.py's interface)")
     p.add_argument("--key", default="", help="ignored (naive.py's interface)")
-    p.add_argument("--dns", default="", help="nameserver HOST:PORT (default: the system's)")
-    p.add_argument("--max-in-flight", type=int, default=64)
-    p.add_argument("--per-host-concurrency", type=int, default=2)
-    p.add_argument("--crawl-delay", type=float, default=0.0,
-                   help="seconds between request starts per host")
-    p.add_argument("--out", default="", help="write the fetched URLs here, one a line")
-    p.add_argument("--wait-go", action="store_true",
-                   help="print a ready line, then wait for SIGUSR1 before crawling")
-    p.add_argument("--linger", action="store_true",
-                   help="after the summary line, wait for SIGTERM before exiting")
+    add_peer_arguments(p)
     return p
 
 
