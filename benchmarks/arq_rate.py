@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py, next to this file
-from throughput import cpu_seconds, free_port
+from throughput import BenchError, Processes, cpu_seconds, start_redis
 
 from crawlfleet.common.settings import Settings
 
@@ -171,46 +170,6 @@ async def measure(port: int, redis_pid: int, args: argparse.Namespace) -> dict[s
     }
 
 
-def start_redis(logdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    server = shutil.which("redis-server")
-    if server is None:
-        raise SystemExit("redis-server is not installed")
-    port = free_port()
-    if port == 6379:  # not ours
-        port = free_port()
-    log = (logdir / "redis.log").open("wb")
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=log, stderr=log, start_new_session=True)
-    log.close()
-    import redis  # the sync client, for the start-up wait only
-
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    return proc, port
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    finally:
-        client.close()
-    stop(proc)
-    raise SystemExit(f"redis-server on port {port} did not answer")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def redis_version() -> str:
     out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
                          check=False).stdout.split()
@@ -263,15 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    procs = Processes()
     with tempfile.TemporaryDirectory(prefix="arq_rate-") as tmp:
-        proc, port = start_redis(Path(tmp))
         try:
-            result = asyncio.run(measure(port, proc.pid, args))
+            server = start_redis(procs, Path(tmp))
+            result = asyncio.run(measure(server.port, server.proc.pid, args))
+        except BenchError as exc:
+            print(f"arq_rate: {exc}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
         finally:
-            stop(proc)
+            procs.stop_all()
     result["redis"] = f"Redis {redis_version()}"
     result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
     result["nproc"] = len(os.sched_getaffinity(0))

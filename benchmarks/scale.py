@@ -299,8 +299,8 @@ def load_arq(path: Path | None, small: bool) -> Arq:
 def measure_bytes(c: Crawl, s: Settings, sample: int) -> Bytes:
     """Fill crawlfleet's per-host keys for ``sample`` hosts on a private Redis, one class at a
     time, and divide used_memory's growth by the count."""
-    import arq_rate  # type: ignore[import-not-found]
     import redis
+    from throughput import Processes, start_redis  # type: ignore[import-not-found]
 
     from crawlfleet.common.messages import QueuedURL, encode
     from crawlfleet.workers.robots import ALLOW_ALL, OK, RobotsPolicy, encode_policy
@@ -336,9 +336,10 @@ def measure_bytes(c: Crawl, s: Settings, sample: int) -> Bytes:
     hosts = [f"www.site-{i:08d}.example.com" for i in range(sample)]
     grown: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
-        proc, port = arq_rate.start_redis(Path(tmp))
+        procs = Processes()
         try:
-            r: Any = redis.Redis(host="127.0.0.1", port=port)
+            server = start_redis(procs, Path(tmp))
+            r: Any = redis.Redis(host="127.0.0.1", port=server.port)
             for name, fill in fills.items():
                 before = int(r.info("memory")["used_memory"])
                 pipe = r.pipeline(transaction=False)
@@ -349,7 +350,7 @@ def measure_bytes(c: Crawl, s: Settings, sample: int) -> Bytes:
                 grown[name] = (int(r.info("memory")["used_memory"]) - before) / sample
             r.close()
         finally:
-            arq_rate.stop(proc)
+            procs.stop_all()
     entry_b = (grown["queue, more"] - grown["queue, 1 entry"]) / per_host_q
     return Bytes(f"measured now, {sample:,} hosts on a private redis-server (used_memory)",
                  {n: grown[n] for n in ("host:pages", "host:not-before", "ready",
