@@ -40,7 +40,8 @@ STANDBY_POLL = 0.5
 HOUSEKEEPING_INTERVAL = 0.5
 # An idle scheduler asks finish.lua this often, so that a crawl is seen to end within ~50 ms of
 # its last result instead of at the next housekeeping pass (up to 0.5 s later: 5 % of a 9 s
-# crawl). finish.lua reads four keys: ~140 commands a second while idle.
+# crawl). finish.lua reads four keys: ~140 commands a second while work is out, none once the
+# crawl is finished (housekeeping still notices new work every pass).
 FINISH_CHECK_INTERVAL = 0.05
 PROGRESS_INTERVAL = 5.0
 CANONICALISE_SLICE = 2000  # links canonicalised between two yields to the event loop
@@ -154,6 +155,7 @@ class Scheduler:
         while await self._guarded(self.read_events(pending=True)):
             pass
         next_housekeeping = next_progress = next_finish_check = 0.0
+        seen_finished = False  # by the idle check: no need to ask again until new work comes
         while not stop.is_set():
             if self._reread_pending:  # events refused while the state was lost: again
                 self._reread_pending = False
@@ -171,8 +173,11 @@ class Scheduler:
                 await self._guarded(self.housekeeping(now))  # checks finished too
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
                 next_finish_check = now + FINISH_CHECK_INTERVAL
-            elif not read and not dispatched and now >= next_finish_check:
-                await self._guarded(self.frontier.check_finished(self.crawl_id))
+            if read or dispatched:
+                seen_finished = False
+            elif not seen_finished and now >= next_finish_check:
+                seen_finished = bool(await self._guarded(
+                    self.frontier.check_finished(self.crawl_id)))
                 next_finish_check = now + FINISH_CHECK_INTERVAL
             if now >= next_progress:
                 await self.log_progress()

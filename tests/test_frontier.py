@@ -1032,6 +1032,28 @@ async def test_an_idle_leader_sees_the_crawl_end_between_housekeeping_passes(
             return bool((await read_status(redis, keys))["finished"])
 
         await _poll(finished, within=10, what="finished_at, set by the idle leader")
+
+        # Once it has seen the end, the idle leader stops asking until new work comes.
+        frontier = env["scheduler"].frontier
+        counts = {"check": 0, "loop": 0}
+        check, dispatch_ = frontier.check_finished, frontier.dispatch
+
+        async def counted_check(*a: Any, **k: Any) -> bool:
+            counts["check"] += 1
+            return bool(await check(*a, **k))
+
+        async def counted_dispatch(*a: Any, **k: Any) -> int:
+            counts["loop"] += 1
+            return int(await dispatch_(*a, **k))
+
+        monkeypatch.setattr(frontier, "check_finished", counted_check)
+        monkeypatch.setattr(frontier, "dispatch", counted_dispatch)
+
+        async def looped() -> bool:
+            return counts["loop"] >= 12
+
+        await _poll(looped, within=10, what="a dozen turns of the leader's loop")
+        assert counts["check"] <= 1  # at most the one in flight when the end was seen
     finally:
         stop.set()
         await asyncio.wait_for(leader, timeout=10)
