@@ -16,7 +16,6 @@ Pure functions only: the connections live in common/connections.py.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
 
 from .settings import check_redis_url, redact_url
 
@@ -63,22 +62,3 @@ def owner(host: str, shards: int) -> int:
     if shards == 1:
         return 0
     return max(range(shards), key=lambda shard: weight(shard, host))
-
-
-def split_by_owner(hosts: Iterable[str], shards: int) -> list[list[str]]:
-    """The hosts, grouped by the shard that owns them (index i: shard i's hosts)."""
-    groups: list[list[str]] = [[] for _ in range(shards)]
-    for host in hosts:
-        groups[owner(host, shards)].append(host)
-    return groups
-
-
-def moved(hosts: Sequence[str], before: int, after: int) -> list[tuple[str, int, int]]:
-    """(host, old owner, new owner) for each host whose owner changes from ``before`` shards
-    to ``after``: what a reshard has to move."""
-    out = []
-    for host in hosts:
-        old, new = owner(host, before), owner(host, after)
-        if old != new:
-            out.append((host, old, new))
-    return out
