@@ -14,7 +14,7 @@ Everything runs on loopback: one ``crawlfleet testweb`` (HTTP + DNS) per shape, 
 Every run stops by itself (deadlines everywhere), and every process started here is stopped
 (its process group gets SIGTERM, then SIGKILL) on the way out, Ctrl-C and errors included.
 
-Three site shapes (``--shape``, default all; ``both`` is many and one):
+Four site shapes (``--shape``, default all; ``both`` is many and one):
 
 many
     ``--hosts`` hosts x ``--pages`` HTML pages, ``--links`` links a page, ``--per-host-
@@ -39,7 +39,7 @@ inflight (in ``all``, unless ``--in-flight 0``)
     1 run; the report gives the fetches in flight on average (at least pages/s x latency, by
     Little's law) beside the worker's peak RSS.
 
-All three have ``--latency-ms`` per answer and ``--crawl-delay`` (default 0: the machinery is
+The first three have ``--latency-ms`` per answer and ``--crawl-delay`` (default 0: the machinery is
 measured, not politeness). robots.txt answers 404 on every host of every shape (RFC 9309
 "unavailable": nothing is disallowed), so that the naive crawler, which ignores robots.txt, and
 crawlfleet, which obeys it, fetch exactly the same URLs: the test web's reachable set, which
@@ -397,7 +397,7 @@ class CpuMeter:
 
 @dataclass(frozen=True)
 class Shape:
-    name: str  # "many", "docs" or "one"
+    name: str  # "many", "docs", "one" or INFLIGHT
     hosts: int
     pages: int
     links: int
