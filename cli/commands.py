@@ -32,7 +32,7 @@ from crawlfleet.common.connections import (
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging
 from crawlfleet.common.messages import Seeds, encode
-from crawlfleet.common.settings import Settings, redact_url, shorten
+from crawlfleet.common.settings import Settings, shorten
 from crawlfleet.common.stats import read_status
 from crawlfleet.common.urls import URLError, canonicalize
 
@@ -216,11 +216,43 @@ def seed(settings: Settings, urls: list[str], file: str | None) -> int:
 
     if seeds:
         try:
-            run_on_redis(settings, go)
+            if sharded(settings):
+                from .shards import enqueue_sharded, run_on_cluster
+
+                run_on_cluster(settings, lambda cluster: enqueue_sharded(cluster, seeds))
+            else:
+                run_on_redis(settings, go)
         except RedisProblem as problem:
             raise RedisProblem(f"{problem}; no seed was enqueued", problem.exit_code) from None
     print(f"enqueued {len(seeds)} seed(s), refused {len(errors)}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def sharded(settings: Settings) -> bool:
+    return len(settings.shard_urls) > 1
+
+
+def run_cluster_role(settings: Settings, role: str,
+                     work: Callable[[Any, asyncio.Event], Awaitable[None]]) -> int:
+    """``run_role`` over every shard: ``work(cluster, stop)``; each shard's outage is the
+    role's to ride out (nothing waits for all shards before starting)."""
+    from crawlfleet.common.cluster import Cluster
+
+    configure_logging(settings.log_format, settings.log_level, role=role)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        cluster = Cluster.open(settings)
+        try:
+            await work(cluster, stop)
+        finally:
+            await cluster.aclose()
+
+    asyncio.run(go())
+    return 0
 
 
 def run_role(settings: Settings, role: str,
@@ -247,8 +279,19 @@ def run_role(settings: Settings, role: str,
 
 
 def scheduler(settings: Settings) -> int:
-    from crawlfleet.scheduler.service import Scheduler
+    from crawlfleet.scheduler.service import Scheduler, run_sharded
 
+    if sharded(settings):
+        from crawlfleet.common.cluster import Cluster
+
+        async def lead_shards(cluster: Any, stop: asyncio.Event) -> None:
+            quick = Cluster.open(settings, quick=True)
+            try:
+                await run_sharded(settings, cluster, quick, stop)
+            finally:
+                await quick.aclose()
+
+        return run_cluster_role(settings, "scheduler", lead_shards)
     return run_role(settings, "scheduler",
                     lambda redis, stop: Scheduler(settings, redis).run(stop))
 
@@ -262,6 +305,12 @@ def sink(settings: Settings) -> int:
         raise UsageError("CRAWLFLEET_OUTPUT is not set: a sink needs somewhere to write "
                          "(a directory or s3://bucket/prefix)")
     store = open_store(settings.output)
+    if sharded(settings):
+        async def drain_shards(cluster: Any, stop: asyncio.Event) -> None:
+            await asyncio.gather(*(Sink(settings, shard.redis, store).run(stop)
+                                   for shard in cluster.shards))
+
+        return run_cluster_role(settings, "sink", drain_shards)
     return run_role(settings, "sink", lambda redis, stop: Sink(settings, redis, store).run(stop))
 
 
@@ -275,7 +324,7 @@ def purge(settings: Settings, *, yes: bool) -> int:
         if not sys.stdin.isatty():
             raise UsageError("refusing to purge without a terminal to ask on: pass --yes")
         answer = input(f"delete every key of namespace {settings.namespace!r} at "
-                       f"{redact_url(settings.redis_url)}? [y/N] ")
+                       f"{settings.redis_where}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted", file=sys.stderr)
             return 1
@@ -289,9 +338,38 @@ def purge(settings: Settings, *, yes: bool) -> int:
         finally:
             await redis.aclose()
 
-    count = run_on_redis(settings, go)
+    if sharded(settings):
+
+        async def purge_shards(cluster: Any) -> int:
+            total = 0
+            for shard in cluster.shards:
+                total += await _count_keys(shard.redis, keys)
+                await _delete_namespace(shard.redis, keys)
+            return total
+
+        count = _purge_cluster(settings, purge_shards)
+    else:
+        count = run_on_redis(settings, go)
     print(f"purged namespace {settings.namespace!r}: {count} key(s) deleted", file=sys.stderr)
     return 0
+
+
+def _purge_cluster(settings: Settings, go: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+    """Purge every shard, the shard records included: no shard check first, so that a
+    namespace whose shard list changed can still be cleared."""
+    from crawlfleet.common.cluster import Cluster
+
+    async def main() -> int:
+        cluster = Cluster.open(settings)
+        try:
+            return await go(cluster)
+        finally:
+            await cluster.aclose()
+
+    try:
+        return asyncio.run(main())
+    except RedisError as exc:
+        raise redis_problem(exc, settings.redis_where) from None
 
 
 async def _count_keys(redis: Any, keys: Keys) -> int:
@@ -310,7 +388,12 @@ def status(settings: Settings, *, as_json: bool) -> int:
         finally:
             await redis.aclose()
 
-    current = run_on_redis(settings, go)
+    if sharded(settings):
+        from .shards import cluster_status, run_on_cluster
+
+        current = run_on_cluster(settings, cluster_status)
+    else:
+        current = run_on_redis(settings, go)
     if as_json:
         print(msgspec.json.encode(current).decode())
     else:
@@ -333,6 +416,12 @@ def check(settings: Settings, *, as_json: bool) -> int:
         finally:
             await redis.aclose()
 
+    if sharded(settings):
+        from .shards import check_sharded, format_check, run_on_cluster
+
+        reports = run_on_cluster(settings, lambda c: check_sharded(c, settings.output))
+        print(format_check(reports, as_json))
+        return 1 if any(problems for _, problems in reports) else 0
     snapshot, problems = run_on_redis(settings, go)
     if as_json:
         print(msgspec.json.encode(consistency.report(snapshot, problems)).decode())
@@ -380,6 +469,12 @@ def export(settings: Settings, out_path: str | None, *, fmt: str = "jsonl",
             await redis.aclose()
 
     with output_file(out_path or "-") as handle:
-        count = run_on_redis(settings, lambda: go(handle))
+        if sharded(settings):
+            from .shards import export_sharded, run_on_cluster
+
+            count = run_on_cluster(settings, lambda cluster: export_sharded(
+                cluster, handle, output=settings.output, fmt=fmt, failed=failed, dead=dead))
+        else:
+            count = run_on_redis(settings, lambda: go(handle))
     print(f"exported {count} result(s)", file=sys.stderr)
     return 0

@@ -82,6 +82,12 @@ _FIXED = {
     "scheduler_lock": "scheduler:lock",  # STRING: the leading scheduler's id, short expiry
     "batch_seq": "batch:seq",  # STRING: counter for batch ids
     "arq_queue": "arq:queue",  # ZSET: arq's job queue (job id -> score)
+    # STRING "index/count": which shard of how many this Redis is for the namespace, written
+    # by the first process of a sharded crawl and checked by every later one (cluster.py).
+    "shard": "shard",
+    # STREAM: links found here for other shards' hosts while those shards were unreachable
+    # (field m: a Links message); this shard's scheduler forwards them (cluster.py).
+    "outbox": "outbox",
 }
 
 
@@ -260,3 +266,11 @@ class Keys:
     @property
     def arq_queue(self) -> str:
         return self._k(_FIXED["arq_queue"])
+
+    @property
+    def shard(self) -> str:
+        return self._k(_FIXED["shard"])
+
+    @property
+    def outbox(self) -> str:
+        return self._k(_FIXED["outbox"])

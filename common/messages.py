@@ -76,12 +76,29 @@ class Seeds(msgspec.Struct, tag="seeds", kw_only=True, frozen=True):
     urls: list[str]
 
 
+class ForeignLink(msgspec.Struct, kw_only=True, frozen=True):
+    """A link found on one shard for a host another shard owns (common/cluster.py)."""
+
+    host: str
+    entry: QueuedURL
+    variant: str = ""  # fingerprint of the URL without its query, when it has one
+
+
+class Links(msgspec.Struct, tag="links", kw_only=True, frozen=True):
+    """An outbox entry: links for other shards' hosts, kept on the shard where they were found
+    while their own shard could not take them; its scheduler forwards them when it can."""
+
+    v: int = VERSION
+    links: list[ForeignLink]
+
+
 # The events stream carries seeds; workers admit the links they find themselves (progress.lua).
 Event = Seeds
 
 _event_decoder = msgspec.json.Decoder(Event)
 _result_decoder = msgspec.json.Decoder(PageResult)
 _entry_decoder = msgspec.json.Decoder(QueuedURL)
+_links_decoder = msgspec.json.Decoder(Links)
 _encoder = msgspec.json.Encoder()
 
 
@@ -112,6 +129,10 @@ def decode_result(data: bytes) -> PageResult:
 
 def decode_entry(data: bytes) -> QueuedURL:
     return _checked(_entry_decoder.decode(data))  # type: ignore[no-any-return]
+
+
+def decode_links(data: bytes) -> Links:
+    return _checked(_links_decoder.decode(data))  # type: ignore[no-any-return]
 
 
 def batch_from_job(payload: Any) -> HostBatch:

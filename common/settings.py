@@ -31,7 +31,7 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "embedded")
 # Log level names the standard library knows (CRAWLFLEET_LOG_LEVEL).
 LOG_LEVELS = tuple(name.lower() for name in logging.getLevelNamesMapping() if name != "NOTSET")
 # Fields whose value is a URL that may carry credentials: shown only through redact_url().
-SECRET_URL_FIELDS = ("redis_url", "proxy")
+SECRET_URL_FIELDS = ("redis_url", "redis_urls", "proxy")
 
 
 class SettingsError(ValueError):
@@ -113,6 +113,9 @@ def _default_worker_id() -> str:
 class Settings:
     # Where and under which name the crawl lives; two crawls can share one Redis.
     redis_url: str = "redis://localhost:6379/0"
+    # Several Redis servers, comma-separated: the frontier sharded by host (common/shards.py).
+    # Wins over redis_url, which is the one-shard case.
+    redis_urls: str | None = None
     namespace: str = "crawlfleet"
 
     # Fetching (per worker process).
@@ -277,6 +280,18 @@ class Settings:
             raise SettingsError(
                 f"{env_name('redis_url')}={shorten(redact_url(self.redis_url))!r} {problem}"
             )
+        if self.redis_urls is not None:
+            from .shards import ShardConfigError, parse_redis_urls
+
+            try:
+                urls = parse_redis_urls(self.redis_urls)
+            except ShardConfigError as exc:
+                raise SettingsError(str(exc)) from None
+            # The first shard is also redis_url, for what speaks to one Redis (health, crawl);
+            # one URL is the one-shard case, as if given as CRAWLFLEET_REDIS_URL.
+            object.__setattr__(self, "redis_url", urls[0])
+            if len(urls) == 1:
+                object.__setattr__(self, "redis_urls", None)
         if not self.namespace or any(c in self.namespace for c in " {}:"):
             raise SettingsError(
                 f"{env_name('namespace')} must be non-empty without spaces, braces or colons"
@@ -286,13 +301,28 @@ class Settings:
         _check_guard(self)
         _check_output(self)
 
+    @property
+    def shard_urls(self) -> list[str]:
+        """The Redis servers of the frontier, in shard order: CRAWLFLEET_REDIS_URLS, else the
+        one CRAWLFLEET_REDIS_URL."""
+        if self.redis_urls is None:
+            return [self.redis_url]
+        from .shards import parse_redis_urls
+
+        return parse_redis_urls(self.redis_urls)
+
+    @property
+    def redis_where(self) -> str:
+        """Where the frontier lives, fit to print (passwords redacted)."""
+        return ",".join(redact_url(url) for url in self.shard_urls)
+
     def __repr__(self) -> str:
         # Credentials in URLs (the Redis password, a proxy's) never reach a log or a traceback.
         shown = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in SECRET_URL_FIELDS and isinstance(value, str):
-                value = redact_url(value)
+                value = ",".join(redact_url(part) for part in value.split(","))
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 

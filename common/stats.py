@@ -81,6 +81,35 @@ async def read_status(redis: Redis, keys: Keys, *, now: float | None = None) -> 
     return status
 
 
+# Status fields that are not summed over shards (combine_status).
+_NOT_SUMMED = ("crawl", "state_lost", "state_lost_at", "read_at", "finished", "finished_at")
+
+
+def combine_status(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+    """One status for a crawl over several shards: counts and rates summed; finished when
+    every shard is; the state lost if any shard's was; ``crawl`` the shards' ids, in order;
+    ``shards`` each shard's own status."""
+    if len(statuses) == 1:
+        return statuses[0]
+    combined: dict[str, Any] = {}
+    for name, value in statuses[0].items():
+        if name in _NOT_SUMMED:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            total = sum(s.get(name) or 0 for s in statuses)
+            combined[name] = round(total, 2) if isinstance(total, float) else total
+    combined["crawl"] = ",".join(str(s.get("crawl") or "") for s in statuses)
+    lost = [s["state_lost_at"] for s in statuses if s.get("state_lost")]
+    combined["state_lost"] = bool(lost)
+    combined["state_lost_at"] = min((t for t in lost if t is not None), default=None)
+    combined["read_at"] = max(s["read_at"] for s in statuses)
+    combined["finished"] = all(s["finished"] for s in statuses)
+    combined["finished_at"] = (max(s["finished_at"] or 0.0 for s in statuses)
+                               if combined["finished"] else None)
+    combined["shards"] = [dict(s, shard=i + 1) for i, s in enumerate(statuses)]
+    return combined
+
+
 def accounted(status: dict[str, Any]) -> bool:
     """True when every admitted URL is in exactly one state."""
     return bool(status["seen"] == sum(status[k] for k in COUNTERS[1:]))

@@ -9,6 +9,11 @@ the same Lua script that admits their URLs, so a scheduler killed at any instant
 Several schedulers may run: one holds a lock with a short expiry and works; the others wait and
 take over within ``LOCK_TTL`` seconds of its death. A Redis outage pauses the loop (with
 backoff) instead of ending the process.
+
+With several shards (``CRAWLFLEET_REDIS_URLS``) each shard has its own lock: a scheduler leads
+the first shard whose lock is free (trying them from an offset its id picks, so that N
+schedulers started together spread over N shards) and stands by for all of them otherwise.
+The leader of a shard also forwards that shard's outbox (links for other shards' hosts).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from redis.exceptions import ResponseError
 
 from crawlfleet.common import metrics
 from crawlfleet.common.addresses import url_port
+from crawlfleet.common.cluster import Cluster, bind_shard, forward_outbox, shard_limits
 from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedded
 from crawlfleet.common.frontier import ADMIT_CHUNK, Admission, Frontier, Limits, StateLost
 from crawlfleet.common.keys import CONSUMER_GROUP, Keys
@@ -54,20 +60,27 @@ log = get_logger("crawlfleet.scheduler")
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, redis: ArqRedis) -> None:
+    def __init__(self, settings: Settings, redis: ArqRedis, *, shard: int = 0,
+                 cluster: Cluster | None = None) -> None:
+        """``redis`` is shard ``shard``'s; ``cluster`` (fail-fast clients of every shard) is
+        where the outbox's links go, when there are several shards."""
         self.settings = settings
         # redis-py types asyncio commands as `Awaitable[T] | T`; this client is asyncio only.
         self.redis: Any = redis
         self.keys = Keys(settings.namespace)
         self.frontier = Frontier(redis, self.keys)
-        self.limits = Limits(settings.max_pages, settings.max_pages_per_host,
-                             settings.max_query_variants)
+        self.shard = shard
+        self.cluster = cluster
+        shards = len(cluster) if cluster is not None else 1
+        self.limits = (shard_limits(settings, shard, shards) if shards > 1 else
+                       Limits(settings.max_pages, settings.max_pages_per_host,
+                              settings.max_query_variants))
         self.crawl_id = ""  # the crawl marker's id, once known
         self.allowed_hosts: set[str] = set()
         self.seed_ports: set[int] = set()  # allowed besides 80 and 443 (CRAWLFLEET_ALLOWED_PORTS)
         self.rules = ScopeRules.from_settings(settings)
         # fakeredis does not block on XREADGROUP; the embedded backend polls instead.
-        self._blocking = not is_embedded(settings.redis_url)
+        self._blocking = not is_embedded(settings.shard_urls[shard])
         self.instance = settings.worker_id
         self._reread_pending = False
 
@@ -97,18 +110,24 @@ class Scheduler:
                 log.debug("metrics_status_failed", error=str(exc))
             await _sleep_or_stop(stop, metrics.STATUS_EVERY_S)
 
+    async def attempt(self, stop: asyncio.Event) -> bool:
+        """Lead while the lock stays ours; False at once when another scheduler holds it."""
+        if not await self.acquire_lock():
+            return False
+        metrics.LEADING.set(1)
+        try:
+            await self.lead(stop)
+        finally:
+            metrics.LEADING.set(0)
+        return True
+
     async def _run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
         standby_logged = False
         while not stop.is_set():
             try:
-                if await self.acquire_lock():
+                if await self.attempt(stop):
                     standby_logged = False
-                    metrics.LEADING.set(1)
-                    try:
-                        await self.lead(stop)
-                    finally:
-                        metrics.LEADING.set(0)
                 elif not standby_logged:
                     log.info("scheduler_standby", leader=as_text(
                         await self.redis.get(self.keys.scheduler_lock) or b"?"))
@@ -146,11 +165,15 @@ class Scheduler:
 
     async def lead(self, stop: asyncio.Event) -> None:
         """Work while the lock stays ours."""
+        if self.cluster is not None:
+            await bind_shard(self.redis, self.keys, self.shard, len(self.cluster),
+                             self.cluster.shards[self.shard].where)
         await self.open_crawl()
         self.allowed_hosts |= {as_text(h) for h in await self.redis.smembers(self.keys.scope_hosts)}
         self.seed_ports |= {int(p) for p in await self.redis.smembers(self.keys.scope_ports)}
         log.info("scheduler_leading", instance=self.instance, namespace=self.settings.namespace,
-                 crawl=self.crawl_id, scope_hosts=len(self.allowed_hosts))
+                 crawl=self.crawl_id, scope_hosts=len(self.allowed_hosts),
+                 **self._shard_fields())
         # Events a leader read but had not acknowledged when it stopped come first.
         while await self._guarded(self.read_events(pending=True)):
             pass
@@ -301,6 +324,10 @@ class Scheduler:
         if expired.unclaimed:
             log.info("batches_unclaimed", batches=expired.unclaimed,
                      detail="no worker took them within a lease; back in their queues")
+        if self.cluster is not None:
+            forwarded = await forward_outbox(self.cluster, self.shard, self.frontier)
+            if forwarded:
+                log.info("outbox_forwarded", links=forwarded, **self._shard_fields())
         await self.frontier.check_finished(self.crawl_id)
         old = [b for b in await self.redis.hkeys(self.keys.rate) if int(b) < now - 120]
         if old:
@@ -326,7 +353,51 @@ class Scheduler:
         status = await read_status(self.redis, self.keys)
         fields = ("seen", "pages", "failed", "skipped", "queued", "in_flight", "pages_per_s",
                   "finished", "quarantined", "state_lost")
-        log.info("progress", **{k: status[k] for k in fields})
+        log.info("progress", **{k: status[k] for k in fields}, **self._shard_fields())
+
+    def _shard_fields(self) -> dict[str, int]:
+        if self.cluster is None:
+            return {}
+        return {"shard": self.shard + 1, "shards": len(self.cluster)}
+
+
+async def run_sharded(settings: Settings, cluster: Cluster, quick: Cluster,
+                      stop: asyncio.Event) -> None:
+    """``crawlfleet scheduler`` over several shards: lead one shard whose lock is free, stand
+    by for every shard otherwise. ``cluster`` holds the shards' own clients (retrying through a
+    restart), ``quick`` the fail-fast ones that outbox links go through."""
+    schedulers = [Scheduler(settings, shard.redis, shard=shard.index, cluster=quick)
+                  for shard in cluster.shards]
+    # Schedulers started together try the shards from different places.
+    start = sum(settings.worker_id.encode()) % len(schedulers)
+    order = schedulers[start:] + schedulers[:start]
+    backoff: dict[int, float] = {}
+    standby_logged = False
+    async with metrics.serve_metrics(settings.metrics_port, role="scheduler",
+                                     healthy=lambda: not stop.is_set()):
+        while not stop.is_set():
+            for scheduler in order:
+                if stop.is_set():
+                    break
+                if time.monotonic() < backoff.get(scheduler.shard, 0.0):
+                    continue
+                try:
+                    if await scheduler.attempt(stop):
+                        standby_logged = False
+                except REDIS_ERRORS as exc:
+                    event = ("redis_unavailable" if isinstance(exc, REDIS_UNAVAILABLE)
+                             else "redis_error")
+                    log.warning(event, error=str(exc), shard=scheduler.shard + 1)
+                    backoff[scheduler.shard] = time.monotonic() + 2.0
+            if not standby_logged and not stop.is_set():
+                log.info("scheduler_standby", shards=len(schedulers),
+                         detail="every shard has a leader")
+                standby_logged = True
+            await _sleep_or_stop(stop, STANDBY_POLL)
+    for scheduler in schedulers:
+        with contextlib.suppress(*REDIS_UNAVAILABLE, ResponseError):
+            await scheduler.frontier.release_lock(scheduler.instance)
+    log.info("scheduler_stopped")
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 from redis.exceptions import RedisError
 
+from crawlfleet.common.cluster import Cluster, deliver
 from crawlfleet.common.connections import retry_while_unavailable
 from crawlfleet.common.frontier import (
     ADMIT_CHUNK,
@@ -82,8 +83,12 @@ class BatchRun(PageWork):
         self.links: LinkFilter = ctx["links"]
         self.keys: Keys = ctx["keys"]
         self.warc: WarcWriter | None = ctx.get("warc")  # CRAWLFLEET_WARC
-        self.limits = Limits(self.settings.max_pages, self.settings.max_pages_per_host,
-                             self.settings.max_query_variants)
+        self.limits: Limits = ctx.get("limits") or Limits(
+            self.settings.max_pages, self.settings.max_pages_per_host,
+            self.settings.max_query_variants)
+        # With several shards: where links for other shards' hosts go (common/cluster.py).
+        self.cluster: Cluster | None = ctx.get("cluster")
+        self.shard: int = ctx.get("shard", 0)
         self.batch = batch
         self.seen_digits = claim.seen_digits
         self.todo: deque[QueuedURL] = deque(claim.urls)
@@ -243,6 +248,7 @@ class BatchRun(PageWork):
     async def _send(self, **call: Any) -> ProgressOutcome:
         """Send what is buffered (results, links) with ``call``'s other Progress fields; on a
         failure it stays buffered for the next (final) call. Holds ``call_lock``'s caller."""
+        await self._deliver_foreign()
         await self._admit_overflow()
         results, self.pending = self.pending, []
         admissions, self.admissions = self.admissions, []
@@ -257,6 +263,26 @@ class BatchRun(PageWork):
             raise
         self.calls += 1
         return outcome
+
+    async def _deliver_foreign(self) -> None:
+        """Links for other shards' hosts are admitted there (or parked in this shard's outbox)
+        before this shard's call stores the pages they came from: a kill in between re-fetches
+        those pages, and their links come again as duplicates."""
+        if self.cluster is None or not self.admissions:
+            return
+        mine, others = self.cluster.split(self.admissions, self.shard)
+        if not others:
+            return
+        self.admissions = mine
+        try:
+            parked = await deliver(self.cluster, others, self.frontier.redis, ADMIT_CHUNK)
+        except BaseException:
+            self.admissions = [a for group in others.values() for a in group] + self.admissions
+            raise
+        if parked:
+            self.log.warning("links_parked", links=parked,
+                             detail="their shard is unreachable: this shard's scheduler "
+                                    "forwards them from its outbox once it is back")
 
     async def _admit_overflow(self) -> None:
         """Links past ADMIT_CHUNK go first, in admit.lua calls of ADMIT_CHUNK each, so that no

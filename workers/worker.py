@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +25,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from crawlfleet.common.addresses import allowed_port_numbers, parse_networks, proxy_host_of
+from crawlfleet.common.cluster import Cluster, bind_shard
 from crawlfleet.common.connections import (
     REDIS_UNAVAILABLE,
     as_text,
@@ -122,34 +124,52 @@ def _build_session(settings: Settings, resolver: GuardedResolver) -> aiohttp.Cli
     return session
 
 
-async def startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx["settings"]
-    # arq's start-up and shut-down are two hooks, so the session's context spans them.
-    ctx["resources"] = contextlib.AsyncExitStack()
-    ctx["session"] = await ctx["resources"].enter_async_context(worker_session(settings))
-    ctx["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
-    ctx["keys"] = keys = Keys(settings.namespace)
-    ctx["frontier"] = Frontier(ctx["redis"], keys)
-    ctx["robots"] = RobotsCache(ctx["redis"], keys, ctx["session"], settings)
-    ctx["links"] = LinkFilter(settings)
-    ctx["warc"] = warc = open_warc(settings)
+async def open_shared(settings: Settings, resources: contextlib.AsyncExitStack,
+                      taking_jobs: Any) -> dict[str, Any]:
+    """What one worker process has once, whatever its shards: the session, the fetch slots,
+    the link filter (its scope), the WARC writer, the metrics server."""
+    shared: dict[str, Any] = {}
+    shared["session"] = await resources.enter_async_context(worker_session(settings))
+    shared["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
+    shared["links"] = LinkFilter(settings)
+    shared["warc"] = warc = open_warc(settings)
     if warc is not None:
         # Closed before the session (the stack unwinds backwards), after arq has stopped the
         # jobs: the last file is renamed from .open, and uploaded for an s3:// output.
-        ctx["resources"].push_async_callback(warc.close)
+        resources.push_async_callback(warc.close)
     # /healthz turns 503 once the worker stops taking jobs (SIGTERM's grace); closed first.
-    await ctx["resources"].enter_async_context(serve_metrics(
-        settings.metrics_port, role="worker", healthy=ctx.get("taking_jobs")))
+    await resources.enter_async_context(serve_metrics(
+        settings.metrics_port, role="worker", healthy=taking_jobs))
     log.info("worker_started", worker_id=settings.worker_id, max_in_flight=settings.max_in_flight,
              nameservers=list(settings.dns_nameservers) or "system",
-             warc=str(warc.series.directory) if warc is not None else None)
+             warc=str(warc.series.directory) if warc is not None else None,
+             shards=len(settings.shard_urls))
+    return shared
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    # arq's start-up and shut-down are two hooks, so the session's context spans them. With
+    # several shards the process opened its shared part already (run_sharded_workers).
+    ctx["resources"] = contextlib.AsyncExitStack()
+    if "session" not in ctx:
+        ctx.update(await open_shared(settings, ctx["resources"], ctx.get("taking_jobs")))
+    ctx["keys"] = keys = Keys(settings.namespace)
+    cluster: Cluster | None = ctx.get("cluster")
+    if cluster is not None:
+        shard = cluster.shards[ctx["shard"]]
+        await bind_shard(ctx["redis"], keys, shard.index, len(cluster), shard.where)
+        ctx["limits"] = shard.limits
+    ctx["frontier"] = Frontier(ctx["redis"], keys)
+    ctx["robots"] = RobotsCache(ctx["redis"], keys, ctx["session"], settings)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     resources: contextlib.AsyncExitStack | None = ctx.get("resources")
     if resources is not None:
         await resources.aclose()
-    log.info("worker_stopped", worker_id=ctx["settings"].worker_id)
+    if ctx.get("cluster") is None:
+        log.info("worker_stopped", worker_id=ctx["settings"].worker_id)
 
 
 async def fetch_batch(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -312,8 +332,63 @@ def run_worker(settings: Settings) -> None:
     """Run a worker until SIGTERM/SIGINT. A Redis that is not there yet is waited for; one
     that refuses us raises :class:`RedisProblem` (the CLI prints it on one line)."""
     configure_logging(settings.log_format, settings.log_level, worker_id=settings.worker_id)
+    if len(settings.shard_urls) > 1:
+        asyncio.run(run_sharded_workers(settings))
+        return
     with contextlib.suppress(asyncio.CancelledError):
         make_worker(settings).run()
+
+
+async def run_sharded_workers(settings: Settings) -> None:
+    """One arq worker per shard (each polls its shard's queue and claims there), sharing the
+    process's session, fetch slots and link filter; links for other shards' hosts go through
+    fail-fast clients (``Cluster.open(quick=True)``). A shard that is down pauses its own
+    arq worker only. SIGTERM stops all of them, each with the usual grace."""
+    urls = settings.shard_urls
+    quick = Cluster.open(settings, quick=True)
+    resources = contextlib.AsyncExitStack()
+    workers: list[CrawlWorker] = []
+    shared = await open_shared(settings, resources,
+                               lambda: any(w.allow_pick_jobs for w in workers))
+    # A host's batch holds a job slot: the slots are split, so the process holds no more
+    # hosts than one unsharded worker would.
+    per_shard = max(1, -(-settings.jobs_per_worker // len(urls)))
+    for index, url in enumerate(urls):
+        options = worker_options(settings)
+        options["max_jobs"] = per_shard
+        options["ctx"] = {**options["ctx"], **shared, "cluster": quick, "shard": index}
+        worker = CrawlWorker(**options, handle_signals=False, redis_pool=open_redis(
+            url, queue_name=Keys(settings.namespace).arq_queue))
+        worker.redis_url = url
+        workers.append(worker)
+    loop = asyncio.get_running_loop()
+
+    def stop_all(sig: signal.Signals) -> None:
+        for w in workers:
+            w.handle_sig_wait_for_completion(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_all, sig)
+    tasks = []
+    for worker in workers:
+        worker.main_task = loop.create_task(worker.main())
+        tasks.append(worker.main_task)
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:  # a shard that refuses us (a password, a shard record) ends all
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for worker in workers:
+            with contextlib.suppress(*POLL_FAILURES):
+                await worker.close()
+        await resources.aclose()
+        await quick.aclose()
+        log.info("worker_stopped", worker_id=settings.worker_id)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,167 @@
+"""The fleet commands over several shards (``CRAWLFLEET_REDIS_URLS``): seed, status, check,
+export and purge, each run on every shard and put together; ``reshard`` in cli/reshard.py.
+
+With one shard these are not used: cli/commands.py speaks to the one Redis as it always did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import IO, Any, TypeVar
+
+from redis.exceptions import RedisError
+
+from crawlfleet.common.addresses import url_port
+from crawlfleet.common.cluster import Cluster
+from crawlfleet.common.connections import redis_problem
+from crawlfleet.common.messages import Seeds, encode
+from crawlfleet.common.settings import Settings
+from crawlfleet.common.stats import combine_status, read_status
+from crawlfleet.common.urls import URLError, host_key
+
+T = TypeVar("T")
+SEEDS_PER_MESSAGE = 1000
+
+
+def run_on_cluster(settings: Settings,
+                   go: Callable[[Cluster], Coroutine[Any, Any, T]]) -> T:
+    """``go(cluster)`` with every shard open and its shard record checked; a Redis error
+    becomes one line naming the shard it came from."""
+
+    async def main() -> T:
+        cluster = Cluster.open(settings)
+        current = cluster.shards[0]
+        try:
+            for shard in cluster.shards:
+                current = shard
+                await cluster.bind_one(shard)
+            current = cluster.shards[0]
+            return await go(cluster)
+        except RedisError as exc:
+            where = getattr(exc, "shard_url", None) or current.url
+            raise redis_problem(exc, where) from None
+        finally:
+            await cluster.aclose()
+
+    return asyncio.run(main())
+
+
+def seed_groups(cluster: Cluster, seeds: list[str]) -> dict[int, list[str]]:
+    """Each seed goes to its host's shard."""
+    groups: dict[int, list[str]] = {}
+    for url in seeds:
+        groups.setdefault(cluster.owner(host_key(url)).index, []).append(url)
+    return groups
+
+
+def seed_scope(seeds: list[str]) -> tuple[set[str], set[int]]:
+    """The seeds' hosts and explicit ports: the crawl's scope, copied to every shard."""
+    hosts: set[str] = set()
+    ports: set[int] = set()
+    for url in seeds:
+        try:
+            hosts.add(host_key(url))
+        except URLError:
+            continue
+        port = url_port(url)
+        if port is not None:
+            ports.add(port)
+    return hosts, ports
+
+
+async def enqueue_sharded(cluster: Cluster, seeds: list[str]) -> None:
+    """The scope goes to every shard first, then each shard's seeds onto its events stream:
+    a shard's workers then judge a link to any seed host as in scope, whichever shard found
+    it. Run again after a failure, it is a no-op for what landed (dedup)."""
+    keys = cluster.keys
+    hosts, ports = seed_scope(seeds)
+    for shard in cluster.shards:
+        await cluster.crawl_id(shard)  # the crawl marker and the scheduler's consumer group
+        async with shard.redis.pipeline(transaction=True) as pipe:
+            if hosts:
+                pipe.sadd(keys.scope_hosts, *sorted(hosts))
+            if ports:
+                pipe.sadd(keys.scope_ports, *sorted(ports))
+            await pipe.execute()
+    for index, group in sorted(seed_groups(cluster, seeds).items()):
+        shard = cluster.shards[index]
+        async with shard.redis.pipeline(transaction=False) as pipe:
+            for i in range(0, len(group), SEEDS_PER_MESSAGE):
+                pipe.xadd(keys.events,
+                          {"m": encode(Seeds(urls=group[i:i + SEEDS_PER_MESSAGE]))})
+            await pipe.execute()
+
+
+async def cluster_status(cluster: Cluster) -> dict[str, Any]:
+    """Every shard's status, summed (``combine_status``). Finished needs every shard finished
+    on two rounds of reads with nothing admitted in between: a worker admits links on another
+    shard before it gives its own host back, so a shard read as finished before such links
+    arrived is read again after."""
+    first = [await read_status(s.redis, cluster.keys) for s in cluster.shards]
+    combined = combine_status(first)
+    if combined["finished"]:
+        second = [await read_status(s.redis, cluster.keys) for s in cluster.shards]
+        combined = combine_status(second)
+        if [s["seen"] for s in first] != [s["seen"] for s in second]:
+            combined["finished"] = False
+            combined["finished_at"] = None
+    return combined
+
+
+async def export_sharded(cluster: Cluster, out: IO[bytes], **options: Any) -> int:
+    """Every shard's results, one shard after the other."""
+    from .export import write_results
+
+    count = 0
+    for shard in cluster.shards:
+        count += await write_results(shard.redis, cluster.keys, out, **options)
+    return count
+
+
+def foreign_hosts(snapshot: Any, index: int, count: int) -> list[str]:
+    """Hosts with per-host state on shard ``index`` that another shard owns."""
+    from crawlfleet.common.shards import owner
+
+    hosts: set[str] = set()
+    for part in (snapshot.queues, snapshot.queue_unreadable, snapshot.leases,
+                 snapshot.fetching, snapshot.lease_batch, snapshot.leased, snapshot.waiting):
+        hosts.update(part)
+    return sorted(h for h in hosts if owner(h, count) != index)
+
+
+async def check_sharded(cluster: Cluster, output: str | None) -> list[tuple[Any, list[Any]]]:
+    """``check`` on every shard, plus one problem per shard holding another shard's hosts."""
+    from crawlfleet.common import check as consistency
+    from crawlfleet.common.resultlog import output_store
+
+    reports = []
+    for shard in cluster.shards:
+        store = await output_store(shard.redis, cluster.keys, output)
+        snapshot, problems = await consistency.check(shard.redis, cluster.keys, store)
+        foreign = foreign_hosts(snapshot, shard.index, len(cluster))
+        if foreign:
+            problems.append(consistency.Problem(
+                "foreign_host", f"shard {shard.index + 1} holds state of hosts another shard "
+                "owns (a changed shard list? see crawlfleet reshard)", len(foreign),
+                tuple(foreign[:consistency.EXAMPLES])))
+        reports.append((snapshot, problems))
+    return reports
+
+
+def format_check(cluster_reports: list[tuple[Any, list[Any]]], as_json: bool) -> str:
+    from crawlfleet.common import check as consistency
+
+    if as_json:
+        import msgspec
+
+        shards = [consistency.report(s, p) for s, p in cluster_reports]
+        return msgspec.json.encode({"ok": all(r["ok"] for r in shards),
+                                    "shards": shards}).decode()
+    parts = []
+    for i, (snapshot, problems) in enumerate(cluster_reports):
+        parts.append(f"# shard {i + 1} of {len(cluster_reports)}\n"
+                     + consistency.format_report(snapshot, problems))
+    bad = sum(len(p) for _, p in cluster_reports)
+    parts.append("check: OK on every shard" if not bad else f"check: {bad} problem(s)")
+    return "\n".join(parts)

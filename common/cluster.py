@@ -1,0 +1,258 @@
+"""The shards of a crawl: one full frontier per Redis server in ``CRAWLFLEET_REDIS_URLS``.
+
+Each shard holds, under the same namespace and key names as a one-Redis crawl, the frontier of
+the hosts it owns (``shards.owner``): their queues, leases, pacing, robots.txt, budgets, the seen
+fingerprints of their URLs, their results, and its own crawl marker, events stream, scheduler
+lock and arq queue. Nothing of one host is on two shards, so every script stays single-shard
+and dedup stays exact. What is crawl-wide is either copied to every shard (the scope: the
+seeds' hosts and ports) or summed over them (``status``, ``check``).
+
+A link found on shard A for a host of shard B is admitted on B (admit.lua) before A's progress
+call stores the page it came from, so a kill between the two re-fetches the page and re-admits
+a duplicate. When B cannot be reached, the links go into A's outbox stream instead (still before
+the progress call), and A's scheduler forwards them to B when B is back: a shard that is down
+pauses its own hosts and nothing else.
+
+Each Redis records which shard it is (``Keys.shard``, "index/count"): a process whose shard list
+disagrees with a shard's record stops with one line instead of splitting hosts' dedup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .connections import (
+    REDIS_UNAVAILABLE,
+    RedisProblem,
+    as_text,
+    is_embedded,
+    open_redis,
+    redact_url,
+)
+from .frontier import Admission, Frontier, Limits, StateLost
+from .keys import Keys
+from .messages import (
+    ForeignLink,
+    Links,
+    MessageVersionError,
+    decode_entry,
+    decode_links,
+    encode,
+)
+from .settings import Settings
+from .shards import owner
+
+OUTBOX_READ = 50  # outbox entries a scheduler forwards per pass
+# A shard that cannot take links now: they wait in the outbox.
+UNDELIVERABLE: tuple[type[Exception], ...] = (*REDIS_UNAVAILABLE, StateLost)
+
+
+class ShardMismatch(RedisProblem):
+    """A Redis holds another shard of this namespace than the shard list says: one line,
+    exit 2 (the settings must change)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
+
+
+def shard_limits(settings: Settings, index: int, count: int) -> Limits:
+    """The budgets one shard enforces. A per-host budget is the host's own shard's; the crawl's
+    page budget is split between the shards (index 0 takes the remainder first), so that the
+    crawl never admits more than ``max_pages`` in all."""
+    total = settings.max_pages
+    if total is not None and count > 1:
+        total = total // count + (1 if index < total % count else 0)
+    return Limits(total, settings.max_pages_per_host, settings.max_query_variants)
+
+
+def shard_record(index: int, count: int) -> str:
+    return f"{index}/{count}"
+
+
+async def bind_shard(redis: Any, keys: Keys, index: int, count: int, where: str) -> None:
+    """Record (first use) or check that this Redis is shard ``index`` of ``count`` for the
+    namespace. A one-shard crawl writes nothing, so a plain crawl's keys are what they were;
+    a record left by a sharded crawl still refuses it."""
+    want = shard_record(index, count)
+    if count > 1:
+        await redis.set(keys.shard, want, nx=True)
+    raw = await redis.get(keys.shard)
+    have = as_text(raw) if raw is not None else shard_record(0, 1)
+    if have != want:
+        held, _, of = have.partition("/")
+        raise ShardMismatch(
+            f"Redis at {where} holds shard {int(held) + 1} of {of} of namespace "
+            f"{keys.namespace!r}, but the shard list makes it shard {index + 1} of {count}: "
+            "give the list the crawl was seeded with, or move the crawl with "
+            "`crawlfleet reshard --to URLS`")
+
+
+@dataclass
+class Shard:
+    index: int
+    url: str
+    redis: Any
+    frontier: Frontier
+    limits: Limits
+    crawl_id: str = ""  # this shard's crawl marker, once read
+
+    @property
+    def where(self) -> str:
+        return redact_url(self.url)
+
+
+def _quick_client(url: str) -> Any:
+    """A client that fails at once when its Redis is not there (no retries, short timeouts):
+    for writes to other shards, where a down shard must cost a fallback, not a 30 s stall."""
+    if is_embedded(url):
+        return open_redis(url)
+    pool = ConnectionPool.from_url(
+        url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, socket_timeout=5,
+        socket_keepalive=True)
+    return Redis(connection_pool=pool)
+
+
+@dataclass
+class Cluster:
+    """Every shard of one crawl, each with a client and its frontier."""
+
+    settings: Settings
+    keys: Keys
+    shards: list[Shard] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, settings: Settings, *, quick: bool = False) -> Cluster:
+        """Clients for every shard (``quick``: ones that fail fast, for cross-shard writes)."""
+        keys = Keys(settings.namespace)
+        urls = settings.shard_urls
+        shards = []
+        for i, url in enumerate(urls):
+            redis = _quick_client(url) if quick else open_redis(url)
+            shards.append(Shard(i, url, redis, Frontier(redis, keys),
+                                shard_limits(settings, i, len(urls))))
+        return cls(settings, keys, shards)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def owner(self, host: str) -> Shard:
+        return self.shards[owner(host, len(self.shards))]
+
+    async def bind(self) -> None:
+        """Check every shard's record (ShardMismatch), writing it on first use."""
+        for shard in self.shards:
+            await self.bind_one(shard)
+
+    async def bind_one(self, shard: Shard) -> None:
+        await bind_shard(shard.redis, self.keys, shard.index, len(self.shards), shard.where)
+
+    async def aclose(self) -> None:
+        for shard in self.shards:
+            with contextlib.suppress(Exception):
+                await shard.redis.aclose()
+
+    async def crawl_id(self, shard: Shard, *, fresh: bool = False) -> str:
+        if fresh or not shard.crawl_id:
+            marker = await shard.frontier.open_crawl(
+                expected_urls=self.settings.expected_urls)
+            shard.crawl_id = marker.id
+        return shard.crawl_id
+
+    def split(self, admissions: Sequence[Admission], home: int,
+              ) -> tuple[list[Admission], dict[int, list[Admission]]]:
+        """The admissions for ``home``'s own hosts, and the others by owning shard."""
+        if len(self.shards) == 1:
+            return list(admissions), {}
+        mine: list[Admission] = []
+        others: dict[int, list[Admission]] = {}
+        count = len(self.shards)
+        for a in admissions:
+            index = owner(a.host, count)
+            if index == home:
+                mine.append(a)
+            else:
+                others.setdefault(index, []).append(a)
+        return mine, others
+
+    async def admit_on(self, shard: Shard, admissions: Sequence[Admission]) -> int:
+        """admit.lua on ``shard``; a lost state there re-reads its marker once."""
+        crawl = await self.crawl_id(shard)
+        try:
+            return await shard.frontier.admit(crawl, admissions, shard.limits)
+        except StateLost:
+            crawl = await self.crawl_id(shard, fresh=True)
+            return await shard.frontier.admit(crawl, admissions, shard.limits)
+
+
+def links_message(admissions: Sequence[Admission]) -> bytes:
+    return encode(Links(links=[
+        ForeignLink(host=a.host, entry=decode_entry(a.entry), variant=a.variant)
+        for a in admissions]))
+
+
+def admissions_of(data: bytes) -> list[Admission]:
+    """An outbox entry's admissions (raises msgspec's errors or MessageVersionError)."""
+    return [Admission(link.entry.fp, link.host, encode(link.entry), link.variant)
+            for link in decode_links(data).links]
+
+
+async def deliver(cluster: Cluster, others: dict[int, list[Admission]], outbox: Any,
+                  chunk: int) -> int:
+    """Admit links on their own shards; those whose shard cannot be reached go into the
+    outbox of the shard ``outbox`` is a client of (the caller's own: an error there is the
+    caller's, as any error of its own shard). Returns how many went to the outbox."""
+    parked = 0
+    for index, admissions in sorted(others.items()):
+        shard = cluster.shards[index]
+        try:
+            for i in range(0, len(admissions), chunk):
+                await cluster.admit_on(shard, admissions[i:i + chunk])
+            continue
+        except UNDELIVERABLE:
+            pass
+        # Admitting twice is a no-op (the seen set), so a chunk that did land may come again.
+        for i in range(0, len(admissions), chunk):
+            await outbox.xadd(cluster.keys.outbox,
+                              {"m": links_message(admissions[i:i + chunk])})
+        parked += len(admissions)
+    return parked
+
+
+async def forward_outbox(cluster: Cluster, home: int, frontier: Frontier, *,
+                         count: int = OUTBOX_READ) -> int:
+    """The leader of shard ``home`` (``frontier`` on its own client) sends its outbox's links
+    to their shards, oldest first, deleting each entry once all its links are admitted; it
+    stops at the first shard still unreachable. A malformed entry is quarantined. Returns the
+    links forwarded."""
+    redis = frontier.redis
+    keys = cluster.keys
+    forwarded = 0
+    for entry_id, fields in await redis.xrange(keys.outbox, count=count):
+        entry = as_text(entry_id)
+        data = fields.get(b"m") or fields.get("m") or b""
+        try:
+            admissions = admissions_of(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, MessageVersionError) as exc:
+            await frontier.quarantine(f"{keys.outbox}#{entry}", str(exc)[:200] or "unreadable",
+                                      bytes(data))
+            await redis.xdel(keys.outbox, entry_id)
+            continue
+        mine, others = cluster.split(admissions, home)
+        try:
+            for index, group in sorted(others.items()):
+                await cluster.admit_on(cluster.shards[index], group)
+            if mine:  # only after a reshard moved the host here
+                await cluster.admit_on(cluster.shards[home], mine)
+        except UNDELIVERABLE:
+            break
+        await redis.xdel(keys.outbox, entry_id)
+        forwarded += len(admissions)
+    return forwarded
