@@ -248,8 +248,14 @@ class BatchRun(PageWork):
     async def _send(self, **call: Any) -> ProgressOutcome:
         """Send what is buffered (results, links) with ``call``'s other Progress fields; on a
         failure it stays buffered for the next (final) call. Holds ``call_lock``'s caller."""
+        # Pages finishing during these awaits add links; the last check and the taking of
+        # the buffer below have no await between them, so no foreign link slips into this
+        # shard's call.
         await self._deliver_foreign()
         await self._admit_overflow()
+        while self._foreign_waiting():
+            await self._deliver_foreign()
+            await self._admit_overflow()
         results, self.pending = self.pending, []
         admissions, self.admissions = self.admissions, []
         refused, invalid = self.scope_refused, self.invalid_links
@@ -263,6 +269,13 @@ class BatchRun(PageWork):
             raise
         self.calls += 1
         return outcome
+
+    def foreign_host(self, host: str) -> bool:
+        return self.cluster is not None and self.cluster.owner(host).index != self.shard
+
+    def _foreign_waiting(self) -> bool:
+        return self.cluster is not None and any(self.foreign_host(a.host)
+                                                for a in self.admissions)
 
     async def _deliver_foreign(self) -> None:
         """Links for other shards' hosts are admitted there (or parked in this shard's outbox)

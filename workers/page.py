@@ -77,6 +77,10 @@ class PageWork:
     def halt(self, reason: str, *, rest_s: float = 0.0) -> None:
         raise NotImplementedError  # the turn's (batch.py)
 
+    def foreign_host(self, host: str) -> bool:
+        """Is ``host`` owned by another shard than this turn's? (batch.py; never unsharded)"""
+        return False
+
     def _crawler_fault(self, exc: BaseException) -> bool:
         raise NotImplementedError  # the turn's (batch.py)
 
@@ -158,6 +162,12 @@ class PageWork:
             outcome = FAILED
         self._store(entry, outcome, result)
         for alias in aliases:
+            if self.foreign_host(host_key(alias.url)):
+                # A redirect to another shard's host: that shard's seen set decides, so the
+                # target goes there as a link (fetched there unless it is known already).
+                admissions, refused, invalid = self.links.filter([alias.url], entry.depth)
+                self.admissions += admissions
+                continue
             self.pending.append(StoredResult(fingerprint(alias.url), ALIAS, encode(alias)))
             metrics.record_result(PAGE, alias)  # a page unless another got it first (rare)
         self.log.info("page", url=entry.url, status=result.status, error=result.error,

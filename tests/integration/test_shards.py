@@ -1,0 +1,146 @@
+"""The frontier sharded over three redis-servers: a scheduler per shard, four workers, the
+test web's many hosts; then one shard's redis-server restarted mid-crawl (AOF)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis as redis_sync
+
+from crawlfleet.common.keys import Keys
+from crawlfleet.common.shards import owner
+from crawlfleet.common.snapshot import parse_host_key
+from crawlfleet.common.urls import host_key
+
+from ..conftest import Fleet, RedisServer, WebUnderTest, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def host_keys_by_shard(servers: list[RedisServer], namespace: str) -> dict[str, set[int]]:
+    """Every host that has a per-host key, or a field in a per-host hash or sorted set, and
+    the shards where it does."""
+    keys = Keys(namespace)
+    found: dict[str, set[int]] = {}
+    for index, server in enumerate(servers):
+        client = redis_sync.Redis.from_url(server.url)
+        try:
+            for key in client.scan_iter(match=keys.host_pattern, count=1000):
+                parsed = parse_host_key(keys, key.decode())
+                assert parsed is not None, key
+                found.setdefault(parsed[0], set()).add(index)
+            for name in (keys.not_before, keys.host_pages, keys.lease_batch):
+                for host in client.hkeys(name):
+                    found.setdefault(host.decode(), set()).add(index)
+            for name in (keys.ready, keys.leases, keys.waiting):
+                for host in client.zrange(name, 0, -1):
+                    found.setdefault(host.decode(), set()).add(index)
+        finally:
+            client.close()
+    return found
+
+
+def start_sharded(fleet: Fleet, shards: int, workers: int) -> None:
+    for i in range(shards):
+        fleet.spawn(f"scheduler-{i}", "scheduler", CRAWLFLEET_WORKER_ID=f"scheduler-{i}")
+    for i in range(workers):
+        fleet.spawn(f"worker-{i}", "worker", CRAWLFLEET_WORKER_ID=f"worker-{i}")
+
+
+def assert_reachable_once(fleet: Fleet, web: WebUnderTest) -> list[dict[str, Any]]:
+    results = fleet.export()
+    urls = [r["url"] for r in results]
+    assert not [u for u, n in Counter(urls).items() if n > 1]
+    assert sorted(urls) == web.reachable()
+    return results
+
+
+def test_three_shards_crawl_the_reachable_set_once_each_host_on_its_own_shard(
+    redis_factory: Callable[..., RedisServer], testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    servers = [redis_factory(aof=False) for _ in range(3)]
+    web = testweb_factory("--hosts", "12", "--pages", "15")
+    fleet = fleet_factory(servers[0].url, web,
+                          CRAWLFLEET_REDIS_URLS=",".join(s.url for s in servers))
+    start_sharded(fleet, shards=3, workers=4)
+    seeded = fleet.run("seed", *web.seeds)
+    assert f"enqueued {len(web.seeds)} seed(s)" in seeded.stderr
+    status = fleet.wait_finished(timeout=120)
+    assert status["shards"] and len(status["shards"]) == 3
+    results = assert_reachable_once(fleet, web)
+    assert status["pages"] + status["failed"] + status["skipped"] == len(results)
+
+    # Every host's state is on exactly one shard, the one that owns it; each shard has some.
+    hosts = {host_key(r["url"]) for r in results}
+    placed = host_keys_by_shard(servers, fleet.env["CRAWLFLEET_NAMESPACE"])
+    assert placed, "no per-host state found"
+    for host, shards in placed.items():
+        assert shards == {owner(host, 3)}, (host, shards)
+    assert {owner(h, 3) for h in hosts} == {0, 1, 2}
+    # Each shard's own results are its own hosts' and its counters add up (check per shard).
+    for index, shard_status in enumerate(status["shards"]):
+        assert shard_status["seen"] == sum(
+            1 for r in results if owner(host_key(r["url"]), 3) == index)
+    report = fleet.check()
+    assert report["ok"] and len(report["shards"]) == 3
+
+    # Each scheduler leads one shard: three leaders, none standing by.
+    leading = [json.loads(line) for i in range(3) for line in fleet.log(f"scheduler-{i}")
+               .splitlines() if '"scheduler_leading"' in line]
+    assert sorted(record["shard"] for record in leading) == [1, 2, 3]
+    for name in [*(f"worker-{i}" for i in range(4)), *(f"scheduler-{i}" for i in range(3))]:
+        assert fleet.stop(name, signal.SIGTERM) == 0, fleet.log(name)[-2000:]
+
+
+def test_a_shard_restarted_mid_crawl_pauses_its_hosts_only_and_loses_nothing(
+    redis_factory: Callable[..., RedisServer], testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    servers = [redis_factory(aof=True) for _ in range(3)]
+    web = testweb_factory("--hosts", "12", "--pages", "40", "--latency-ms", "40")
+    expected = web.reachable()
+    fleet = fleet_factory(servers[0].url, web,
+                          CRAWLFLEET_REDIS_URLS=",".join(s.url for s in servers),
+                          CRAWLFLEET_PER_HOST_CONCURRENCY="1")
+    start_sharded(fleet, shards=3, workers=4)
+    fleet.run("seed", *web.seeds)
+
+    def shard_seen(index: int) -> int:
+        client = redis_sync.Redis.from_url(servers[index].url)
+        try:
+            raw = client.hget(Keys(fleet.env["CRAWLFLEET_NAMESPACE"]).stats, "pages")
+            return int(raw or 0)
+        finally:
+            client.close()
+
+    wait_for(lambda: all(shard_seen(i) >= 5 for i in range(3)), timeout=60,
+             what="every shard to crawl a few pages")
+    down = 1
+    servers[down].stop(signal.SIGKILL)
+    # The other shards keep crawling while shard 2 is down.
+    before = [shard_seen(i) for i in (0, 2)]
+    wait_for(lambda: all(shard_seen(i) >= b + 10 for i, b in zip((0, 2), before, strict=True)),
+             timeout=60, what="the other shards to go on while one is down")
+    servers[down].start()  # same port and directory: the AOF brings its frontier back
+    status = fleet.wait_finished(timeout=240)
+    results = fleet.export()
+    urls = [r["url"] for r in results]
+    assert not [u for u, n in Counter(urls).items() if n > 1]
+    assert sorted(urls) == expected
+    assert status["queued"] == status["in_flight"] == 0
+    # Links found for the shard while it was down waited in an outbox, were forwarded by
+    # their shard's scheduler, and none is left.
+    logs = "".join(fleet.log(name) for name in fleet.processes)
+    assert '"links_parked"' in logs and '"outbox_forwarded"' in logs
+    for server in servers:
+        client = redis_sync.Redis.from_url(server.url)
+        try:
+            assert client.xlen(Keys(fleet.env["CRAWLFLEET_NAMESPACE"]).outbox) == 0
+        finally:
+            client.close()
