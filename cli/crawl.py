@@ -44,7 +44,8 @@ DEFAULT_OUT = "results.jsonl"
 
 
 def crawl(args: argparse.Namespace) -> int:
-    embedded = not (args.redis_url or os.environ.get(env_name("redis_url")))
+    embedded = not (args.redis_url or os.environ.get(env_name("redis_url"))
+                    or os.environ.get(env_name("redis_urls")))
     settings = Settings.from_env(overrides={
         "redis_url": args.redis_url or (f"{EMBEDDED_SCHEME}crawl" if embedded else None),
         "namespace": args.namespace,
@@ -55,6 +56,10 @@ def crawl(args: argparse.Namespace) -> int:
     })
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    if len(settings.shard_urls) > 1:
+        raise UsageError(f"crawl runs a crawl on one Redis; with {env_name('redis_urls')} run "
+                         "the fleet: `crawlfleet scheduler` per shard, `crawlfleet worker`, "
+                         "`crawlfleet seed`")
     if settings.output and args.out:
         raise UsageError(f"--out and {env_name('output')} both say where results go: with an "
                          "output set, `crawlfleet export` reads them back")

@@ -56,6 +56,9 @@ def one_line(err: str) -> str:
     ("CRAWLFLEET_REDIS_URL", "redis://127.0.0.1/db7"),
     ("CRAWLFLEET_REDIS_URL", "redis://127.0.0.1/0?nosuchoption=1"),
     ("CRAWLFLEET_REDIS_URL", "unix://"),
+    ("CRAWLFLEET_REDIS_URLS", "redis://127.0.0.1:7001/0,,redis://127.0.0.1:7002/0"),
+    ("CRAWLFLEET_REDIS_URLS", "redis://127.0.0.1:7001/0,http://127.0.0.1:7002/0"),
+    ("CRAWLFLEET_REDIS_URLS", "redis://127.0.0.1:7001/0,redis://127.0.0.1:7001/0"),
 ])
 def test_a_bad_setting_is_one_line_exit_2(
     variable: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -198,3 +201,21 @@ def test_crawl_summary_hides_the_password() -> None:
                "elapsed_s": 1.0, "finished": True, "exported": 1}
     text = format_summary(summary, Settings(redis_url="redis://:hunter2@h/0"), 1, "x")
     assert "hunter2" not in text and "redis://:***@h/0" in text
+
+
+def test_crawl_refuses_a_shard_list_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CRAWLFLEET_REDIS_URLS", f"{dead_url('pw1')},{dead_url('pw2')}")
+    assert main(["crawl", "http://a.test/"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "CRAWLFLEET_REDIS_URLS" in line and "pw1" not in line and "pw2" not in line
+
+
+def test_a_shard_that_cannot_be_reached_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CRAWLFLEET_REDIS_URLS", f"{dead_url('pw1')},{dead_url('pw2')}")
+    assert main(["status"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "unreachable" in line and "pw1" not in line and "pw2" not in line

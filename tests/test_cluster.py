@@ -1,0 +1,182 @@
+"""The shards of a crawl (common/cluster.py) on the embedded backend: one fakeredis server per
+``embedded://NAME``, so each shard is its own Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError
+
+from crawlfleet.common.cluster import (
+    Cluster,
+    ShardMismatch,
+    bind_shard,
+    deliver,
+    forward_outbox,
+    shard_limits,
+)
+from crawlfleet.common.frontier import Admission
+from crawlfleet.common.settings import Settings, SettingsError
+from crawlfleet.common.shards import owner
+from crawlfleet.common.stats import combine_status, read_status
+from crawlfleet.common.urls import host_key
+
+
+def shard_settings(count: int, **extra: Any) -> Settings:
+    run = uuid.uuid4().hex[:8]
+    return Settings(redis_urls=",".join(f"embedded://{run}-{i}" for i in range(count)),
+                    **extra)
+
+
+def links_for(count: int, per_shard: int) -> dict[int, list[Admission]]:
+    """``per_shard`` admissions for hosts of each of ``count`` shards."""
+    found: dict[int, list[Admission]] = {i: [] for i in range(count)}
+    n = 0
+    while any(len(v) < per_shard for v in found.values()):
+        url = f"http://host{n}.test/page"
+        n += 1
+        index = owner(host_key(url), count)
+        if len(found[index]) < per_shard:
+            found[index].append(Admission.of(url, host_key(url), 1))
+    return found
+
+
+def test_settings_redis_urls_win_and_one_url_is_the_one_shard_case() -> None:
+    many = Settings.from_env({"CRAWLFLEET_REDIS_URLS": "redis://a:1/0, redis://b:2/0",
+                              "CRAWLFLEET_REDIS_URL": "redis://c:3/0"})
+    assert many.shard_urls == ["redis://a:1/0", "redis://b:2/0"]
+    assert many.redis_url == "redis://a:1/0"
+    one = Settings.from_env({"CRAWLFLEET_REDIS_URLS": "redis://a:1/0"})
+    assert one.shard_urls == ["redis://a:1/0"] and one.redis_urls is None
+    with pytest.raises(SettingsError, match="entry 2 is empty"):
+        Settings.from_env({"CRAWLFLEET_REDIS_URLS": "redis://a:1/0,,redis://b:2/0"})
+    secret = Settings.from_env({"CRAWLFLEET_REDIS_URLS": "redis://:pw1@a:1/0,redis://:pw2@b/0"})
+    assert "pw1" not in repr(secret) and "pw2" not in repr(secret)
+    assert "pw2" not in secret.redis_where
+
+
+@pytest.mark.parametrize("total,count", [(10, 3), (1, 4), (0, 2), (1000, 7)])
+def test_the_page_budget_is_split_and_sums_to_the_total(total: int, count: int) -> None:
+    settings = Settings(max_pages=total, max_pages_per_host=5)
+    shares = [shard_limits(settings, i, count) for i in range(count)]
+    assert sum(s.max_pages or 0 for s in shares) == total
+    assert max(s.max_pages or 0 for s in shares) - min(s.max_pages or 0 for s in shares) <= 1
+    assert {s.max_pages_per_host for s in shares} == {5}  # a host's budget is its shard's
+
+
+def test_a_shard_record_refuses_another_shard_list() -> None:
+    settings = shard_settings(2)
+    cluster = Cluster.open(settings)
+
+    async def go() -> None:
+        await cluster.bind()
+        other = cluster.shards[1]
+        with pytest.raises(ShardMismatch, match=r"holds shard 2 of 2 .* shard 1 of 3"):
+            await bind_shard(other.redis, cluster.keys, 0, 3, other.where)
+        # A one-shard list refuses it too, though a one-shard crawl writes no record itself.
+        with pytest.raises(ShardMismatch, match="shard 1 of 1"):
+            await bind_shard(other.redis, cluster.keys, 0, 1, other.where)
+        await cluster.bind()  # the right list again: fine
+        await cluster.aclose()
+
+    asyncio.run(go())
+
+
+def test_split_routes_each_admission_to_its_hosts_shard() -> None:
+    cluster = Cluster.open(shard_settings(3))
+    found = links_for(3, 4)
+    mine, others = cluster.split([a for group in found.values() for a in group], home=1)
+    assert mine == found[1]
+    assert others == {0: found[0], 2: found[2]}
+
+
+async def refused(*args: Any, **kwargs: Any) -> Any:
+    raise ConnectionError("Connection refused")
+
+
+class Down:
+    """A shard's client whose Redis is gone: every command and script is refused."""
+
+    def register_script(self, source: str) -> Any:
+        return refused
+
+    def __getattr__(self, name: str) -> Any:
+        return refused
+
+
+def test_links_for_a_down_shard_wait_in_the_outbox_and_are_forwarded_when_it_is_back() -> None:
+    settings = shard_settings(3)
+    cluster = Cluster.open(settings)
+
+    async def go() -> None:
+        await cluster.bind()
+        found = links_for(3, 5)
+        others = {0: found[0], 2: found[2]}
+        home = cluster.shards[1]
+        real = cluster.shards[2].redis
+        real_frontier = cluster.shards[2].frontier
+        cluster.shards[2].redis = Down()
+        cluster.shards[2].frontier = type(real_frontier)(Down(), cluster.keys)  # type: ignore[arg-type]
+        cluster.shards[2].crawl_id = ""
+        parked = await deliver(cluster, others, home.redis, chunk=2)
+        assert parked == 5
+        assert await home.redis.xlen(cluster.keys.outbox) == 3  # chunks of 2
+        shard0 = await read_status(cluster.shards[0].redis, cluster.keys)
+        assert shard0["seen"] == shard0["queued"] == 5
+        # The home shard is not finished while links wait in its outbox.
+        assert not await home.frontier.check_finished(await cluster.crawl_id(home))
+        # Still down: nothing forwarded, nothing lost.
+        assert await forward_outbox(cluster, 1, home.frontier) == 0
+        assert await home.redis.xlen(cluster.keys.outbox) == 3
+        cluster.shards[2].redis, cluster.shards[2].frontier = real, real_frontier
+        assert await forward_outbox(cluster, 1, home.frontier) == 5
+        assert await home.redis.xlen(cluster.keys.outbox) == 0
+        shard2 = await read_status(real, cluster.keys)
+        assert shard2["seen"] == shard2["queued"] == 5
+        # Forwarding the same links again admits nothing (dedup on their own shard).
+        await deliver(cluster, {2: found[2]}, home.redis, chunk=250)
+        assert (await read_status(real, cluster.keys))["seen"] == 5
+        await cluster.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_malformed_outbox_entry_is_quarantined_and_the_rest_forwarded() -> None:
+    cluster = Cluster.open(shard_settings(2))
+
+    async def go() -> None:
+        await cluster.bind()
+        home = cluster.shards[0]
+        await cluster.crawl_id(home)
+        await home.redis.xadd(cluster.keys.outbox, {"m": b"{not json"})
+        found = links_for(2, 3)
+        await home.redis.xadd(cluster.keys.outbox, {"m": b""})
+        from crawlfleet.common.cluster import links_message
+
+        await home.redis.xadd(cluster.keys.outbox, {"m": links_message(found[1])})
+        assert await forward_outbox(cluster, 0, home.frontier) == 3
+        assert await home.redis.xlen(cluster.keys.outbox) == 0
+        assert await home.redis.xlen(cluster.keys.quarantine) == 2
+        assert (await read_status(cluster.shards[1].redis, cluster.keys))["queued"] == 3
+        await cluster.aclose()
+
+    asyncio.run(go())
+
+
+def test_combined_status_sums_the_shards_and_is_finished_only_when_all_are() -> None:
+    base = {"seen": 3, "pages": 2, "failed": 1, "queued": 0, "in_flight": 0,
+            "pages_per_s": 1.5, "crawl": "a", "state_lost": False, "state_lost_at": None,
+            "read_at": 10.0, "finished": True, "finished_at": 9.0}
+    other = dict(base, crawl="b", seen=5, pages=5, failed=0, read_at=11.0, finished_at=9.5)
+    both = combine_status([base, other])
+    assert (both["seen"], both["pages"], both["failed"]) == (8, 7, 1)
+    assert both["pages_per_s"] == 3.0
+    assert both["finished"] and both["finished_at"] == 9.5 and both["crawl"] == "a,b"
+    assert [s["shard"] for s in both["shards"]] == [1, 2]
+    running = combine_status([base, dict(other, finished=False, finished_at=None)])
+    assert not running["finished"] and running["finished_at"] is None
+    lost = combine_status([base, dict(other, state_lost=True, state_lost_at=4.0)])
+    assert lost["state_lost"] and lost["state_lost_at"] == 4.0
