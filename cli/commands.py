@@ -232,6 +232,15 @@ def sharded(settings: Settings) -> bool:
     return len(settings.shard_urls) > 1
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set (in the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 def run_cluster_role(settings: Settings, role: str,
                      work: Callable[[Any, asyncio.Event], Awaitable[None]]) -> int:
     """``run_role`` over every shard: ``work(cluster, stop)``; each shard's outage is the
@@ -241,10 +250,7 @@ def run_cluster_role(settings: Settings, role: str,
     configure_logging(settings.log_format, settings.log_level, role=role)
 
     async def go() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         cluster = Cluster.open(settings)
         try:
             await work(cluster, stop)
@@ -263,10 +269,7 @@ def run_role(settings: Settings, role: str,
     configure_logging(settings.log_format, settings.log_level, role=role)
 
     async def go() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         redis = open_redis(settings.redis_url)
         try:
             if await wait_for_redis(redis, settings.redis_url, stop=stop, role=role):

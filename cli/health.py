@@ -17,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from redis.exceptions import RedisError
+
+from crawlfleet.common.cluster import quick_client
 from crawlfleet.common.connections import RedisProblem, open_redis, redis_problem
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.settings import Settings, redact_url
@@ -34,17 +37,30 @@ def health_window(settings: Settings) -> int:
 
 
 async def read_health(settings: Settings) -> tuple[bytes | None, int]:
-    """The worker's health-check value (None: no key) and its remaining life in ms."""
+    """The worker's health-check value (None: no key) and its remaining life in ms. With
+    several shards the worker writes one on each (an arq worker per shard): the first shard
+    that has it answers, so one shard's outage does not fail the probe of every worker."""
     key = Keys(settings.namespace).arq_health_check(settings.worker_id)
-    redis = open_redis(settings.redis_url)
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.get(key)
-            pipe.pttl(key)
-            value, ttl = await pipe.execute()
-    finally:
-        await redis.aclose()
-    return value, int(ttl)
+    urls = settings.shard_urls
+    failure: BaseException | None = None
+    for url in urls:
+        redis = open_redis(url) if len(urls) == 1 else quick_client(url)
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                value, ttl = await pipe.execute()
+            if value is not None or len(urls) == 1:
+                return value, int(ttl)
+        except (RedisError, OSError) as exc:
+            if len(urls) == 1:
+                raise
+            failure = exc
+        finally:
+            await redis.aclose()
+    if failure is not None:
+        raise failure
+    return None, -2
 
 
 def health(settings: Settings) -> int:

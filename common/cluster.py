@@ -109,7 +109,7 @@ class Shard:
         return redact_url(self.url)
 
 
-def _quick_client(url: str) -> Any:
+def quick_client(url: str) -> Any:
     """A client that fails at once when its Redis is not there (no retries, short timeouts):
     for writes to other shards, where a down shard must cost a fallback, not a 30 s stall."""
     if is_embedded(url):
@@ -135,7 +135,7 @@ class Cluster:
         urls = settings.shard_urls
         shards = []
         for i, url in enumerate(urls):
-            redis = _quick_client(url) if quick else open_redis(url)
+            redis = quick_client(url) if quick else open_redis(url)
             shards.append(Shard(i, url, redis, Frontier(redis, keys),
                                 shard_limits(settings, i, len(urls))))
         return cls(settings, keys, shards)
