@@ -9,6 +9,7 @@
     check      count the crawl's structures, compare them with the counters (exit 1 if not)
     export     every result once, as JSON lines or CSV (--failed, --dead)
     purge      delete every key of a namespace (asks first; --yes)
+    reshard    move a namespace onto another shard list, between crawls (--to URLS)
     crawl      the whole crawl in one process (embedded backend unless CRAWLFLEET_REDIS_URL is set)
     demo       crawl the local test web on the embedded backend and check the result
     testweb    the local synthetic web for tests, demos and benchmarks
@@ -112,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(purge)
     purge.add_argument("--yes", "-y", action="store_true", help="do not ask (for scripts)")
 
+    reshard = sub.add_parser(
+        "reshard", help="move a namespace onto another list of Redis shards",
+        description="Between crawls, move the namespace from its shard list "
+                    "(CRAWLFLEET_REDIS_URLS, or CRAWLFLEET_REDIS_URL) to the one given: only "
+                    "the hosts whose owning server changes move, with their seen URLs, "
+                    "results, queues, pacing and robots.txt. Safe to run again after a kill. "
+                    "Asks first.")
+    _common(reshard)
+    reshard.add_argument("--to", required=True, metavar="URLS",
+                         help="the new shard list, comma-separated Redis URLs")
+    reshard.add_argument("--yes", "-y", action="store_true", help="do not ask (for scripts)")
+    reshard.add_argument("--dry-run", action="store_true",
+                         help="print what would move and change nothing")
+
     demo = sub.add_parser("demo", help="crawl the local test web on the embedded backend")
     from .demo import add_arguments
 
@@ -180,6 +195,10 @@ def _run(args: argparse.Namespace) -> int:
         return commands.sink(settings_from(args))
     if args.command == "purge":
         return commands.purge(settings_from(args), yes=args.yes)
+    if args.command == "reshard":
+        from .reshard import reshard
+
+        return reshard(settings_from(args), args.to, yes=args.yes, dry_run=args.dry_run)
     if args.command == "status":
         if args.watch:
             from .watch import watch

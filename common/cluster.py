@@ -82,6 +82,13 @@ async def bind_shard(redis: Any, keys: Keys, index: int, count: int, where: str)
     namespace. A one-shard crawl writes nothing, so a plain crawl's keys are what they were;
     a record left by a sharded crawl still refuses it."""
     want = shard_record(index, count)
+    if count > 1 and not await redis.exists(keys.shard) and await redis.exists(keys.crawl):
+        # A one-shard crawl's Redis: adopting it would leave the seen fingerprints of the
+        # hosts other shards now own here, and those URLs would be fetched again there.
+        raise ShardMismatch(
+            f"Redis at {where} holds a one-shard crawl of namespace {keys.namespace!r}, but "
+            f"the shard list makes it shard {index + 1} of {count}: move the crawl with "
+            "`crawlfleet reshard --to URLS` first")
     if count > 1:
         await redis.set(keys.shard, want, nx=True)
     raw = await redis.get(keys.shard)

@@ -291,3 +291,49 @@ class Frontier:
         claim was done already."""
         raw = self._answer(await self._run("sink_done", crawl, claim.first, claim.last))
         return int(raw[1]) if raw[0] == "ok" else None
+
+    # -- resharding (cli/reshard.py) ----------------------------------------------------
+    async def reshard_in(self, crawl: str, host: str, urls: Sequence[MovedURL], *,
+                         ready: float | None = None,
+                         fields: Sequence[tuple[str, str, bytes | str]] = ()) -> int:
+        """URLs arrive on their host's new shard (reshard_in.lua): each one only if its fp is
+        new to this shard's seen set. ``fields`` are the host's own (key name, field, value)
+        to copy. Returns the URLs that arrived."""
+        args: list[Any] = [host, "" if ready is None else repr(ready), len(urls)]
+        for u in urls:
+            args += (u.fp, u.counter, "1" if u.dead else "0", u.variant, u.data)
+        for name, name_field, value in fields:
+            args += (name, name_field, value)
+        return self._moved(await self._run("reshard_in", crawl, *args))
+
+    async def reshard_out(self, crawl: str, host: str, urls: Sequence[MovedURL], *,
+                          fields: Sequence[tuple[str, str]] = ()) -> int:
+        """URLs leave their host's old shard (reshard_out.lua), each one only if its fp was
+        still in this shard's seen set; ``fields`` (key name, field) are deleted. Returns the
+        URLs that left."""
+        args: list[Any] = [host, len(urls)]
+        for u in urls:
+            args += (u.fp, u.counter, "1" if u.dead else "0", u.variant, u.where)
+        for name, name_field in fields:
+            args += (name, name_field)
+        return self._moved(await self._run("reshard_out", crawl, *args))
+
+    def _moved(self, raw: Any) -> int:
+        answer = self._answer(raw)
+        if answer[0] != "ok":
+            raise ValueError(f"reshard command refused its arguments: {as_text(answer[1])}")
+        return int(answer[1])
+
+
+@dataclass(frozen=True, slots=True)
+class MovedURL:
+    """One URL on its way to its host's new shard: a result (``counter`` pages, failed or
+    skipped; ``where`` its results-log entry id) or a queue entry (``counter`` queued;
+    ``where`` the raw entry). ``data`` is what the new shard stores."""
+
+    fp: str
+    counter: str
+    data: bytes
+    where: bytes | str
+    dead: bool = False
+    variant: str = ""  # fp of the URL without its query, when it has one

@@ -103,7 +103,11 @@ def combine_status(statuses: list[dict[str, Any]]) -> dict[str, Any]:
     combined["state_lost"] = bool(lost)
     combined["state_lost_at"] = min((t for t in lost if t is not None), default=None)
     combined["read_at"] = max(s["read_at"] for s in statuses)
-    combined["finished"] = all(s["finished"] for s in statuses)
+    # A shard that never got a URL (few hosts, many shards) has nothing to finish.
+    idle = [not s["finished"] and s["seen"] == 0 and s["queued"] == 0 and s["in_flight"] == 0
+            and s.get("events_unread", 0) == 0 and not s["state_lost"] for s in statuses]
+    combined["finished"] = any(s["finished"] for s in statuses) and all(
+        s["finished"] or empty for s, empty in zip(statuses, idle, strict=True))
     combined["finished_at"] = (max(s["finished_at"] or 0.0 for s in statuses)
                                if combined["finished"] else None)
     combined["shards"] = [dict(s, shard=i + 1) for i, s in enumerate(statuses)]

@@ -85,6 +85,20 @@ def test_a_shard_record_refuses_another_shard_list() -> None:
     asyncio.run(go())
 
 
+def test_a_one_shard_crawls_redis_is_not_adopted_as_a_shard() -> None:
+    settings = shard_settings(2)
+    cluster = Cluster.open(settings)
+
+    async def go() -> None:
+        first = cluster.shards[0]
+        await first.frontier.open_crawl()  # a crawl marker, as a one-shard crawl leaves
+        with pytest.raises(ShardMismatch, match="holds a one-shard crawl"):
+            await cluster.bind()
+        await cluster.aclose()
+
+    asyncio.run(go())
+
+
 def test_split_routes_each_admission_to_its_hosts_shard() -> None:
     cluster = Cluster.open(shard_settings(3))
     found = links_for(3, 4)
@@ -178,5 +192,11 @@ def test_combined_status_sums_the_shards_and_is_finished_only_when_all_are() -> 
     assert [s["shard"] for s in both["shards"]] == [1, 2]
     running = combine_status([base, dict(other, finished=False, finished_at=None)])
     assert not running["finished"] and running["finished_at"] is None
+    # A shard that never got a URL does not hold the crawl open; one with events unread does.
+    empty = dict(base, crawl="c", seen=0, pages=0, failed=0, finished=False, finished_at=None,
+                 events_unread=0)
+    assert combine_status([base, empty])["finished"]
+    assert not combine_status([base, dict(empty, events_unread=1)])["finished"]
+    assert not combine_status([empty, empty])["finished"]
     lost = combine_status([base, dict(other, state_lost=True, state_lost_at=4.0)])
     assert lost["state_lost"] and lost["state_lost_at"] == 4.0

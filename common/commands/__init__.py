@@ -16,6 +16,8 @@ Open this folder to see every way a URL moves (the README's "frontier" section d
     lock.lua, unlock.lua  the scheduler's leader lock
     sink_take.lua   a sink takes a range of the results log to write as one part
     sink_done.lua   that part is durable: its range leaves Redis
+    reshard_in.lua, reshard_out.lua  `crawlfleet reshard`: a host's URLs arrive on its new
+                    shard, then leave its old one (each URL once, safe to run again)
 
 Each file's header names its ARGV, the keys it touches and what it guarantees. ``lib.lua`` is
 included at the top of each, after the constants below, which come from ``common/keys.py`` and
@@ -31,7 +33,8 @@ from ..keys import CONSUMER_GROUP, Keys
 from ..messages import VERSION
 
 COMMANDS = ("crawl", "admit", "dispatch", "claim", "progress", "renew", "expire",
-            "finish", "quarantine", "lock", "unlock", "sink_take", "sink_done")
+            "finish", "quarantine", "lock", "unlock", "sink_take", "sink_done",
+            "reshard_in", "reshard_out")
 
 
 def _read(name: str) -> str:
