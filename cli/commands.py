@@ -392,7 +392,9 @@ def status(settings: Settings, *, as_json: bool) -> int:
             await redis.aclose()
 
     if sharded(settings):
-        from .shards import cluster_status, run_on_cluster
+        from crawlfleet.common.cluster import cluster_status
+
+        from .shards import run_on_cluster
 
         current = run_on_cluster(settings, cluster_status)
     else:

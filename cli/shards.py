@@ -14,10 +14,9 @@ from redis.exceptions import RedisError
 
 from crawlfleet.common.addresses import url_port
 from crawlfleet.common.cluster import Cluster
-from crawlfleet.common.connections import redis_problem
+from crawlfleet.common.connections import as_text, redis_problem
 from crawlfleet.common.messages import Seeds, encode
 from crawlfleet.common.settings import Settings
-from crawlfleet.common.stats import combine_status, read_status
 from crawlfleet.common.urls import URLError, host_key
 
 T = TypeVar("T")
@@ -93,22 +92,6 @@ async def enqueue_sharded(cluster: Cluster, seeds: list[str]) -> None:
             await pipe.execute()
 
 
-async def cluster_status(cluster: Cluster) -> dict[str, Any]:
-    """Every shard's status, summed (``combine_status``). Finished needs every shard finished
-    on two rounds of reads with nothing admitted in between: a worker admits links on another
-    shard before it gives its own host back, so a shard read as finished before such links
-    arrived is read again after."""
-    first = [await read_status(s.redis, cluster.keys) for s in cluster.shards]
-    combined = combine_status(first)
-    if combined["finished"]:
-        second = [await read_status(s.redis, cluster.keys) for s in cluster.shards]
-        combined = combine_status(second)
-        if [s["seen"] for s in first] != [s["seen"] for s in second]:
-            combined["finished"] = False
-            combined["finished_at"] = None
-    return combined
-
-
 async def export_sharded(cluster: Cluster, out: IO[bytes], **options: Any) -> int:
     """Every shard's results, one shard after the other."""
     from .export import write_results
@@ -119,14 +102,28 @@ async def export_sharded(cluster: Cluster, out: IO[bytes], **options: Any) -> in
     return count
 
 
-def foreign_hosts(snapshot: Any, index: int, count: int) -> list[str]:
-    """Hosts with per-host state on shard ``index`` that another shard owns."""
-    from crawlfleet.common.shards import owner
-
+async def hosts_with_state(redis: Any, keys: Any, snapshot: Any) -> set[str]:
+    """Every host with state on one shard: its per-host keys and lease bookkeeping (from
+    ``snapshot``), its pacing, page count and ready entry, and its robots.txt cache."""
     hosts: set[str] = set()
     for part in (snapshot.queues, snapshot.queue_unreadable, snapshot.leases,
                  snapshot.fetching, snapshot.lease_batch, snapshot.leased, snapshot.waiting):
         hosts.update(part)
+    for name in (keys.not_before, keys.host_pages):
+        hosts.update([as_text(h) async for h, _ in redis.hscan_iter(name, count=1000)])
+    hosts.update([as_text(h) async for h, _ in redis.zscan_iter(keys.ready, count=1000)])
+    async for origin, _ in redis.hscan_iter(keys.robots, count=1000):
+        try:
+            hosts.add(host_key(as_text(origin)))
+        except URLError:
+            continue
+    return hosts
+
+
+def foreign_hosts(hosts: set[str], index: int, count: int) -> list[str]:
+    """The hosts among ``hosts`` (with state on shard ``index``) that another shard owns."""
+    from crawlfleet.common.shards import owner
+
     return sorted(h for h in hosts if owner(h, count) != index)
 
 
@@ -139,7 +136,8 @@ async def check_sharded(cluster: Cluster, output: str | None) -> list[tuple[Any,
     for shard in cluster.shards:
         store = await output_store(shard.redis, cluster.keys, output)
         snapshot, problems = await consistency.check(shard.redis, cluster.keys, store)
-        foreign = foreign_hosts(snapshot, shard.index, len(cluster))
+        held = await hosts_with_state(shard.redis, cluster.keys, snapshot)
+        foreign = foreign_hosts(held, shard.index, len(cluster))
         if foreign:
             problems.append(consistency.Problem(
                 "foreign_host", f"shard {shard.index + 1} holds state of hosts another shard "

@@ -40,9 +40,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from crawlfleet.common.cluster import Cluster, cluster_status
 from crawlfleet.common.connections import as_text, is_refused, open_redis, redis_problem
 from crawlfleet.common.keys import Keys
-from crawlfleet.common.settings import Settings, redact_url
+from crawlfleet.common.settings import Settings
 from crawlfleet.common.stats import read_status
 
 from . import progress
@@ -174,6 +175,25 @@ def snapshot_reader(redis: Redis, keys: Keys, workers: WorkerWatch | None = None
 
     async def read() -> Snapshot:
         return await read_status(redis, keys), await watch_workers.read(redis)
+
+    return read
+
+
+def cluster_reader(cluster: Cluster) -> Callable[[], Awaitable[Snapshot]]:
+    """``snapshot_reader`` over shards: the summed status, and the workers as the first shard
+    that answers sees them (each worker writes its health check on every shard)."""
+    watch_workers = WorkerWatch(cluster.keys)
+
+    async def read() -> Snapshot:
+        status = await cluster_status(cluster)
+        failure: BaseException | None = None
+        for shard in cluster.shards:
+            try:
+                return status, await watch_workers.read(shard.redis)
+            except (RedisError, OSError) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
 
     return read
 
@@ -368,13 +388,20 @@ def watch(settings: Settings, *, stream: TextIO | None = None) -> int:
     """``crawlfleet status --watch`` until Ctrl-C or SIGTERM (exit 0)."""
     out = stream if stream is not None else sys.stdout
     keys = Keys(settings.namespace)
-    where = redact_url(settings.redis_url)
+    where = settings.redis_where
 
     async def go() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if len(settings.shard_urls) > 1:
+            cluster = Cluster.open(settings)
+            try:
+                await watch_loop(cluster_reader(cluster), show, redis_url=where, stop=stop)
+            finally:
+                await cluster.aclose()
+            return
         redis = open_redis(settings.redis_url)
         try:
             await watch_loop(snapshot_reader(redis, keys), show,

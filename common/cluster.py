@@ -49,6 +49,7 @@ from .messages import (
 )
 from .settings import Settings
 from .shards import owner
+from .stats import combine_status, read_status
 
 OUTBOX_READ = 50  # outbox entries a scheduler forwards per pass
 # A shard that cannot take links now: they wait in the outbox.
@@ -263,3 +264,19 @@ async def forward_outbox(cluster: Cluster, home: int, frontier: Frontier, *,
         await redis.xdel(keys.outbox, entry_id)
         forwarded += len(admissions)
     return forwarded
+
+
+async def cluster_status(cluster: Cluster) -> dict[str, Any]:
+    """Every shard's status, summed (``combine_status``). Finished needs every shard finished
+    on two rounds of reads with nothing admitted in between: a worker admits links on another
+    shard before it gives its own host back, so a shard read as finished before such links
+    arrived is read again after."""
+    first = [await read_status(s.redis, cluster.keys) for s in cluster.shards]
+    combined = combine_status(first)
+    if combined["finished"]:
+        second = [await read_status(s.redis, cluster.keys) for s in cluster.shards]
+        combined = combine_status(second)
+        if [s["seen"] for s in first] != [s["seen"] for s in second]:
+            combined["finished"] = False
+            combined["finished_at"] = None
+    return combined

@@ -29,7 +29,13 @@ from redis.exceptions import ResponseError
 
 from crawlfleet.common import metrics
 from crawlfleet.common.addresses import url_port
-from crawlfleet.common.cluster import Cluster, bind_shard, forward_outbox, shard_limits
+from crawlfleet.common.cluster import (
+    Cluster,
+    bind_shard,
+    cluster_status,
+    forward_outbox,
+    shard_limits,
+)
 from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedded
 from crawlfleet.common.frontier import ADMIT_CHUNK, Admission, Frontier, Limits, StateLost
 from crawlfleet.common.keys import CONSUMER_GROUP, Keys
@@ -374,7 +380,8 @@ async def run_sharded(settings: Settings, cluster: Cluster, quick: Cluster,
     backoff: dict[int, float] = {}
     standby_logged = False
     async with metrics.serve_metrics(settings.metrics_port, role="scheduler",
-                                     healthy=lambda: not stop.is_set()):
+                                     healthy=lambda: not stop.is_set()) as serving:
+        exporter = (asyncio.create_task(_export_cluster(quick, stop)) if serving else None)
         while not stop.is_set():
             for scheduler in order:
                 if stop.is_set():
@@ -394,10 +401,26 @@ async def run_sharded(settings: Settings, cluster: Cluster, quick: Cluster,
                          detail="every shard has a leader")
                 standby_logged = True
             await _sleep_or_stop(stop, STANDBY_POLL)
+        if exporter is not None:
+            exporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await exporter
     for scheduler in schedulers:
         with contextlib.suppress(*REDIS_UNAVAILABLE, ResponseError):
             await scheduler.frontier.release_lock(scheduler.instance)
     log.info("scheduler_stopped")
+
+
+async def _export_cluster(cluster: Cluster, stop: asyncio.Event) -> None:
+    """The frontier-wide gauges summed over every shard (what an autoscaler reads), every few
+    seconds; a shard that cannot be read leaves the last figures, which go stale."""
+    while not stop.is_set():
+        try:
+            status = await cluster_status(cluster)
+            metrics.FRONTIER.update(status, status["hosts_ready"])
+        except Exception as exc:  # a shard down: its own loop logs it
+            log.debug("metrics_status_failed", error=str(exc))
+        await _sleep_or_stop(stop, metrics.STATUS_EVERY_S)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

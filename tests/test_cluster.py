@@ -200,3 +200,45 @@ def test_combined_status_sums_the_shards_and_is_finished_only_when_all_are() -> 
     assert not combine_status([empty, empty])["finished"]
     lost = combine_status([base, dict(other, state_lost=True, state_lost_at=4.0)])
     assert lost["state_lost"] and lost["state_lost_at"] == 4.0
+
+
+def test_check_reports_a_host_whose_state_is_on_a_shard_that_does_not_own_it() -> None:
+    from crawlfleet.cli.shards import check_sharded
+
+    cluster = Cluster.open(shard_settings(2))
+
+    async def go() -> None:
+        await cluster.bind()
+        for shard in cluster.shards:
+            await cluster.crawl_id(shard)
+        found = links_for(2, 1)
+        stray = found[1][0].host  # owned by shard 2, pacing left on shard 1
+        await cluster.shards[0].redis.hset(cluster.keys.not_before, stray, "1.0")
+        robots_host = found[0][0].host  # owned by shard 1, its robots.txt cached on shard 2
+        await cluster.shards[1].redis.hset(cluster.keys.robots, f"http://{robots_host}", "{}")
+        reports = await check_sharded(cluster, None)
+        kinds = [[(p.kind, p.examples) for p in problems] for _, problems in reports]
+        assert ("foreign_host", (stray,)) in kinds[0]
+        assert ("foreign_host", (robots_host,)) in kinds[1]
+        await cluster.aclose()
+
+    asyncio.run(go())
+
+
+def test_the_watch_reads_the_summed_status_of_every_shard() -> None:
+    from crawlfleet.cli.watch import cluster_reader
+
+    cluster = Cluster.open(shard_settings(2))
+
+    async def go() -> None:
+        await cluster.bind()
+        found = links_for(2, 3)
+        for index, group in found.items():
+            await cluster.admit_on(cluster.shards[index], group)
+        status, workers = await cluster_reader(cluster)()
+        assert status["queued"] == status["seen"] == 6
+        assert [s["queued"] for s in status["shards"]] == [3, 3]
+        assert list(workers) == []
+        await cluster.aclose()
+
+    asyncio.run(go())
