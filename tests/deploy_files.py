@@ -28,8 +28,10 @@ K8S = ROOT / "k8s"
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 
-# Every kustomization directory the project ships: the base, the seeding step, the overlays.
-KUSTOMIZATIONS = ("base", "seed", "overlays/local", "overlays/production", "overlays/hpa")
+# Every kustomization directory the project ships: the base, the seeding step, the overlays
+# (overlays/sharded has its own seeding step, with the shard list).
+KUSTOMIZATIONS = ("base", "seed", "overlays/local", "overlays/production", "overlays/hpa",
+                  "overlays/sharded", "overlays/sharded/seed")
 
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "Pod", "CronJob"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",

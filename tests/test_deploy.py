@@ -19,6 +19,7 @@ import fnmatch
 import importlib
 import importlib.resources
 import json
+import math
 import re
 import shlex
 import shutil
@@ -72,6 +73,13 @@ K8S_FILES = sorted(K8S.rglob("*.yaml"))
 YAML_FILES = [COMPOSE, *K8S_FILES]
 DEPLOY_FILES = [DOCKERFILE, ENV_EXAMPLE, *YAML_FILES]
 
+# The kustomizations that run `crawlfleet seed` (a Job, applied after a fleet), each with the
+# kustomization whose ConfigMap it reads; the others run a fleet.
+SEED_OF = {"seed": "base", "overlays/sharded/seed": "overlays/sharded"}
+FLEETS = [n for n in KUSTOMIZATIONS if n not in SEED_OF]
+# Redis shards (CRAWLFLEET_REDIS_URLS entries, Redis pods) where there are several.
+SHARDS = {"overlays/sharded": 3, "overlays/sharded/seed": 3}
+
 ENV_NAME = re.compile(r"\bCRAWLFLEET_[A-Z0-9_]+\b")
 # Private, shared and link-local IPv4 ranges the workers' egress must leave out.
 PRIVATE_RANGES = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
@@ -80,6 +88,10 @@ PRIVATE_RANGES = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/
 
 def rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
+
+
+def shards(name: str) -> int:
+    return SHARDS.get(name, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -875,8 +887,8 @@ def test_secret_references_exist() -> None:
 
 
 def container_env(name: str, obj: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
-    # k8s/seed runs in the namespace the fleet made: its ConfigMap is the base's.
-    objects = [*render(name), *(render("base") if name == "seed" else ())]
+    # A seed Job runs in the namespace the fleet made: its ConfigMap is its fleet's.
+    objects = [*render(name), *(render(SEED_OF[name]) if name in SEED_OF else ())]
     secrets = {**example_secrets(), **files.rendered_secrets(objects)}
     return files.k8s_container_env(objects, obj, container,
                                    pod_name=f"{obj['metadata']['name']}-0", secrets=secrets)
@@ -915,23 +927,86 @@ def test_k8s_clients_use_the_secret_password(name: str) -> None:
         where = where_of(name, obj, container)
         env = container_env(name, obj, container)
         settings = effective_settings(env, where)
-        parts = urlsplit(settings.redis_url)
-        assert parts.password == env["REDIS_PASSWORD"], f"{where}: no password in the URL"
-        assert parts.hostname == "redis-0.redis", f"{where}: {parts.hostname}"
+        urls = settings.shard_urls
+        assert len(urls) == shards(name), f"{where}: {len(urls)} Redis URL(s)"
+        for index, url in enumerate(urls):
+            parts = urlsplit(url)
+            assert parts.password == env["REDIS_PASSWORD"], f"{where}: no password in the URL"
+            # Shard i is the StatefulSet's pod i, behind the headless Service.
+            assert parts.hostname == f"redis-{index}.redis", f"{where}: {parts.hostname}"
 
 
 def test_k8s_schedulers_lead_and_stand_by() -> None:
-    for name in KUSTOMIZATIONS:
-        if name == "seed":
-            continue
+    for name in FLEETS:
         schedulers = workloads_running(name, "scheduler")
         assert len(schedulers) == 1, f"k8s/{name}: want one scheduler Deployment"
         obj, _ = schedulers[0]
-        assert obj["kind"] == "Deployment" and obj["spec"].get("replicas", 1) >= 2, (
-            f"{where_of(name, obj)}: want two replicas (one leads, one stands by)")
+        want = shards(name) + 1
+        assert obj["kind"] == "Deployment" and obj["spec"].get("replicas", 1) >= want, (
+            f"{where_of(name, obj)}: want {want} replicas (one leads each of {shards(name)} "
+            "shard(s), one stands by)")
 
 
-@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def test_k8s_sharded_overlay_shares_one_shard_list() -> None:
+    """overlays/sharded: every crawlfleet container, its seed Job's too, carries the same
+    CRAWLFLEET_REDIS_URLS (the order is the shards' identity), built from the Secret's password
+    as the base builds CRAWLFLEET_REDIS_URL; one Redis pod per entry; shards + 1 schedulers."""
+    fleet, seed = "overlays/sharded", "overlays/sharded/seed"
+    values: set[str] = set()
+    roles: dict[str, str] = {}
+    for name in (fleet, seed):
+        for obj, container in crawlfleet_containers(list(render(name))):
+            where = where_of(name, obj, container)
+            roles[k8s_argv(container)[0]] = where
+            names = [item["name"] for item in container["env"]]
+            assert names.count("CRAWLFLEET_REDIS_URLS") == 1, f"{where}: no shard list"
+            (password,) = [i for i in container["env"] if i["name"] == "REDIS_PASSWORD"]
+            assert password["valueFrom"]["secretKeyRef"] == {
+                "name": "crawlfleet-redis", "key": "password"}, where
+            assert names.index("REDIS_PASSWORD") < names.index("CRAWLFLEET_REDIS_URLS"), (
+                f"{where}: $(REDIS_PASSWORD) expands only from a variable defined before it")
+            (item,) = [i for i in container["env"] if i["name"] == "CRAWLFLEET_REDIS_URLS"]
+            values.add(item["value"])
+            env = container_env(name, obj, container)
+            urls = effective_settings(env, where).shard_urls
+            passwords = [urlsplit(url).password for url in urls]
+            assert passwords == [env["REDIS_PASSWORD"]] * SHARDS[fleet], where
+    assert set(roles) == {"scheduler", "worker", "sink", "seed"}, roles
+    assert len(values) == 1, f"k8s/{fleet} and k8s/{seed} disagree on the shard list: {values}"
+    (value,) = values
+    assert value.count("$(REDIS_PASSWORD)") == SHARDS[fleet], value
+    # The password comes from the Secret only: no ConfigMap names the list or holds a password.
+    secrets = {**example_secrets(), **files.rendered_secrets(list(render(fleet)))}
+    for name in (fleet, seed):
+        for obj in render(name):
+            if obj["kind"] == "ConfigMap":
+                data = obj.get("data") or {}
+                assert "CRAWLFLEET_REDIS_URLS" not in data, where_of(name, obj)
+                assert not any(p in str(v) for v in data.values()
+                               for p in (secrets["crawlfleet-redis"]["password"], "@redis-")), (
+                    where_of(name, obj))
+    from crawlfleet.common.shards import parse_redis_urls
+
+    password = uuid.uuid4().hex
+    urls = parse_redis_urls(files.expand_k8s(value, {"REDIS_PASSWORD": password}))
+    hosts = [urlsplit(url).hostname for url in urls]
+    assert hosts == [f"redis-{i}.redis" for i in range(SHARDS[fleet])], hosts
+    assert len(set(hosts)) == len(hosts) == 3
+    for url in urls:
+        parts = urlsplit(url)
+        assert (parts.password, parts.port, parts.path) == (password, 6379, "/0"), url
+    # One Redis pod per shard, each its own server with its own volume, and none held back by
+    # another's readiness; schedulers: one per shard, one standing by.
+    (redis,) = [o for o in render(fleet) if o["kind"] == "StatefulSet"]
+    assert redis["spec"]["replicas"] == len(urls), "one Redis pod per entry"
+    assert redis["spec"]["serviceName"] == "redis" and redis["metadata"]["name"] == "redis"
+    assert redis["spec"].get("podManagementPolicy") == "Parallel", (
+        "OrderedReady would keep a shard's pod from returning while another shard is not ready")
+    ((scheduler, _),) = workloads_running(fleet, "scheduler")
+    assert scheduler["spec"]["replicas"] == len(urls) + 1
+
+
+@pytest.mark.parametrize("name", FLEETS)
 def test_k8s_pods_have_their_own_worker_id(name: str) -> None:
     for role in ("scheduler", "worker", "sink"):
         for obj, container in workloads_running(name, role):
@@ -941,7 +1016,7 @@ def test_k8s_pods_have_their_own_worker_id(name: str) -> None:
                 "metadata.name", f"{where_of(name, obj, container)}: id from the pod's name"
 
 
-@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+@pytest.mark.parametrize("name", FLEETS)
 def test_k8s_worker_grace_period_and_probes(name: str) -> None:
     workers = workloads_running(name, "worker")
     assert len(workers) == 1, f"k8s/{name}: want one worker Deployment"
@@ -988,7 +1063,7 @@ def test_k8s_crawlfleet_containers_are_locked_down(name: str) -> None:
         assert spec.get("automountServiceAccountToken") is False, f"{where}: needs no API token"
 
 
-@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+@pytest.mark.parametrize("name", FLEETS)
 def test_k8s_redis_statefulset(name: str) -> None:
     found = []
     for obj in render(name):
@@ -1000,7 +1075,9 @@ def test_k8s_redis_statefulset(name: str) -> None:
     obj, container = found[0]
     where = where_of(name, obj, container)
     assert obj["kind"] == "StatefulSet", f"{where}: Redis must be a StatefulSet"
-    assert obj["spec"].get("replicas") == 1, f"{where}: Redis replicas must be 1"
+    # One pod per shard: each pod is a Redis of its own (not a replica), one shard.
+    assert obj["spec"].get("replicas") == shards(name), (
+        f"{where}: Redis replicas must be {shards(name)}, one per shard")
     env = container_env(name, obj, container)
     argv = [files.expand_k8s(a, env) for a in
             as_argv(container.get("command")) + as_argv(container.get("args"))]
@@ -1020,7 +1097,7 @@ def test_k8s_redis_statefulset(name: str) -> None:
         f"{where}: no headless Service {obj['spec'].get('serviceName')!r}")
 
 
-@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+@pytest.mark.parametrize("name", FLEETS)
 def test_k8s_sink_output(name: str) -> None:
     sinks = workloads_running(name, "sink")
     assert len(sinks) == 1, f"k8s/{name}: want one sink Deployment"
@@ -1054,7 +1131,7 @@ def test_production_writes_to_a_bucket_and_drops_the_volume() -> None:
     assert output and output.startswith("s3://")
 
 
-@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+@pytest.mark.parametrize("name", FLEETS)
 def test_k8s_pods_are_annotated_for_scraping(name: str) -> None:
     port = effective_settings(base_configmap(), "configmap.yaml").metrics_port
     assert port == 9100
@@ -1071,18 +1148,40 @@ def test_k8s_pods_are_annotated_for_scraping(name: str) -> None:
         assert effective_settings(env, where).metrics_port == port, where
 
 
-@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+def evictions_allowed(budget: dict[str, Any], replicas: int) -> int:
+    """How many of ``replicas`` healthy pods a PodDisruptionBudget lets a drain take at once
+    (percentages round up, as the disruption controller rounds them)."""
+    def count(value: Any) -> int:
+        text = str(value)
+        return math.ceil(int(text[:-1]) * replicas / 100) if text.endswith("%") else int(text)
+
+    if "maxUnavailable" in budget:
+        return count(budget["maxUnavailable"])
+    return max(replicas - count(budget["minAvailable"]), 0)
+
+
+@pytest.mark.parametrize("name", FLEETS)
 def test_k8s_disruption_budgets(name: str) -> None:
     objects = render(name)
     budgets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PodDisruptionBudget"}
+    covering: dict[str, list[dict[str, Any]]] = {}
     for role in ("worker", "scheduler"):
         ((obj, _),) = workloads_running(name, role)
         labels = obj["spec"]["template"]["metadata"]["labels"]
-        covering = [b for b in budgets.values()
-                    if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
-        assert len(covering) == 1, f"k8s/{name}: want one PodDisruptionBudget for the {role}s"
+        covering[role] = [b for b in budgets.values()
+                          if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(covering[role]) == 1, (
+            f"k8s/{name}: want one PodDisruptionBudget for the {role}s")
     worker_budget = budgets["crawlfleet-worker"]["spec"]
     assert worker_budget.get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
+    # A drain takes at most as many schedulers as stand by (each lost leader's shard is taken
+    # over by a standby), and never blocks (at least one may go).
+    ((scheduler, _),) = workloads_running(name, "scheduler")
+    replicas = scheduler["spec"]["replicas"]
+    allowed = evictions_allowed(covering["scheduler"][0]["spec"], replicas)
+    assert 1 <= allowed <= replicas - shards(name), (
+        f"k8s/{name}: the schedulers' budget lets a drain take {allowed} of {replicas} "
+        f"schedulers at once, for {shards(name)} shard(s)")
 
 
 def network_policies(name: str) -> dict[str, dict[str, Any]]:
@@ -1093,7 +1192,7 @@ def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return bool(selector.get("matchLabels", {}).items() <= labels.items())
 
 
-@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+@pytest.mark.parametrize("name", FLEETS)
 def test_k8s_only_crawlfleet_pods_reach_redis(name: str) -> None:
     objects = render(name)
     (redis,) = [o for o in objects if o["kind"] == "StatefulSet"]
@@ -1108,15 +1207,16 @@ def test_k8s_only_crawlfleet_pods_reach_redis(name: str) -> None:
     assert set(source) == {"podSelector"}, f"k8s/{name}: Redis open beyond this namespace's pods"
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
     everyone = [*files.crawlfleet_containers(list(objects))]
-    seed_objects = render("seed")
-    for obj, _ in [*everyone, *files.crawlfleet_containers(list(seed_objects))]:
+    seed_containers = [pair for seed in SEED_OF
+                       for pair in files.crawlfleet_containers(list(render(seed)))]
+    for obj, _ in [*everyone, *seed_containers]:
         labels = obj["spec"]["template"]["metadata"]["labels"]
         assert selects(source["podSelector"], labels), f"{obj['metadata']['name']}: no Redis"
     assert not selects(source["podSelector"], {"app.kubernetes.io/part-of": "crawlfleet"}), (
         "a pod that is merely part-of the crawlfleet app reaches Redis")
 
 
-@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "seed"])
+@pytest.mark.parametrize("name", FLEETS)
 def test_k8s_workers_reach_the_internet_but_not_the_cluster(name: str) -> None:
     ((worker, _),) = workloads_running(name, "worker")
     labels = worker["spec"]["template"]["metadata"]["labels"]
@@ -1151,7 +1251,8 @@ def test_k8s_workers_reach_the_internet_but_not_the_cluster(name: str) -> None:
 def test_k8s_worker_replicas_belong_to_whoever_scales_them() -> None:
     for name, autoscaler in (("base", None), ("overlays/local", None),
                              ("overlays/production", "ScaledObject"),
-                             ("overlays/hpa", "HorizontalPodAutoscaler")):
+                             ("overlays/hpa", "HorizontalPodAutoscaler"),
+                             ("overlays/sharded", None)):
         ((worker, _),) = workloads_running(name, "worker")
         scalers = [o for o in render(name) if o["kind"] in (
             "ScaledObject", "HorizontalPodAutoscaler")]
@@ -1202,9 +1303,10 @@ def test_keda_query_names_metrics_that_exist() -> None:
     assert not missing, f"the KEDA query names metrics common/metrics.py lacks: {missing}"
 
 
-def test_seed_job_reads_its_configmap() -> None:
-    objects = render("seed")
-    ((job, container),) = workloads_running("seed", "seed")
+@pytest.mark.parametrize("name", SEED_OF)
+def test_seed_job_reads_its_configmap(name: str) -> None:
+    objects = render(name)
+    ((job, container),) = workloads_running(name, "seed")
     assert job["kind"] == "Job" and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     argv = k8s_argv(container)
     seed_file = argv[argv.index("--file") + 1]
