@@ -33,9 +33,10 @@ from crawlfleet.scheduler.service import Scheduler
 from crawlfleet.workers.worker import make_worker
 
 from . import state
-from .commands import UsageError, enqueue_seeds, parse_seed_lines, run_on_redis
+from .commands import UsageError, run_on_redis
 from .outfile import ResultsFile, file_key
 from .progress import ProgressDisplay, summary_table
+from .seed import enqueue_seeds, parse_seed_lines
 from .tally import Tally
 
 POLL_S = 0.2

@@ -183,7 +183,9 @@ def _run(args: argparse.Namespace) -> int:
     use_uvloop(setting_from_env("uvloop"))
 
     if args.command == "seed":
-        return commands.seed(settings_from(args), args.urls, args.file)
+        from .seed import seed
+
+        return seed(settings_from(args), args.urls, args.file)
     if args.command == "scheduler":
         return commands.scheduler(settings_from(args))
     if args.command == "worker":

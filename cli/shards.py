@@ -19,8 +19,9 @@ from crawlfleet.common.messages import Seeds, encode
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import URLError, host_key
 
+from .seed import SEEDS_PER_MESSAGE
+
 T = TypeVar("T")
-SEEDS_PER_MESSAGE = 1000
 
 
 def run_on_cluster(settings: Settings,

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from crawlfleet.cli.commands import parse_seed_lines
+from crawlfleet.cli.seed import parse_seed_lines
 from crawlfleet.common.messages import (
     HostBatch,
     MessageVersionError,

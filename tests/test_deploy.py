@@ -1317,7 +1317,7 @@ def test_seed_job_reads_its_configmap(name: str) -> None:
     (config,) = [o for o in objects if o["kind"] == "ConfigMap"
                  and o["metadata"]["name"] == config_name]
     assert key in config["data"], f"ConfigMap {config_name} has no {key}"
-    from crawlfleet.cli.commands import parse_seed_lines
+    from crawlfleet.cli.seed import parse_seed_lines
 
     seeds, errors = parse_seed_lines(config["data"][key].splitlines())
     assert seeds and not errors, errors

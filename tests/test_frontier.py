@@ -268,7 +268,7 @@ async def test_the_lease_starts_at_the_claim(env: dict[str, Any]) -> None:
 async def test_the_claim_tells_the_worker_the_seen_digits_and_the_scope_size(
     env: dict[str, Any],
 ) -> None:
-    from crawlfleet.cli.commands import enqueue_seeds
+    from crawlfleet.cli.seed import enqueue_seeds
 
     await enqueue_seeds(env["redis"], env["keys"], ["http://a.test:8080/", "http://b.test/"])
     assert await env["scheduler"].read_events() == 1
@@ -640,7 +640,7 @@ async def test_a_long_turn_yields_its_refill_to_other_ready_hosts(env: dict[str,
 
 
 async def test_finished_only_when_nothing_is_left(env: dict[str, Any]) -> None:
-    from crawlfleet.cli.commands import enqueue_seeds
+    from crawlfleet.cli.seed import enqueue_seeds
 
     frontier: Frontier = env["frontier"]
     assert not await frontier.check_finished(crawl(env))  # nothing admitted yet
@@ -666,7 +666,7 @@ async def test_max_pages_caps_admission(env: dict[str, Any]) -> None:
 
 
 async def test_seeds_set_the_scope_and_go_through_dedup(env: dict[str, Any]) -> None:
-    from crawlfleet.cli.commands import enqueue_seeds
+    from crawlfleet.cli.seed import enqueue_seeds
 
     scheduler: Scheduler = env["scheduler"]
     scheduler.allowed_hosts.clear()
@@ -692,7 +692,7 @@ async def test_unreadable_event_is_quarantined_and_acknowledged(env: dict[str, A
 
 
 async def test_scheduler_rereads_its_pending_events_after_a_crash(env: dict[str, Any]) -> None:
-    from crawlfleet.cli.commands import enqueue_seeds
+    from crawlfleet.cli.seed import enqueue_seeds
     from crawlfleet.common.keys import CONSUMER_GROUP
     from crawlfleet.scheduler.service import CONSUMER
 
@@ -971,7 +971,7 @@ async def test_dispatch_writes_a_job_arq_can_read(env: dict[str, Any]) -> None:
 
 
 async def test_links_only_to_80_443_and_the_seeds_ports(env: dict[str, Any]) -> None:
-    from crawlfleet.cli.commands import enqueue_seeds
+    from crawlfleet.cli.seed import enqueue_seeds
 
     scheduler: Scheduler = env["scheduler"]
     await enqueue_seeds(env["redis"], env["keys"], ["http://a.test:8080/"])

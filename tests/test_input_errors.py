@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from crawlfleet.cli.commands import parse_seed_lines
 from crawlfleet.cli.main import main
+from crawlfleet.cli.seed import parse_seed_lines
 from crawlfleet.common import settings as settings_module
 from crawlfleet.common.connections import redact_url
 from crawlfleet.common.settings import Settings, SettingsError
