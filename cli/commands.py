@@ -139,7 +139,8 @@ def run_role(settings: Settings, role: str,
 
 
 def scheduler(settings: Settings) -> int:
-    from crawlfleet.scheduler.service import Scheduler, run_sharded
+    from crawlfleet.scheduler.service import Scheduler
+    from crawlfleet.scheduler.sharded import run_sharded
 
     if sharded(settings):
         from crawlfleet.common.cluster import Cluster

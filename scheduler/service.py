@@ -10,10 +10,9 @@ Several schedulers may run: one holds a lock with a short expiry and works; the 
 take over within ``LOCK_TTL`` seconds of its death. A Redis outage pauses the loop (with
 backoff) instead of ending the process.
 
-With several shards (``CRAWLFLEET_REDIS_URLS``) each shard has its own lock: a scheduler leads
-the first shard whose lock is free (trying them from an offset its id picks, so that N
-schedulers started together spread over N shards) and stands by for all of them otherwise.
-The leader of a shard also forwards that shard's outbox (links for other shards' hosts).
+With several shards (``CRAWLFLEET_REDIS_URLS``) a ``Scheduler`` leads one shard: see
+scheduler/sharded.py. The leader of a shard also forwards that shard's outbox (links for other
+shards' hosts).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from crawlfleet.common.addresses import url_port
 from crawlfleet.common.cluster import (
     Cluster,
     bind_shard,
-    cluster_status,
     forward_outbox,
     shard_limits,
 )
@@ -114,7 +112,7 @@ class Scheduler:
                 await metrics.refresh_frontier(self.redis, self.keys)
             except Exception as exc:  # Redis trouble, which the main loop handles and logs
                 log.debug("metrics_status_failed", error=str(exc))
-            await _sleep_or_stop(stop, metrics.STATUS_EVERY_S)
+            await sleep_or_stop(stop, metrics.STATUS_EVERY_S)
 
     async def attempt(self, stop: asyncio.Event) -> bool:
         """Lead while the lock stays ours; False at once when another scheduler holds it."""
@@ -145,9 +143,9 @@ class Scheduler:
                          else "redis_error")
                 log.warning(event, error=str(exc), retry_in=backoff)
                 backoff = min(backoff * 2, 5.0)
-                await _sleep_or_stop(stop, backoff)
+                await sleep_or_stop(stop, backoff)
                 continue
-            await _sleep_or_stop(stop, STANDBY_POLL)
+            await sleep_or_stop(stop, STANDBY_POLL)
         # If Redis is down, the lock expires by itself.
         with contextlib.suppress(*REDIS_UNAVAILABLE, ResponseError):
             await self.frontier.release_lock(self.instance)
@@ -367,62 +365,6 @@ class Scheduler:
         return {"shard": self.shard + 1, "shards": len(self.cluster)}
 
 
-async def run_sharded(settings: Settings, cluster: Cluster, quick: Cluster,
-                      stop: asyncio.Event) -> None:
-    """``crawlfleet scheduler`` over several shards: lead one shard whose lock is free, stand
-    by for every shard otherwise. ``cluster`` holds the shards' own clients (retrying through a
-    restart), ``quick`` the fail-fast ones that outbox links go through."""
-    schedulers = [Scheduler(settings, shard.redis, shard=shard.index, cluster=quick)
-                  for shard in cluster.shards]
-    # Schedulers started together try the shards from different places.
-    start = sum(settings.worker_id.encode()) % len(schedulers)
-    order = schedulers[start:] + schedulers[:start]
-    backoff: dict[int, float] = {}
-    standby_logged = False
-    async with metrics.serve_metrics(settings.metrics_port, role="scheduler",
-                                     healthy=lambda: not stop.is_set()) as serving:
-        exporter = (asyncio.create_task(_export_cluster(quick, stop)) if serving else None)
-        while not stop.is_set():
-            for scheduler in order:
-                if stop.is_set():
-                    break
-                if time.monotonic() < backoff.get(scheduler.shard, 0.0):
-                    continue
-                try:
-                    if await scheduler.attempt(stop):
-                        standby_logged = False
-                except REDIS_ERRORS as exc:
-                    event = ("redis_unavailable" if isinstance(exc, REDIS_UNAVAILABLE)
-                             else "redis_error")
-                    log.warning(event, error=str(exc), shard=scheduler.shard + 1)
-                    backoff[scheduler.shard] = time.monotonic() + 2.0
-            if not standby_logged and not stop.is_set():
-                log.info("scheduler_standby", shards=len(schedulers),
-                         detail="every shard has a leader")
-                standby_logged = True
-            await _sleep_or_stop(stop, STANDBY_POLL)
-        if exporter is not None:
-            exporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await exporter
-    for scheduler in schedulers:
-        with contextlib.suppress(*REDIS_UNAVAILABLE, ResponseError):
-            await scheduler.frontier.release_lock(scheduler.instance)
-    log.info("scheduler_stopped")
-
-
-async def _export_cluster(cluster: Cluster, stop: asyncio.Event) -> None:
-    """The frontier-wide gauges summed over every shard (what an autoscaler reads), every few
-    seconds; a shard that cannot be read leaves the last figures, which go stale."""
-    while not stop.is_set():
-        try:
-            status = await cluster_status(cluster)
-            metrics.FRONTIER.update(status, status["hosts_ready"])
-        except Exception as exc:  # a shard down: its own loop logs it
-            log.debug("metrics_status_failed", error=str(exc))
-        await _sleep_or_stop(stop, metrics.STATUS_EVERY_S)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
