@@ -45,11 +45,21 @@ def host_keys_by_shard(servers: list[RedisServer], namespace: str) -> dict[str, 
     return found
 
 
-def start_sharded(fleet: Fleet, shards: int, workers: int) -> None:
-    for i in range(shards):
+def start_sharded(fleet: Fleet, shards: int, workers: int, schedulers: int = 0) -> None:
+    for i in range(schedulers or shards):
         fleet.spawn(f"scheduler-{i}", "scheduler", CRAWLFLEET_WORKER_ID=f"scheduler-{i}")
     for i in range(workers):
         fleet.spawn(f"worker-{i}", "worker", CRAWLFLEET_WORKER_ID=f"worker-{i}")
+
+
+def leaders(fleet: Fleet, names: list[str]) -> dict[str, list[int]]:
+    """scheduler name -> the shards (1-based) it logged leading, in order."""
+    led: dict[str, list[int]] = {}
+    for name in names:
+        for line in fleet.log(name).splitlines():
+            if '"scheduler_leading"' in line:
+                led.setdefault(name, []).append(json.loads(line)["shard"])
+    return led
 
 
 def assert_reachable_once(fleet: Fleet, web: WebUnderTest) -> list[dict[str, Any]]:
@@ -68,9 +78,20 @@ def test_three_shards_crawl_the_reachable_set_once_each_host_on_its_own_shard(
     web = testweb_factory("--hosts", "12", "--pages", "15")
     fleet = fleet_factory(servers[0].url, web,
                           CRAWLFLEET_REDIS_URLS=",".join(s.url for s in servers))
-    start_sharded(fleet, shards=3, workers=4)
+    # Four schedulers for three shards: three lead, one stands by for all of them.
+    names = [f"scheduler-{i}" for i in range(4)]
+    start_sharded(fleet, shards=3, workers=4, schedulers=4)
+    led = wait_for(lambda: (found := leaders(fleet, names)) and len(found) == 3 and found,
+                   timeout=30, what="three schedulers to lead three shards")
+    assert sorted(shard for shards in led.values() for shard in shards) == [1, 2, 3]
     seeded = fleet.run("seed", *web.seeds)
     assert f"enqueued {len(web.seeds)} seed(s)" in seeded.stderr
+    # The leader of shard 2 dies: the standby takes that shard over.
+    victim = next(name for name, shards in led.items() if shards == [2])
+    (standby,) = set(names) - set(led)
+    fleet.stop(victim, signal.SIGKILL)
+    wait_for(lambda: leaders(fleet, [standby]).get(standby) == [2], timeout=30,
+             what="the standby to lead the dead leader's shard")
     status = fleet.wait_finished(timeout=120)
     assert status["shards"] and len(status["shards"]) == 3
     results = assert_reachable_once(fleet, web)
@@ -90,11 +111,7 @@ def test_three_shards_crawl_the_reachable_set_once_each_host_on_its_own_shard(
     report = fleet.check()
     assert report["ok"] and len(report["shards"]) == 3
 
-    # Each scheduler leads one shard: three leaders, none standing by.
-    leading = [json.loads(line) for i in range(3) for line in fleet.log(f"scheduler-{i}")
-               .splitlines() if '"scheduler_leading"' in line]
-    assert sorted(record["shard"] for record in leading) == [1, 2, 3]
-    for name in [*(f"worker-{i}" for i in range(4)), *(f"scheduler-{i}" for i in range(3))]:
+    for name in [*(f"worker-{i}" for i in range(4)), *(n for n in names if n != victim)]:
         assert fleet.stop(name, signal.SIGTERM) == 0, fleet.log(name)[-2000:]
 
 
