@@ -7,6 +7,7 @@ import json
 import signal
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -164,3 +165,28 @@ def test_a_shard_restarted_mid_crawl_pauses_its_hosts_only_and_loses_nothing(
             assert client.xlen(Keys(fleet.env["CRAWLFLEET_NAMESPACE"]).outbox) == 0
         finally:
             client.close()
+
+
+def test_sinks_drain_every_shard_into_one_output_and_export_reads_it_back(
+    redis_factory: Callable[..., RedisServer], testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet], tmp_path: Path,
+) -> None:
+    servers = [redis_factory(aof=False) for _ in range(2)]
+    web = testweb_factory("--hosts", "6", "--pages", "15")
+    out = tmp_path / "output"
+    fleet = fleet_factory(servers[0].url, web,
+                          CRAWLFLEET_REDIS_URLS=",".join(s.url for s in servers),
+                          CRAWLFLEET_OUTPUT=str(out), CRAWLFLEET_OUTPUT_PART_RESULTS="20",
+                          CRAWLFLEET_OUTPUT_PART_SECONDS="0.5")
+    start_sharded(fleet, shards=2, workers=2)
+    fleet.spawn("sink", "sink")
+    fleet.run("seed", *web.seeds)
+    fleet.wait_finished(timeout=120)
+    wait_for(lambda: fleet.status()["results_in_redis"] == 0, timeout=30,
+             what="the sink to drain both shards' results logs")
+    # One part series per shard (each shard's crawl id), the reachable set once in all.
+    series = {p.parent for p in out.glob("results/*/*/part-*.jsonl")}
+    assert len(series) == 2
+    assert_reachable_once(fleet, web)
+    fleet.check()
+    assert fleet.stop("sink") == 0
