@@ -93,7 +93,8 @@ POLITENESS_WAIT = Histogram("crawlfleet_politeness_wait_seconds", "Seconds a req
                             "for its host's pacing (no host label: one series per site would "
                             "not end)", buckets=WAIT_BUCKETS, registry=None)
 # -- the scheduler's ----------------------------------------------------------------------
-LEADING = Gauge("crawlfleet_scheduler_leading", "1 while this scheduler holds the lock",
+LEADING = Gauge("crawlfleet_scheduler_leading",
+                "Shards whose lock this scheduler holds (1 or 0 with one Redis)",
                 registry=None)
 # -- the sink's ---------------------------------------------------------------------------
 SINK_PARTS = Counter("crawlfleet_sink_parts_written", "Parts written to the output",

@@ -118,11 +118,11 @@ class Scheduler:
         """Lead while the lock stays ours; False at once when another scheduler holds it."""
         if not await self.acquire_lock():
             return False
-        metrics.LEADING.set(1)
+        metrics.LEADING.inc()  # one process may lead several shards
         try:
             await self.lead(stop)
         finally:
-            metrics.LEADING.set(0)
+            metrics.LEADING.dec()
         return True
 
     async def _run(self, stop: asyncio.Event) -> None:

@@ -242,3 +242,39 @@ def test_the_watch_reads_the_summed_status_of_every_shard() -> None:
         await cluster.aclose()
 
     asyncio.run(go())
+
+
+def test_a_scheduler_takes_a_free_shard_at_once_only_while_it_leads_none() -> None:
+    from crawlfleet.scheduler.sharded import TAKE_ANOTHER_AFTER, may_take
+
+    assert may_take(0, 0.0)
+    assert not may_take(1, TAKE_ANOTHER_AFTER * 0.9)
+    assert may_take(1, TAKE_ANOTHER_AFTER)
+    assert not may_take(2, TAKE_ANOTHER_AFTER * 1.5)  # a standby that leads less comes first
+    assert may_take(2, TAKE_ANOTHER_AFTER * 2)
+
+
+def test_a_lone_scheduler_leads_every_shard_and_releases_them_on_stop() -> None:
+    from crawlfleet.scheduler.sharded import run_sharded
+
+    settings = shard_settings(3, worker_id="lone-scheduler")
+    cluster, quick = Cluster.open(settings), Cluster.open(settings, quick=True)
+
+    async def holders() -> list[bytes | None]:
+        return [await s.redis.get(cluster.keys.scheduler_lock) for s in cluster.shards]
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_sharded(settings, cluster, quick, stop))
+        deadline = asyncio.get_running_loop().time() + 20
+        while await holders() != [b"lone-scheduler"] * 3:
+            assert not task.done(), task
+            assert asyncio.get_running_loop().time() < deadline, await holders()
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert await holders() == [None] * 3
+        await cluster.aclose()
+        await quick.aclose()
+
+    asyncio.run(go())

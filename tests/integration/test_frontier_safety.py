@@ -72,9 +72,9 @@ def test_batches_that_wait_longer_than_a_lease_are_not_worker_losses(
     redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
     fleet_factory: Callable[..., Fleet],
 ) -> None:
-    """One job slot, four hosts, ~2 s batches and 1 s leases: on main 36 URLs failed as
+    """One job slot, three hosts, ~1.5 s batches and 1 s leases: on main 36 URLs failed as
     worker_lost with no worker dead. The lease starts at the claim now."""
-    web = testweb_factory("--hosts", "4", "--pages", "12", "--latency-ms", "400")
+    web = testweb_factory("--hosts", "3", "--pages", "8", "--latency-ms", "300")
     fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_JOBS_PER_WORKER="1",
                           CRAWLFLEET_LEASE_SECONDS="1", CRAWLFLEET_BATCH_SIZE="5",
                           CRAWLFLEET_PER_HOST_CONCURRENCY="1")

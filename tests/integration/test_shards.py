@@ -178,7 +178,9 @@ def test_sinks_drain_every_shard_into_one_output_and_export_reads_it_back(
                           CRAWLFLEET_REDIS_URLS=",".join(s.url for s in servers),
                           CRAWLFLEET_OUTPUT=str(out), CRAWLFLEET_OUTPUT_PART_RESULTS="20",
                           CRAWLFLEET_OUTPUT_PART_SECONDS="0.5")
-    start_sharded(fleet, shards=2, workers=2)
+    # One scheduler for two shards: it leads both (the second after a short wait that a
+    # standby, had there been one, would have used to take it).
+    start_sharded(fleet, shards=2, workers=2, schedulers=1)
     fleet.spawn("sink", "sink")
     fleet.run("seed", *web.seeds)
     fleet.wait_finished(timeout=120)
@@ -189,4 +191,5 @@ def test_sinks_drain_every_shard_into_one_output_and_export_reads_it_back(
     assert len(series) == 2
     assert_reachable_once(fleet, web)
     fleet.check()
+    assert sorted(leaders(fleet, ["scheduler-0"])["scheduler-0"]) == [1, 2]
     assert fleet.stop("sink") == 0
