@@ -21,6 +21,7 @@ from typing import IO, Any, TypeVar
 import msgspec
 from redis.exceptions import RedisError
 
+from crawlfleet.common.cluster import check_unsharded
 from crawlfleet.common.connections import (
     open_redis,
     redis_problem,
@@ -130,6 +131,7 @@ def run_role(settings: Settings, role: str,
         redis = open_redis(settings.redis_url)
         try:
             if await wait_for_redis(redis, settings.redis_url, stop=stop, role=role):
+                await check_unsharded(redis, Keys(settings.namespace), settings.redis_where)
                 await work(redis, stop)
         finally:
             await redis.aclose()
@@ -245,6 +247,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
     async def go() -> dict[str, Any]:
         redis = open_redis(settings.redis_url)
         try:
+            await check_unsharded(redis, Keys(settings.namespace), settings.redis_where)
             return await read_status(redis, Keys(settings.namespace))
         finally:
             await redis.aclose()
@@ -274,6 +277,7 @@ def check(settings: Settings, *, as_json: bool) -> int:
         redis = open_redis(settings.redis_url)
         try:
             keys = Keys(settings.namespace)
+            await check_unsharded(redis, keys, settings.redis_where)
             store = await output_store(redis, keys, settings.output)
             return await consistency.check(redis, keys, store)
         finally:
@@ -325,6 +329,7 @@ def export(settings: Settings, out_path: str | None, *, fmt: str = "jsonl",
     async def go(out: IO[bytes]) -> int:
         redis = open_redis(settings.redis_url)
         try:
+            await check_unsharded(redis, Keys(settings.namespace), settings.redis_where)
             return await write_results(redis, Keys(settings.namespace), out,
                                        output=settings.output, fmt=fmt, failed=failed,
                                        dead=dead)

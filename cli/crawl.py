@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from crawlfleet.common.cluster import check_unsharded
 from crawlfleet.common.connections import EMBEDDED_SCHEME, is_embedded, open_redis, redact_url
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging
@@ -103,6 +104,8 @@ async def run_crawl(
     keys = Keys(settings.namespace)
     redis = open_redis(settings.redis_url)
     try:
+        if not is_embedded(settings.redis_url):
+            await check_unsharded(redis, keys, redact_url(settings.redis_url))
         return await _run_crawl(settings, seeds, workers, out, redis, keys, fresh=fresh,
                                 overwrite=overwrite, state_file=state_file,
                                 tally=tally or Tally(), display=display)

@@ -13,7 +13,9 @@ The planning functions at the top are pure; the I/O is in ``Mover`` and ``reshar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,8 +183,30 @@ class Mover:
         for node in self.nodes.values():
             await node.redis.aclose()
 
+    async def same_servers(self) -> None:
+        """Refuse two URLs of the lists that reach one Redis (a host name and its address,
+        another port mapping, a changed password): a server is its URL everywhere else here,
+        and one moved onto itself under another name would lose its URLs."""
+        token, k = uuid.uuid4().hex, self.keys
+        nodes = list(self.nodes.values())
+        try:
+            for i, node in enumerate(nodes):
+                self.where = node.server.url
+                raw = await node.redis.get(k.server_probe)
+                mark, _, other = as_text(raw).partition("|") if raw is not None else ("", "", "")
+                if mark == token:
+                    raise UsageError(
+                        f"{nodes[int(other)].server.where} and {node.server.where} reach the "
+                        "same Redis server: give each server once, by one URL")
+                await node.redis.set(k.server_probe, f"{token}|{i}", ex=60)
+        finally:
+            for node in nodes:
+                with contextlib.suppress(RedisError):
+                    await node.redis.delete(k.server_probe)
+
     async def check(self) -> None:
         k = self.keys
+        await self.same_servers()
         for node in self.nodes.values():
             self.where, r, s = node.server.url, node.redis, node.server
             raw = await r.get(k.shard)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crawlfleet.common.addresses import literal_host_refusal
+from crawlfleet.common.cluster import check_unsharded
 from crawlfleet.common.connections import RedisProblem, open_redis
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.messages import Seeds, encode
@@ -138,6 +139,7 @@ def seed(settings: Settings, urls: list[str], file: str | None) -> int:
     async def go() -> None:
         redis = open_redis(settings.redis_url)
         try:
+            await check_unsharded(redis, Keys(settings.namespace), settings.redis_where)
             await enqueue_seeds(redis, Keys(settings.namespace), seeds,
                                 expected_urls=settings.expected_urls)
         finally:

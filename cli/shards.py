@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
 from crawlfleet.common.addresses import url_port
-from crawlfleet.common.cluster import Cluster
-from crawlfleet.common.connections import as_text, redis_problem
+from crawlfleet.common.cluster import Cluster, quick_client
+from crawlfleet.common.connections import as_text, redact_url, redis_problem
 from crawlfleet.common.messages import Seeds, encode
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import URLError, host_key
@@ -31,20 +32,39 @@ def run_on_cluster(settings: Settings,
 
     async def main() -> T:
         cluster = Cluster.open(settings)
-        current = cluster.shards[0]
         try:
             for shard in cluster.shards:
-                current = shard
-                await cluster.bind_one(shard)
-            current = cluster.shards[0]
-            return await go(cluster)
-        except RedisError as exc:
-            where = getattr(exc, "shard_url", None) or current.url
-            raise redis_problem(exc, where) from None
+                try:
+                    await cluster.bind_one(shard)
+                except RedisError as exc:
+                    raise redis_problem(exc, shard.url) from None
+            try:
+                return await go(cluster)
+            except RedisError as exc:
+                raise redis_problem(exc, await failing_shard(cluster, exc)) from None
         finally:
             await cluster.aclose()
 
     return asyncio.run(main())
+
+
+async def failing_shard(cluster: Cluster, exc: RedisError) -> str:
+    """Which shard an error met in the middle of a command came from: the one whose address
+    the error names, else the first that does not answer a ping, else all of them."""
+    text = str(exc)
+    for shard in cluster.shards:
+        parts = urlsplit(shard.url)
+        if parts.hostname and f"{parts.hostname}:{parts.port or 6379}" in text:
+            return shard.url
+    for shard in cluster.shards:
+        probe = quick_client(shard.url)
+        try:
+            await probe.ping()
+        except Exception:
+            return shard.url
+        finally:
+            await probe.aclose()
+    return ",".join(redact_url(s.url) for s in cluster.shards)
 
 
 def seed_groups(cluster: Cluster, seeds: list[str]) -> dict[int, list[str]]:

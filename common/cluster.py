@@ -34,6 +34,8 @@ from .connections import (
     RedisProblem,
     as_text,
     is_embedded,
+    is_refused,
+    is_transient,
     open_redis,
     redact_url,
 )
@@ -52,8 +54,15 @@ from .shards import owner
 from .stats import combine_status, read_status
 
 OUTBOX_READ = 50  # outbox entries a scheduler forwards per pass
-# A shard that cannot take links now: they wait in the outbox.
-UNDELIVERABLE: tuple[type[Exception], ...] = (*REDIS_UNAVAILABLE, StateLost)
+OUTBOX_SCAN = 20 * OUTBOX_READ  # entries it looks at per pass, past those for down shards
+
+
+def undeliverable(exc: BaseException) -> bool:
+    """Another shard cannot take links now (down, loading, out of memory, read-only, busy, its
+    state lost, or refusing us): they wait in the outbox. Its trouble is never the caller's:
+    raised into a worker's turn, it would fail that shard's pages instead."""
+    return isinstance(exc, (*REDIS_UNAVAILABLE, StateLost)) or is_transient(exc) \
+        or is_refused(exc)
 
 
 class ShardMismatch(RedisProblem):
@@ -96,11 +105,22 @@ async def bind_shard(redis: Any, keys: Keys, index: int, count: int, where: str)
     have = as_text(raw) if raw is not None else shard_record(0, 1)
     if have != want:
         held, _, of = have.partition("/")
+        if count == 1:
+            raise ShardMismatch(
+                f"Redis at {where} holds shard {int(held) + 1} of {of} of namespace "
+                f"{keys.namespace!r}, a sharded crawl: set CRAWLFLEET_REDIS_URLS to its whole "
+                "shard list (one Redis of it alone would split its hosts' dedup)")
         raise ShardMismatch(
             f"Redis at {where} holds shard {int(held) + 1} of {of} of namespace "
             f"{keys.namespace!r}, but the shard list makes it shard {index + 1} of {count}: "
             "give the list the crawl was seeded with, or move the crawl with "
             "`crawlfleet reshard --to URLS`")
+
+
+async def check_unsharded(redis: Any, keys: Keys, where: str) -> None:
+    """A process given one Redis: refuse one that holds a shard of a sharded crawl (a list
+    shortened to one URL, or CRAWLFLEET_REDIS_URL pointed at one shard)."""
+    await bind_shard(redis, keys, 0, 1, where)
 
 
 @dataclass
@@ -224,8 +244,9 @@ async def deliver(cluster: Cluster, others: dict[int, list[Admission]], outbox: 
             for i in range(0, len(admissions), chunk):
                 await cluster.admit_on(shard, admissions[i:i + chunk])
             continue
-        except UNDELIVERABLE:
-            pass
+        except Exception as exc:
+            if not undeliverable(exc):
+                raise
         # Admitting twice is a no-op (the seen set), so a chunk that did land may come again.
         for i in range(0, len(admissions), chunk):
             await outbox.xadd(cluster.keys.outbox,
@@ -237,32 +258,53 @@ async def deliver(cluster: Cluster, others: dict[int, list[Admission]], outbox: 
 async def forward_outbox(cluster: Cluster, home: int, frontier: Frontier, *,
                          count: int = OUTBOX_READ) -> int:
     """The leader of shard ``home`` (``frontier`` on its own client) sends its outbox's links
-    to their shards, oldest first, deleting each entry once all its links are admitted; it
-    stops at the first shard still unreachable. A malformed entry is quarantined. Returns the
-    links forwarded."""
+    to their shards, oldest first, deleting each entry once all its links are admitted. An
+    entry for a shard found unable to take them this pass stays, and the entries after it for
+    other shards go on (up to ``count`` entries forwarded, ``OUTBOX_SCAN`` looked at). A
+    malformed entry is quarantined. Returns the links forwarded."""
     redis = frontier.redis
     keys = cluster.keys
-    forwarded = 0
-    for entry_id, fields in await redis.xrange(keys.outbox, count=count):
-        entry = as_text(entry_id)
-        data = fields.get(b"m") or fields.get("m") or b""
-        try:
-            admissions = admissions_of(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, MessageVersionError) as exc:
-            await frontier.quarantine(f"{keys.outbox}#{entry}", str(exc)[:200] or "unreadable",
-                                      bytes(data))
-            await redis.xdel(keys.outbox, entry_id)
-            continue
-        mine, others = cluster.split(admissions, home)
-        try:
-            for index, group in sorted(others.items()):
-                await cluster.admit_on(cluster.shards[index], group)
+    forwarded = entries = looked = 0
+    down: set[int] = set()
+    start = "-"
+    while entries < count and looked < OUTBOX_SCAN:
+        page = await redis.xrange(keys.outbox, min=start, count=OUTBOX_READ)
+        for entry_id, fields in page:
+            entry = as_text(entry_id)
+            looked += 1
+            data = fields.get(b"m") or fields.get("m") or b""
+            try:
+                admissions = admissions_of(data)
+            except (msgspec.DecodeError, msgspec.ValidationError, MessageVersionError) as exc:
+                await frontier.quarantine(f"{keys.outbox}#{entry}",
+                                          str(exc)[:200] or "unreadable", bytes(data))
+                await redis.xdel(keys.outbox, entry_id)
+                continue
+            mine, others = cluster.split(admissions, home)
             if mine:  # only after a reshard moved the host here
-                await cluster.admit_on(cluster.shards[home], mine)
-        except UNDELIVERABLE:
+                others[home] = mine
+            if down & set(others):
+                continue
+            failed = None
+            for index, group in sorted(others.items()):
+                try:
+                    await cluster.admit_on(cluster.shards[index], group)
+                except Exception as exc:
+                    if not undeliverable(exc):
+                        raise
+                    failed = index
+                    break
+            if failed is not None:
+                down.add(failed)
+                continue  # all of it again later: the seen set makes a repeat a no-op
+            await redis.xdel(keys.outbox, entry_id)
+            forwarded += len(admissions)
+            entries += 1
+            if entries >= count:
+                break
+        if len(page) < OUTBOX_READ:
             break
-        await redis.xdel(keys.outbox, entry_id)
-        forwarded += len(admissions)
+        start = "(" + as_text(page[-1][0])
     return forwarded
 
 

@@ -88,6 +88,9 @@ _FIXED = {
     # STREAM: links found here for other shards' hosts while those shards were unreachable
     # (field m: a Links message); this shard's scheduler forwards them (cluster.py).
     "outbox": "outbox",
+    # STRING, for a minute: a token `crawlfleet reshard` writes to tell whether two URLs of
+    # its lists reach one Redis server (cli/reshard.py).
+    "server_probe": "reshard:probe",
 }
 
 
@@ -274,3 +277,7 @@ class Keys:
     @property
     def outbox(self) -> str:
         return self._k(_FIXED["outbox"])
+
+    @property
+    def server_probe(self) -> str:
+        return self._k(_FIXED["server_probe"])

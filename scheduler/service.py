@@ -31,6 +31,7 @@ from crawlfleet.common.addresses import url_port
 from crawlfleet.common.cluster import (
     Cluster,
     bind_shard,
+    check_unsharded,
     forward_outbox,
     shard_limits,
 )
@@ -172,6 +173,8 @@ class Scheduler:
         if self.cluster is not None:
             await bind_shard(self.redis, self.keys, self.shard, len(self.cluster),
                              self.cluster.shards[self.shard].where)
+        else:
+            await check_unsharded(self.redis, self.keys, self.settings.redis_where)
         await self.open_crawl()
         self.allowed_hosts |= {as_text(h) for h in await self.redis.smembers(self.keys.scope_hosts)}
         self.seed_ports |= {int(p) for p in await self.redis.smembers(self.keys.scope_ports)}

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 
 from crawlfleet.common import metrics
 from crawlfleet.common.cluster import Cluster, cluster_status
-from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text
+from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_refused, redis_problem
 from crawlfleet.common.logs import get_logger
 from crawlfleet.common.settings import Settings
 
@@ -60,6 +60,8 @@ async def run_sharded(settings: Settings, cluster: Cluster, quick: Cluster,
         try:
             await scheduler.attempt(stop)
         except REDIS_ERRORS as exc:
+            if is_refused(exc):  # a wrong password waits for nothing: one line, exit 2
+                raise redis_problem(exc, cluster.shards[scheduler.shard].url) from None
             event = ("redis_unavailable" if isinstance(exc, REDIS_UNAVAILABLE)
                      else "redis_error")
             log.warning(event, error=str(exc), shard=scheduler.shard + 1)
@@ -87,6 +89,8 @@ async def run_sharded(settings: Settings, cluster: Cluster, quick: Cluster,
                         holder = await quick.shards[index].redis.get(
                             scheduler.keys.scheduler_lock)
                     except REDIS_ERRORS as exc:
+                        if is_refused(exc):
+                            raise redis_problem(exc, cluster.shards[index].url) from None
                         log.warning("redis_unavailable", error=str(exc), shard=index + 1)
                         backoff[index] = now + SHARD_BACKOFF
                         free_since.pop(index, None)

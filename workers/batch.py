@@ -283,30 +283,39 @@ class BatchRun(PageWork):
         those pages, and their links come again as duplicates."""
         if self.cluster is None or not self.admissions:
             return
-        mine, others = self.cluster.split(self.admissions, self.shard)
-        if not others:
-            return
-        self.admissions = mine
+        admissions, self.admissions = self.admissions, []
         try:
-            parked = await deliver(self.cluster, others, self.frontier.redis, ADMIT_CHUNK)
+            self.admissions = await self._route(admissions) + self.admissions
         except BaseException:
-            self.admissions = [a for group in others.values() for a in group] + self.admissions
+            self.admissions = admissions + self.admissions
             raise
-        if parked:
-            self.log.warning("links_parked", links=parked,
-                             detail="their shard is unreachable: this shard's scheduler "
-                                    "forwards them from its outbox once it is back")
+
+    async def _route(self, admissions: list[Admission]) -> list[Admission]:
+        """Deliver the links of ``admissions`` that belong to other shards; the rest back."""
+        if self.cluster is None:
+            return admissions
+        mine, others = self.cluster.split(admissions, self.shard)
+        if others:
+            parked = await deliver(self.cluster, others, self.frontier.redis, ADMIT_CHUNK)
+            if parked:
+                self.log.warning("links_parked", links=parked,
+                                 detail="their shard is unreachable: this shard's scheduler "
+                                        "forwards them from its outbox once it is back")
+        return mine
 
     async def _admit_overflow(self) -> None:
         """Links past ADMIT_CHUNK go first, in admit.lua calls of ADMIT_CHUNK each, so that no
         script holds Redis for more than a few milliseconds (a 5,000-link page). Admitting
         before the page's result is stored is safe: if the result never lands, the page is
-        fetched again and its links are duplicates."""
+        fetched again and its links are duplicates. A chunk is routed again first: links for
+        other shards' hosts may have come in during the last chunk's call."""
         while len(self.admissions) > ADMIT_CHUNK:
             # Taken off before the await: pages finishing meanwhile append their own links.
             chunk, self.admissions = self.admissions[:ADMIT_CHUNK], self.admissions[ADMIT_CHUNK:]
             try:
-                await self.frontier.admit(self.batch.crawl, chunk, self.limits)
+                mine = await self._route(chunk)
+                if mine:
+                    await self.frontier.admit(self.batch.crawl, mine, self.limits)
             except BaseException:
                 self.admissions = chunk + self.admissions
                 raise

@@ -24,7 +24,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from crawlfleet.common.addresses import allowed_port_numbers, parse_networks, proxy_host_of
-from crawlfleet.common.cluster import Cluster, bind_shard
+from crawlfleet.common.cluster import Cluster, bind_shard, check_unsharded
 from crawlfleet.common.connections import (
     REDIS_UNAVAILABLE,
     as_text,
@@ -159,6 +159,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         shard = cluster.shards[ctx["shard"]]
         await bind_shard(ctx["redis"], keys, shard.index, len(cluster), shard.where)
         ctx["limits"] = shard.limits
+    else:
+        await check_unsharded(ctx["redis"], keys, settings.redis_where)
     ctx["frontier"] = Frontier(ctx["redis"], keys)
     ctx["robots"] = RobotsCache(ctx["redis"], keys, ctx["session"], settings)
 
