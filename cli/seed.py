@@ -154,6 +154,9 @@ def seed(settings: Settings, urls: list[str], file: str | None) -> int:
             else:
                 run_on_redis(settings, go)
         except RedisProblem as problem:
-            raise RedisProblem(f"{problem}; no seed was enqueued", problem.exit_code) from None
+            partly = ("some shards may have their seeds already: the same command again "
+                      "enqueues the rest, each URL once" if sharded(settings)
+                      else "no seed was enqueued")
+            raise RedisProblem(f"{problem}; {partly}", problem.exit_code) from None
     print(f"enqueued {len(seeds)} seed(s), refused {len(errors)}", file=sys.stderr)
     return 1 if errors else 0

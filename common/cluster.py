@@ -189,8 +189,9 @@ class Cluster:
 
     async def crawl_id(self, shard: Shard, *, fresh: bool = False) -> str:
         if fresh or not shard.crawl_id:
+            # The id known so far goes with it, so that a lost state is recorded as lost.
             marker = await shard.frontier.open_crawl(
-                expected_urls=self.settings.expected_urls)
+                shard.crawl_id, expected_urls=self.settings.expected_urls)
             shard.crawl_id = marker.id
         return shard.crawl_id
 

@@ -271,3 +271,23 @@ def test_reshard_refuses_one_server_spelled_two_ways_and_loses_nothing() -> None
     assert everything(asyncio.run(dump([a, b]))) == before
     probes = asyncio.run(connections.open_redis(a).exists(Keys(NS).server_probe))
     assert probes == 0  # the probe leaves nothing behind
+
+
+def test_links_for_a_shard_whose_state_was_lost_record_the_loss_there() -> None:
+    """A shard restarted without persistence: the next links for it reopen its crawl, and the
+    loss is recorded there (status says state lost) instead of a fresh crawl that looks
+    whole."""
+    cluster = Cluster.open(shard_settings(2))
+
+    async def go() -> None:
+        await cluster.bind()
+        target = cluster.shards[1]
+        found = links_for(2, 2)
+        assert await cluster.admit_on(target, found[1][:1]) == 1
+        await target.redis.flushall()  # what a restart without persistence leaves
+        assert await cluster.admit_on(target, found[1][1:]) == 1
+        status = await read_status(target.redis, cluster.keys)
+        await cluster.aclose()
+        assert status["state_lost"] and status["seen"] == 1
+
+    asyncio.run(go())

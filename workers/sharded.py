@@ -32,8 +32,8 @@ async def run_sharded_workers(settings: Settings) -> None:
     shared = await open_shared(settings, resources,
                                lambda: any(w.allow_pick_jobs for w in workers))
     # A host's batch holds a job slot: the slots are split, so the process holds no more
-    # hosts than one unsharded worker would.
-    per_shard = max(1, -(-settings.jobs_per_worker // len(urls)))
+    # hosts than one unsharded worker would (one a shard at least).
+    per_shard = max(1, settings.jobs_per_worker // len(urls))
     for index, url in enumerate(urls):
         options = worker_options(settings)
         options["max_jobs"] = per_shard
