@@ -23,6 +23,7 @@ THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 SCHEDULER = ROOT / "benchmarks" / "scheduler.py"
 MEMORY = ROOT / "benchmarks" / "memory.py"
 SCALE = ROOT / "benchmarks" / "scale.py"
+SHARDS = ROOT / "benchmarks" / "shards.py"
 ROWS = ("fetch floor", "fetch+parse floor", "naive", "embedded", "fleet of 1", "fleet of 2")
 IN_INFLIGHT = ("naive", "fleet of 1")  # the only rows of the inflight shape
 KEPT = ("<!-- benchmarks/scheduler.py: begin -->\nkept section\n"
@@ -101,6 +102,23 @@ def test_scale_plan_runs_small(tmp_path: Path) -> None:
     assert re.search(r"arq_rate.py, run now, [\d,]+ jobs", out)  # measured, not read back
     text = docs.read_text()
     assert "kept prose" in text and "<!-- benchmarks/scale.py: begin -->" in text
+
+
+def test_shards_runs_small(tmp_path: Path) -> None:
+    docs = tmp_path / "scale.md"
+    docs.write_text("# plan\nkept prose\n")
+    done = run(SHARDS, "--shards", "1,2", "--workers", "1", "--repeat", "1", "--hosts", "4",
+               "--pages", "8", "--idle-s", "0.5", "--write-docs", str(docs), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    out = done.stdout
+    for shards in (1, 2):  # a row each: rate, CPU, commands, idle figures, URLs by shard
+        assert re.search(rf"^\s+{shards}\s+[\d,]+\s+[\d.]+\u00d7\s+[\d.]+\s+[\d.]+\s+[\d.]+"
+                         rf"\s+[\d.]+\s+[\d,]+\s+[\d.]+%\s+[\d,]+ \(\d+\)", out,
+                         re.MULTILINE), shards
+    assert re.search(r"^2 shards: [\d.]+\u00d7 one shard's rate", out, re.MULTILINE)
+    assert "(!)" not in out  # every crawl's export was the reachable set
+    text = docs.read_text()
+    assert "kept prose" in text and "<!-- benchmarks/shards.py: begin -->" in text
 
 
 def load_script(path: Path) -> ModuleType:
