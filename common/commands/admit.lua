@@ -20,12 +20,9 @@ Returns {'ok', admitted} or {'state_lost'}.
 ]]
 if not crawl_is_current() then return {'state_lost'} end
 local group, event_id, ack = ARGV[3], ARGV[4], ARGV[5] == '1'
-local names = {unpack(ADMIT_COUNTERS)}
-names[#names + 1] = 'quarantined_events'
-local c = counters(names)
+local c = counters()
 local now = now_s()
 local invalid = tonumber(ARGV[10]) + invalid_fps(12)
-c:fix()
 local a = admit_argv(c, 12, tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
   tonumber(ARGV[9]), invalid, now)
 if event_id ~= '' and ack then

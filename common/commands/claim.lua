@@ -22,7 +22,7 @@ if not crawl_is_current() then return {'state_lost'} end
 if redis.call('HGET', K.lease_batch, host) ~= batch_id then return {'stale'} end
 local lease = host_key(host, 'lease')
 local entries = redis.call('HGETALL', lease)
-local c = counters({'in_flight', 'quarantined'})
+local c = counters()
 local scope = redis.call('SCARD', K.scope_hosts) + redis.call('SCARD', K.scope_ports)
 local out, bad = {'ok', SEEN_DIGITS, scope}, {}
 for i = 1, #entries, 2 do
@@ -33,7 +33,6 @@ for i = 1, #entries, 2 do
     bad[#bad + 1] = {entries[i], entries[i + 1], why or 'fp does not match its field'}
   end
 end
-c:fix()
 for _, b in ipairs(bad) do
   quarantine(lease, b[3], b[2], true)
   redis.call('HDEL', lease, b[1])

@@ -25,7 +25,7 @@ if room <= 0 then return {'ok', 0} end
 local now = now_s()
 local hosts = redis.call('ZRANGEBYSCORE', K.ready, '-inf', now, 'LIMIT', 0, room)
 if #hosts == 0 then return {'ok', 0} end
-local c = counters({'queued', 'in_flight', 'quarantined'})
+local c = counters()
 -- Read and sort every entry first.
 local plans = {}
 for _, host in ipairs(hosts) do
@@ -38,7 +38,6 @@ for _, host in ipairs(hosts) do
   end
   plans[#plans + 1] = plan
 end
-c:fix()
 local batches = 0
 local now_ms = math.floor(now * 1000)
 for _, plan in ipairs(plans) do

@@ -23,8 +23,7 @@ local now = now_s()
 local expired = redis.call('ZRANGEBYSCORE', K.leases, '-inf', now, 'LIMIT', 0, limit)
 local unclaimed = redis.call('ZRANGEBYSCORE', K.waiting, '-inf', now - claim_timeout,
   'LIMIT', 0, limit)
-local c = counters({'in_flight', 'queued', 'failed', 'quarantined', 'leases_expired',
-  'batches_unclaimed', 'dead'})
+local c = counters()
 -- Read and decide first.
 local plans = {}
 local function plan_for(host, charge)
@@ -63,7 +62,6 @@ for _, host in ipairs(expired) do plan_for(host, true); planned[host] = true end
 for _, host in ipairs(unclaimed) do
   if not planned[host] then plan_for(host, false) end  -- never both, but never twice either
 end
-c:fix()
 local requeued, lost = 0, 0
 for _, plan in ipairs(plans) do
   local q = host_key(plan.host, 'q')

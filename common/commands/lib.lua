@@ -109,47 +109,58 @@ local function quarantine(source, reason, data, counted)
     'counted', counted and '1' or '0')
 end
 
--- Counters: counters(names) validates (before any write); fix() resets the bad ones (first
--- write); add() collects deltas; apply() writes them.
+-- Counters: add() collects deltas; apply(), the command's last write, reads the counters that
+-- changed (one HMGET), quarantines and resets any that is not an integer, and writes the new
+-- values (one HSET): a bad counter never fails a command halfway, and only the counters a call
+-- changes cost it anything. get() reads one before that, for a budget.
 local Counters = {}
 Counters.__index = Counters
-local function counters(names)
-  local self = setmetatable({delta = {}, bad = {}, value = {}}, Counters)
-  local values = redis.call('HMGET', K.stats, unpack(names))
-  for i, name in ipairs(names) do
-    local v = values[i]
-    if v and not string.match(v, '^%-?%d+$') then
-      self.bad[#self.bad + 1] = {name, v}
-      self.value[name] = 0
-    else
-      self.value[name] = tonumber(v or '0')
-    end
-  end
-  return self
+local function int_or_nil(v)
+  if v == false or v == nil then return 0 end
+  if string.match(v, '^%-?%d+$') then return tonumber(v) end
+  return nil
+end
+local function counters()
+  return setmetatable({delta = {}, value = {}, bad = {}}, Counters)
 end
 function Counters:add(name, n)
   if n ~= 0 then self.delta[name] = (self.delta[name] or 0) + n end
 end
-function Counters:fix()
-  for _, bad in ipairs(self.bad) do
-    quarantine(K.stats .. '#' .. bad[1], 'counter is not an integer', bad[2], false)
-    redis.call('HSET', K.stats, bad[1], '0')
+function Counters:get(name)
+  local v = self.value[name]
+  if v == nil then
+    local raw = redis.call('HGET', K.stats, name)
+    v = int_or_nil(raw)
+    if v == nil then self.bad[name], v = raw, 0 end
+    self.value[name] = v
   end
-  self.bad = {}
+  return v
 end
--- One HSET of the new values (read by counters(), and nothing else writes K.stats inside a
--- command) instead of one HINCRBY per counter: fewer commands per call for the same result.
 function Counters:apply()
+  local unread = {}
+  for name, n in pairs(self.delta) do
+    if n ~= 0 and self.value[name] == nil then unread[#unread + 1] = name end
+  end
+  if #unread > 0 then
+    local values = redis.call('HMGET', K.stats, unpack(unread))
+    for i, name in ipairs(unread) do
+      local v = int_or_nil(values[i])
+      if v == nil then self.bad[name], v = values[i], 0 end
+      self.value[name] = v
+    end
+  end
   local fields = {}
+  for name, raw in pairs(self.bad) do
+    quarantine(K.stats .. '#' .. name, 'counter is not an integer', raw, false)
+    if not self.delta[name] or self.delta[name] == 0 then
+      fields[#fields + 1] = name
+      fields[#fields + 1] = '0'
+    end
+  end
   for name, n in pairs(self.delta) do
     if n ~= 0 then
-      local v = self.value[name]
-      if v then
-        fields[#fields + 1] = name
-        fields[#fields + 1] = string.format('%.0f', v + n)
-      else
-        redis.call('HINCRBY', K.stats, name, n)  -- a name counters() was not given
-      end
+      fields[#fields + 1] = name
+      fields[#fields + 1] = string.format('%.0f', self.value[name] + n)
     end
   end
   if #fields > 0 then redis.call('HSET', K.stats, unpack(fields)) end
@@ -182,15 +193,13 @@ end
 
 -- Admission of new URLs (admit.lua for seeds, progress.lua for the links a worker found).
 -- admitter() reads the budgets; admit() takes one URL, with the writes that are per host
--- (queue, page count, ready time) gathered and done once per host by flush(). The counters
--- object must have been made with the names in ADMIT_COUNTERS.
-local ADMIT_COUNTERS = {'seen', 'queued', 'discarded_max_pages', 'discarded_host_budget',
-  'discarded_query_variants', 'discarded_scope', 'discarded_invalid'}
+-- (queue, page count, ready time) gathered and done once per host by flush().
 local Admitter = {}
 Admitter.__index = Admitter
 local function admitter(c, max_pages, max_per_host, max_variants, now)
   return setmetatable({c = c, max_pages = max_pages, max_per_host = max_per_host,
-    max_variants = max_variants, now = now, n_seen = c.value.seen or 0, hosts = {},
+    max_variants = max_variants, now = now,
+    n_seen = max_pages >= 0 and c:get('seen') or 0, hosts = {},
     order = {}, admitted = 0}, Admitter)
 end
 function Admitter:host(host)

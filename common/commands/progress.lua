@@ -45,12 +45,7 @@ local first_result = 17 + n_marks
 local first_admit = first_result + 3 * n_results
 local held = redis.call('HGET', K.lease_batch, host) == batch_id
 local lease, q, fetching = host_key(host, 'lease'), host_key(host, 'q'), host_key(host, 'fetching')
-local names = {unpack(ADMIT_COUNTERS)}
-for _, n in ipairs({'pages', 'failed', 'skipped', 'retries', 'in_flight', 'quarantined',
-    'dead'}) do
-  names[#names + 1] = n
-end
-local c = counters(names)
+local c = counters()
 local now = now_s()
 -- Read and validate first.
 local invalid = tonumber(ARGV[13]) + invalid_fps(first_admit)
@@ -70,7 +65,6 @@ if final and held then
     end
   end
 end
-c:fix()
 local stored, finished = 0, 0
 if held then
   -- One HMGET and one HDEL for the call's results, not one HDEL each.

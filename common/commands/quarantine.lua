@@ -9,8 +9,7 @@ Guarantees
     expire.lua when nobody claims it).
 Returns 1.
 ]]
-local c = counters({'quarantined_other'})
-c:fix()
+local c = counters()
 quarantine(ARGV[3], ARGV[4], ARGV[5], false)
 c:add('quarantined_other', 1)
 c:apply()

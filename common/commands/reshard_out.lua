@@ -34,8 +34,7 @@ end
 for i = after, #ARGV, 2 do
   if not FIELDS[ARGV[i]] or host == '' then return {'bad', 'field ' .. tostring(ARGV[i])} end
 end
-local c = counters({'seen', 'pages', 'failed', 'skipped', 'queued', 'dead'})
-c:fix()
+local c = counters()
 local removed, ids, raws = 0, {}, {}
 for i = first, after - 1, 5 do
   local fp, counter, dead, variant, where = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
