@@ -865,6 +865,47 @@ def test_host_keys_are_injective_and_one_hash_slot() -> None:
         assert tag == key[key.index("{") + 1:key.rindex("}")]
 
 
+async def test_entry_fp_reads_every_entry_as_the_full_decode_does(env: dict[str, Any]) -> None:
+    """lib.lua reads an entry's fp with one pattern when the entry is spelled exactly as
+    common.messages encodes it, and decodes it by name otherwise: both ways must agree on
+    every entry, valid or not (a fp, or a refusal)."""
+    from crawlfleet.common.commands import _constants, _read
+
+    fp = fingerprint("http://a.test/p")
+    encoded = [QueuedURL(fp=fingerprint(u), url=u, depth=d, tries=t, retries=r)
+               for u, d, t, r in [("http://a.test/", 0, 0, 0),
+                                  ("http://a.test/p?q=1&r=%22", 7, 2, 11),
+                                  ("https://xn--bcher-kva.test:8443/%C3%A9", 123, 0, 3)]]
+    entries = [encode(e) for e in encoded]
+    entries += [
+        b'{"fp":"%s","v":1,"url":"http://a.test/","depth":1}' % fp.encode(),  # by name only
+        b'{"v":1,"fp":"%s","url":"http://a.test/\\"","depth":1,"tries":0,"retries":0}'
+        % fp.encode(),  # an escape in the URL: valid JSON, not the plain shape
+        b'{"v":1,"fp":"%s","url":"http://a.test/","depth":1,"tries":0,"retries":0,"x":1}'
+        % fp.encode(),  # a field more
+        b'{"v":99,"fp":"%s","url":"http://a.test/","depth":1,"tries":0,"retries":0}'
+        % fp.encode(),  # a newer version
+        b'{"v":1,"fp":"%s","url":"http://a.test/","depth":1,"tries":0,"retries":0}'
+        % fp[:15].encode(),  # a short fp
+        b'{"v":1,"fp":"%sZ","url":"http://a.test/","depth":1,"tries":0,"retries":0}'
+        % fp[:15].encode(),  # not hex
+        b'{"v":1,"fp":"%s","url":"","depth":1,"tries":0,"retries":0}' % fp.encode(),
+        b'{"v":1,"fp":"%s","url":"http://a.test/","depth":"1","tries":0,"retries":0}'
+        % fp.encode(),  # a depth that is a string
+        b'{"v":1,"fp":"%s","url":"http://a.test/","depth":1,"tries":0,"retries":0'
+        % fp.encode(),  # cut short
+        b"[1,2,3]", b"", b"null"]
+    script = (_constants() + _read("lib") + "\nlocal fp, why = entry_fp(ARGV[3])\n"
+              "local e = decode_entry(ARGV[3])\n"
+              "return {fp or '', e and e.fp or '', why or ''}")
+    answers = [await env["redis"].eval(script, 0, "t:", "", raw) for raw in entries]
+    for raw, (fast, full, why) in zip(entries, answers, strict=True):
+        assert fast == full, (raw, fast, full)
+        assert fast or why, raw  # a refusal says why (it goes to quarantine with it)
+    assert [a[0].decode() for a in answers[:4]] == [e.fp for e in encoded] + [fp]
+    assert sum(1 for a in answers if a[0]) == 6  # the three, by name, the escape, a field more
+
+
 async def test_a_malformed_queue_entry_is_quarantined_and_the_rest_go_on(
     env: dict[str, Any],
 ) -> None:

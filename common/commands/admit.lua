@@ -22,9 +22,10 @@ if not crawl_is_current() then return {'state_lost'} end
 local group, event_id, ack = ARGV[3], ARGV[4], ARGV[5] == '1'
 local c = counters()
 local now = now_s()
-local invalid = tonumber(ARGV[10]) + invalid_fps(12)
+local n_invalid, invalid_at = invalid_fps(12)
+local invalid = tonumber(ARGV[10]) + n_invalid
 local a = admit_argv(c, 12, tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
-  tonumber(ARGV[9]), invalid, now)
+  tonumber(ARGV[9]), invalid, now, invalid_at)
 if event_id ~= '' and ack then
   if ARGV[11] ~= '' then
     local raw = redis.call('XRANGE', K.events, event_id, event_id)

@@ -26,8 +26,8 @@ local c = counters()
 local scope = redis.call('SCARD', K.scope_hosts) + redis.call('SCARD', K.scope_ports)
 local out, bad = {'ok', SEEN_DIGITS, scope}, {}
 for i = 1, #entries, 2 do
-  local e, why = decode_entry(entries[i + 1])
-  if e and e.fp == entries[i] then
+  local fp, why = entry_fp(entries[i + 1])
+  if fp and fp == entries[i] then
     out[#out + 1] = entries[i + 1]
   else
     bad[#bad + 1] = {entries[i], entries[i + 1], why or 'fp does not match its field'}

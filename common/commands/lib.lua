@@ -20,7 +20,10 @@ local K = setmetatable({}, {__index = function(t, name)
 end})
 
 local function host_key(host, kind)
-  local escaped = string.gsub(host, '[%%{}]', {['%'] = '%25', ['{'] = '%7B', ['}'] = '%7D'})
+  local escaped = host
+  if string.find(host, '[%%{}]') then  -- rare: most hosts need no escaping, and gsub costs
+    escaped = string.gsub(host, '[%%{}]', {['%'] = '%25', ['{'] = '%7B', ['}'] = '%7D'})
+  end
   return PREFIX .. 'h:{' .. escaped .. '}:' .. kind
 end
 
@@ -49,7 +52,8 @@ end
 
 local function seen_slot(fp)
   return K.seen .. string.sub(fp, 1, SEEN_DIGITS),
-    string.format('%.0f', tonumber(string.sub(fp, SEEN_DIGITS + 1), 16))
+    -- '%d': exact below 2^53 (the member has at most 52 bits), and far cheaper than '%.0f'
+    string.format('%d', tonumber(string.sub(fp, SEEN_DIGITS + 1), 16))
 end
 -- SADD, SISMEMBER or SREM of one fingerprint.
 local function seen(command, fp)
@@ -70,6 +74,20 @@ local function decode_entry(raw)
   if e.retries == nil then e.retries = 0 end
   if type(e.tries) ~= 'number' or type(e.retries) ~= 'number' then return nil, 'bad counts' end
   return e
+end
+
+-- The fp of a queue or lease entry, or nil and a reason. An entry exactly as
+-- common.messages encodes a QueuedURL (every field, in its order, a URL with no quote or
+-- backslash) is read with one pattern; any other spelling is decoded and checked by name
+-- (decode_entry), so the pattern only spares valid entries a JSON decode.
+local ENTRY_SHAPE = '^{"v":(%d+),"fp":"(%x+)","url":"[^"\\]+","depth":%d+,"tries":%d+,' ..
+  '"retries":%d+}$'
+local function entry_fp(raw)
+  local v, fp = string.match(raw, ENTRY_SHAPE)
+  if v and #fp == 16 and tonumber(v) <= MESSAGE_VERSION then return fp end
+  local e, why = decode_entry(raw)
+  if e then return e.fp end
+  return nil, why
 end
 
 -- A URL's result leaves the frontier: appended to the results log, which export reads and the
@@ -160,7 +178,7 @@ function Counters:apply()
   for name, n in pairs(self.delta) do
     if n ~= 0 then
       fields[#fields + 1] = name
-      fields[#fields + 1] = string.format('%.0f', self.value[name] + n)
+      fields[#fields + 1] = string.format('%d', self.value[name] + n)
     end
   end
   if #fields > 0 then redis.call('HSET', K.stats, unpack(fields)) end
@@ -173,8 +191,8 @@ local function take_plan(host, n)
   local raws = redis.call('LRANGE', plan.q, 0, n - 1)
   plan.n = #raws
   for _, raw in ipairs(raws) do
-    local e, why = decode_entry(raw)
-    if e then plan.take[#plan.take + 1] = {e.fp, raw} else plan.bad[#plan.bad + 1] = {raw, why} end
+    local fp, why = entry_fp(raw)
+    if fp then plan.take[#plan.take + 1] = {fp, raw} else plan.bad[#plan.bad + 1] = {raw, why} end
   end
   return plan
 end
@@ -263,20 +281,21 @@ function Admitter:flush()
 end
 
 -- The admissions a command was given, ARGV[first], ARGV[first + 1] ... four fields each (fp,
--- host, entry, variant): invalid_fps() counts the bad ones before the first write, admit_argv()
--- admits the rest and counts the refusals the caller made (scope, invalid).
+-- host, entry, variant): invalid_fps() finds the bad ones before the first write (how many,
+-- and which), admit_argv() admits the rest and counts the refusals the caller made (scope,
+-- invalid).
 local function invalid_fps(first)
-  local n = 0
+  local n, bad = 0, {}
   for i = first, #ARGV, 4 do
-    if not is_fp(ARGV[i]) then n = n + 1 end
+    if not is_fp(ARGV[i]) then n, bad[i] = n + 1, true end
   end
-  return n
+  return n, bad
 end
 local function admit_argv(c, first, max_pages, max_per_host, max_variants, scope_refused,
-                          invalid, now)
+                          invalid, now, bad)
   local a = admitter(c, max_pages, max_per_host, max_variants, now)
   for i = first, #ARGV, 4 do
-    if is_fp(ARGV[i]) then a:admit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) end
+    if not bad[i] then a:admit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) end
   end
   a:flush()
   if a.admitted > 0 then redis.call('HSETNX', K.crawl, 'admitted_at', now) end

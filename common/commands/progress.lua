@@ -48,7 +48,8 @@ local lease, q, fetching = host_key(host, 'lease'), host_key(host, 'q'), host_ke
 local c = counters()
 local now = now_s()
 -- Read and validate first.
-local invalid = tonumber(ARGV[13]) + invalid_fps(first_admit)
+local n_invalid, invalid_at = invalid_fps(first_admit)
+local invalid = tonumber(ARGV[13]) + n_invalid
 local alias_ok = {}
 for i = first_result, first_admit - 1, 3 do
   if ARGV[i + 1] == 'a' then alias_ok[i] = is_fp(ARGV[i]) end
@@ -60,12 +61,12 @@ if final and held then
   local entries = redis.call('HGETALL', lease)
   for i = 1, #entries, 2 do
     if not reported[entries[i]] then
-      local e, why = decode_entry(entries[i + 1])
-      if e then rest[#rest + 1] = entries[i + 1] else bad[#bad + 1] = {entries[i + 1], why} end
+      local fp, why = entry_fp(entries[i + 1])
+      if fp then rest[#rest + 1] = entries[i + 1] else bad[#bad + 1] = {entries[i + 1], why} end
     end
   end
 end
-local stored, finished = 0, 0
+local stored = 0  -- results stored: URLs finished (the rate counts them)
 if held then
   -- One HMGET and one HDEL for the call's results, not one HDEL each.
   local in_lease, leaving = {}, {}
@@ -78,6 +79,8 @@ if held then
       if entries[j] then in_lease[fp] = true end
     end
   end
+  -- Counted in locals, added once: a counter's add costs more than a local's.
+  local pages, failed, skipped, dead, retried, seen_new, left = 0, 0, 0, 0, 0, 0, 0
   for i = first_result, first_admit - 1, 3 do
     local fp, outcome, data = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     local leaves = outcome ~= 'a' and in_lease[fp]
@@ -89,37 +92,40 @@ if held then
       -- New to the crawl, it is done already; known, it is left to its own fetch.
       if alias_ok[i] and seen('SADD', fp) == 1 then
         store_result(fp, data, false)
-        c:add('seen', 1)
-        c:add('pages', 1)
+        seen_new, pages = seen_new + 1, pages + 1
         stored = stored + 1
-        finished = finished + 1
       end
     elseif leaves then
-      c:add('in_flight', -1)
+      left = left + 1
       if outcome == 'r' then
         redis.call('RPUSH', q, data)
-        c:add('queued', 1)
-        c:add('retries', 1)
+        retried = retried + 1
       else
         store_result(fp, data, outcome == 'd')
         stored = stored + 1
-        finished = finished + 1
         if outcome == 'd' then
-          c:add('failed', 1)
-          c:add('dead', 1)
-        elseif outcome == 'p' then c:add('pages', 1)
-        elseif outcome == 's' then c:add('skipped', 1)
-        else c:add('failed', 1) end
+          failed, dead = failed + 1, dead + 1
+        elseif outcome == 'p' then pages = pages + 1
+        elseif outcome == 's' then skipped = skipped + 1
+        else failed = failed + 1 end
       end
     end
   end
+  c:add('seen', seen_new)
+  c:add('pages', pages)
+  c:add('failed', failed)
+  c:add('skipped', skipped)
+  c:add('dead', dead)
+  c:add('retries', retried)
+  c:add('queued', retried)
+  c:add('in_flight', -left)
   if #leaving > 0 then redis.call('HDEL', lease, unpack(leaving)) end
   if n_marks > 0 and not final then
     redis.call('SADD', fetching, unpack(ARGV, 17, first_result - 1))
   end
 end
 local a = admit_argv(c, first_admit, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]),
-  tonumber(ARGV[12]), invalid, now)
+  tonumber(ARGV[12]), invalid, now, invalid_at)
 local out = {'ok', held and 1 or 0, stored, #rest, a.admitted}
 if held and final then
   for i = #rest, 1, -1 do redis.call('LPUSH', q, rest[i]) end
@@ -145,6 +151,6 @@ elseif held and want > 0 then
     for _, t in ipairs(plan.take) do out[#out + 1] = t[2] end
   end
 end
-if finished > 0 then redis.call('HINCRBY', K.rate, math.floor(now), finished) end
+if stored > 0 then redis.call('HINCRBY', K.rate, math.floor(now), stored) end
 c:apply()
 return out
