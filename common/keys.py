@@ -82,6 +82,9 @@ _FIXED = {
     "scheduler_lock": "scheduler:lock",  # STRING: the leading scheduler's id, short expiry
     "batch_seq": "batch:seq",  # STRING: counter for batch ids
     "arq_queue": "arq:queue",  # ZSET: arq's job queue (job id -> score)
+    # Pub/sub channel, not a key: dispatch.lua publishes on it when it queues jobs, so that
+    # workers whose polls have slowed down (nothing to take for a while) look at once.
+    "arq_wake": "arq:wake",
     # STRING "index/count": which shard of how many this Redis is for the namespace, written
     # by the first process of a sharded crawl and checked by every later one (cluster.py).
     "shard": "shard",
@@ -277,6 +280,10 @@ class Keys:
     @property
     def outbox(self) -> str:
         return self._k(_FIXED["outbox"])
+
+    @property
+    def arq_wake(self) -> str:
+        return self._k(_FIXED["arq_wake"])
 
     @property
     def server_probe(self) -> str:

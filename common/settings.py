@@ -194,6 +194,8 @@ class Settings:
     # and 2 fetches a host, 32 slots let the fetch cap, not the slots, bound the worker.
     jobs_per_worker: int = 32
     poll_delay: float = 0.05
+    # Polls that find nothing slow down to this (doubling), and speed up when work comes.
+    poll_max_delay: float = 0.5
     # Seconds a worker has after SIGTERM to finish or hand back its batches; deployment files
     # set terminationGracePeriodSeconds / stop_grace_period a little above it.
     shutdown_grace: float = 25.0
@@ -239,11 +241,16 @@ class Settings:
                     f"{env_name(name)} must be at least 1, got {getattr(self, name)}"
                 )
         for name in ("fetch_timeout", "read_timeout", "connect_timeout", "lease_seconds",
-                     "poll_delay", "host_turn_seconds", "robots_ttl", "robots_retry",
-                     "robots_max_wait", "output_part_seconds", "health_check_interval"):
+                     "poll_delay", "poll_max_delay", "host_turn_seconds", "robots_ttl",
+                     "robots_retry", "robots_max_wait", "output_part_seconds",
+                     "health_check_interval"):
             if getattr(self, name) <= 0:
                 raise SettingsError(
                     f"{env_name(name)} must be positive, got {getattr(self, name)}")
+        if self.poll_max_delay < self.poll_delay:
+            raise SettingsError(
+                f"{env_name('poll_max_delay')} must be at least {env_name('poll_delay')} "
+                f"({self.poll_delay:g}), got {self.poll_max_delay:g}")
         for name in ("crawl_delay", "max_crawl_delay", "max_retries", "max_redirects",
                      "retry_base", "retry_max"):
             if getattr(self, name) < 0:

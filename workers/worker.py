@@ -256,10 +256,18 @@ POLL_FAILURES: tuple[type[Exception], ...] = (*REDIS_UNAVAILABLE, RedisError)
 
 class CrawlWorker(Worker):
     """arq's worker, riding out Redis outages: a failed poll waits and polls again instead of
-    ending the process (and, under Kubernetes, starting a crash loop)."""
+    ending the process (and, under Kubernetes, starting a crash loop). Its polls slow down
+    while they find nothing, from CRAWLFLEET_POLL_DELAY up to CRAWLFLEET_POLL_MAX_DELAY, and
+    are back at the fast pace at once when the scheduler queues jobs (dispatch.lua publishes
+    on ``Keys.arq_wake``), when one comes, or when one of its own ends: an idle fleet costs
+    Redis a fraction of what it did, and a job is taken as soon as before."""
 
     _backoff = 0.1
     redis_url = ""  # for messages only, always shown through redact_url()
+    _polls_found = 0  # polls whose read of the queue returned job ids
+    _interval = 0.0  # seconds between polls now; 0: every poll_delay
+    _wake: asyncio.Event | None = None
+    _listener: asyncio.Task[None] | None = None
 
     async def main(self) -> None:
         # arq's main() first pings Redis (log_redis_info) and ends the process if it is not
@@ -269,6 +277,8 @@ class CrawlWorker(Worker):
         self.ctx["taking_jobs"] = lambda: self.allow_pick_jobs  # for /healthz
         while True:
             await wait_for_redis(self.pool, self.redis_url, role="worker")
+            if self._listener is None:
+                self._listener = asyncio.create_task(self._listen_for_work())
             try:
                 await super().main()
                 return
@@ -281,6 +291,8 @@ class CrawlWorker(Worker):
                     raise
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        if job_ids:
+            self._polls_found += 1
         # arq 0.28 takes a job slot (semaphore and counter) before its WATCH and does not give
         # it back when Redis drops the connection there, so each outage would cost the worker
         # a slot for good. Start one job at a time and return the slot on that path.
@@ -292,7 +304,38 @@ class CrawlWorker(Worker):
                 self.sem.release()
                 raise
 
+    def _work_may_be_there(self) -> None:
+        """Poll at the fast pace again, from now (and end a slowed-down wait)."""
+        self._interval = 0.0
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        finally:
+            self._work_may_be_there()  # a slot is free, and its host's next turn may come
+
+    async def _listen_for_work(self) -> None:
+        """The scheduler's word that it queued jobs (Keys.arq_wake). Without it (Redis away,
+        the subscription lost) the polls still come, at most CRAWLFLEET_POLL_MAX_DELAY apart."""
+        settings: Settings = self.ctx["settings"]
+        channel = Keys(settings.namespace).arq_wake
+        while True:
+            try:
+                async with self.pool.pubsub() as pubsub:
+                    await pubsub.subscribe(channel)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._work_may_be_there()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the poll loop says what is wrong with Redis
+                log.debug("wake_channel_lost", error=redact_url(str(exc)))
+                await asyncio.sleep(settings.poll_max_delay)
+
     async def _poll_iteration(self) -> None:
+        found = self._polls_found
         try:
             await super()._poll_iteration()
         except POLL_FAILURES as exc:
@@ -300,10 +343,28 @@ class CrawlWorker(Worker):
             log.warning(event, error=redact_url(str(exc)), retry_in=self._backoff)
             await asyncio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, 5.0)
-        else:
-            self._backoff = 0.1
+            return
+        self._backoff = 0.1
+        if self._polls_found != found or self.job_counter >= self.max_jobs:
+            self._interval = 0.0  # work came, or the slots are full (no poll reads then)
+            return
+        settings: Settings = self.ctx["settings"]
+        self._interval = min(max(2 * self._interval, self.poll_delay_s),
+                             settings.poll_max_delay)
+        if self._interval > self.poll_delay_s:
+            # arq's loop waits poll_delay less this iteration's time: waiting here sets the
+            # pace. A job of ours ending wakes it.
+            wake = self._wake = self._wake or asyncio.Event()
+            wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), self._interval)
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *POLL_FAILURES):
+                await self._listener
+            self._listener = None
         try:
             await super().close()
         except POLL_FAILURES as exc:  # the health-check key expires by itself

@@ -2,7 +2,8 @@
 
 ARGV  1 prefix, 2 crawl id, 3 batch size, 4 most batches waiting for a worker, 5 arq function
       name, 6 arq job expiry (ms).
-Keys  K.ready K.waiting K.lease_batch K.batch_seq K.stats K.quarantine K.arq_queue,
+Keys  K.ready K.waiting K.lease_batch K.batch_seq K.stats K.quarantine K.arq_queue (and a
+      message on the pub/sub channel K.arq_wake when jobs were queued),
       per host h:{host}:q and h:{host}:lease, and arq's job key arq:job:{batch id}.
 Guarantees
   * At most one batch per host: the host's lease (K.lease_batch names the batch, h:{host}:lease
@@ -63,4 +64,6 @@ for _, plan in ipairs(plans) do
   end
 end
 c:apply()
+-- Workers that found nothing for a while poll slowly: tell them there is work.
+if batches > 0 then redis.call('PUBLISH', K.arq_wake, batches) end
 return {'ok', batches}

@@ -1,0 +1,94 @@
+"""A worker's polls of arq's queue slow down while they find nothing and speed up again when a
+job of its own ends (workers/worker.py, CrawlWorker), on the embedded backend."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from crawlfleet.common.settings import Settings
+from crawlfleet.workers.worker import make_worker
+
+
+def test_empty_polls_slow_down_to_the_max_and_a_job_ending_wakes_the_worker() -> None:
+    settings = Settings(redis_url=f"embedded://{uuid.uuid4().hex}", poll_delay=0.01,
+                        poll_max_delay=10.0)
+    worker = make_worker(settings, handle_signals=False)
+
+    async def go() -> None:
+        intervals = []
+        for _ in range(7):  # ~1.3 s of waiting in all
+            await worker._poll_iteration()
+            intervals.append(worker._interval)
+        assert intervals == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64]
+        # The next poll waits 1.28 s, unless a job of this worker ends meanwhile (here one
+        # whose data is gone: arq records it as expired, and the slot is free all the same).
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiting = asyncio.create_task(worker._poll_iteration())
+        while worker._interval != 1.28:  # its read of the queue, then the wait
+            assert not waiting.done() and loop.time() - started < 1.0
+            await asyncio.sleep(0.001)
+        await worker.run_job("gone", 0)
+        await asyncio.wait_for(waiting, 1.0)
+        assert loop.time() - started < 1.28
+        assert worker._interval == 0.0  # the next poll comes at poll_delay
+        await worker.pool.aclose()
+
+    asyncio.run(go())
+
+
+def test_the_max_delay_caps_the_slowdown_and_cannot_be_below_the_delay() -> None:
+    settings = Settings(redis_url=f"embedded://{uuid.uuid4().hex}", poll_delay=0.01,
+                        poll_max_delay=0.03)
+    worker = make_worker(settings, handle_signals=False)
+
+    async def go() -> None:
+        seen = []
+        for _ in range(4):
+            await worker._poll_iteration()
+            seen.append(worker._interval)
+        assert seen == [0.01, 0.02, 0.03, 0.03]
+        await worker.pool.aclose()
+
+    asyncio.run(go())
+    try:
+        Settings(poll_delay=0.5, poll_max_delay=0.1)
+    except ValueError as exc:
+        assert "CRAWLFLEET_POLL_MAX_DELAY must be at least CRAWLFLEET_POLL_DELAY" in str(exc)
+    else:
+        raise AssertionError("a max below the delay was accepted")
+
+
+def test_the_schedulers_word_that_it_queued_jobs_wakes_a_slowed_worker() -> None:
+    """dispatch.lua publishes on Keys.arq_wake when it queues jobs; a worker listening there
+    ends its slowed-down wait at once and polls at the fast pace again."""
+    from crawlfleet.common.frontier import Admission, Frontier, Limits
+    from crawlfleet.common.keys import Keys
+
+    settings = Settings(redis_url=f"embedded://{uuid.uuid4().hex}", poll_delay=0.01,
+                        poll_max_delay=10.0)
+    worker = make_worker(settings, handle_signals=False)
+    keys = Keys(settings.namespace)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        listener = asyncio.create_task(worker._listen_for_work())
+        for _ in range(8):  # ~2.5 s of empty polls would follow: the next one waits 2.56 s
+            worker._interval = max(2 * worker._interval, 0.01)
+        started = loop.time()
+        waiting = asyncio.create_task(worker._poll_iteration())
+        while worker._interval < 2.5:
+            assert not waiting.done() and loop.time() - started < 1.0
+            await asyncio.sleep(0.001)
+        frontier = Frontier(worker.pool, keys)
+        crawl = (await frontier.open_crawl()).id
+        await frontier.admit(crawl, [Admission.of("http://a.test/", "a.test", 0)], Limits())
+        assert await frontier.dispatch(crawl, batch_size=5, max_waiting=5) == 1
+        await asyncio.wait_for(waiting, 1.0)  # woken, not after 2.56 s
+        assert loop.time() - started < 2.5
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await worker.pool.aclose()
+
+    asyncio.run(go())
