@@ -63,6 +63,7 @@ from crawlfleet.common.stats import read_status
 
 # The sibling script lends its processes, Redis, test web, fleet and docs helpers.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import docs_section
 from benchmarks import throughput as tp
 
 BEGIN = "<!-- benchmarks/memory.py: begin -->"
@@ -497,14 +498,7 @@ def docs_block(summary: Summary, args: argparse.Namespace, argv: list[str], shap
 
 def write_docs(path: Path, block: str) -> None:
     """Replace this script's section of ``path``, or add it at the end; the rest stays."""
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(BEGIN), text.find(END)
-    if 0 <= start < end:
-        text = text[:start] + block + text[end + len(END):]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "# Benchmarks\n\n") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    docs_section.replace(path, BEGIN, END, block, new_file_head="# Benchmarks\n\n")
 
 
 # --------------------------------------------------------------------------------------------

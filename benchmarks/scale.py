@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,6 +23,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # arq_rate, next to this file
+import docs_section
+
 from crawlfleet.common.keys import BUCKET_FILL, INTSET_LIMIT, Keys, seen_digits
 from crawlfleet.common.settings import Settings
 
@@ -150,13 +149,20 @@ def shards_by_cpu(pages_per_s: float, ms_per_page: float, poll_core: float, util
     return math.ceil(pages_per_s * ms_per_page / 1000 / room) if room > 0 else 0
 
 
+def idle_polls_per_s(s: Settings) -> float:
+    """A crawlfleet worker's polls of one shard's queue a second with nothing to take: they slow
+    down to one per poll_max_delay (workers/worker.py; the scheduler's word wakes them when it
+    queues jobs). arq's own worker polls every poll_delay (what arq_rate.py measures)."""
+    return 1 / s.poll_max_delay
+
+
 def plan(c: Crawl, s: Settings, f: Fleet, a: Arq, b: Bytes) -> dict[str, Any]:
     turn = pages_per_turn(c, s)
     jobs_per_s = c.pages_per_s / turn
     redis_ms = f.redis_cpu_ms + a.redis_cpu_ms_per_job / turn  # the turns' arq jobs on top
     workers = workers_needed(c, s, f)
     worker_count = max(workers.values())
-    poll_core = worker_count * a.polls_per_s * a.redis_cpu_ms_per_poll / 1000
+    poll_core = worker_count * idle_polls_per_s(s) * a.redis_cpu_ms_per_poll / 1000
     util = c.redis_core_utilisation
     cmds_per_core_s = a.commands_per_job / (a.redis_cpu_ms_per_job / 1000)
     limits = {
@@ -194,7 +200,7 @@ def past_the_limit(p: dict[str, Any]) -> str:
     if p["limits"][p["first_limit"]] == 0:
         return (f"{p['first_limit']}: the workers' polls of every shard ({p['poll_core']:.2f} "
                 "core a shard) leave no room for pages. Fewer polls must come first: one poller "
-                "a process for all shards, a longer poll_delay, or a blocking pop.")
+                "a process for all shards, a longer poll_max_delay, or a blocking pop.")
     if p["first_limit"] == "memory":
         return (f"memory decides ({big} of a shard). More shards only divide it; what changes "
                 "the count is what a queued URL and a host cost: a queue entry shorter than a "
@@ -219,7 +225,9 @@ def report(p: dict[str, Any], s: Settings, f: Fleet, a: Arq, b: Bytes) -> list[s
         f"{f.redis_cpu_ms:.4f}; {f.redis_commands:.2f} Redis commands/page",
         f"  {a.source}: Redis {a.redis_cpu_ms_per_job:.4f} CPU-ms, {a.commands_per_job:.1f} "
         f"commands a job; one worker {a.worker_jobs_per_s:,.0f} jobs/s; an idle poll "
-        f"{a.redis_cpu_ms_per_poll:.4f} CPU-ms, {a.polls_per_s:.0f} polls/s a worker",
+        f"{a.redis_cpu_ms_per_poll:.4f} CPU-ms ({a.polls_per_s:.0f} polls/s an arq worker; a "
+        f"crawlfleet worker with nothing to take polls a shard {idle_polls_per_s(s):g} times "
+        f"a second, poll_max_delay {s.poll_max_delay:g} s)",
         f"  {b.source}, B per host: " + ", ".join(f"{k} {v:.0f}" for k, v in b.host.items()),
         f"    robots entry with a {c.robots_body_bytes} B body {b.robots_ok:.0f}; host queue "
         f"{b.queue_key:.0f} + {b.queue_entry:.0f} an entry ({c.url_length}-char URL); a lease "
@@ -232,7 +240,8 @@ def report(p: dict[str, Any], s: Settings, f: Fleet, a: Arq, b: Bytes) -> list[s
         f"assumed (flags): peak backlog {c.queued_fraction:.0%} of the URLs, fetch latency "
         f"{c.fetch_latency_s} s; settings: crawl_delay {s.crawl_delay}, per_host_concurrency "
         f"{s.per_host_concurrency}, jobs_per_worker {s.jobs_per_worker}, max_in_flight "
-        f"{s.max_in_flight}, host_turn_pages {s.host_turn_pages}, poll_delay {s.poll_delay}",
+        f"{s.max_in_flight}, host_turn_pages {s.host_turn_pages}, poll_delay {s.poll_delay}, "
+        f"poll_max_delay {s.poll_max_delay}",
         "shards needed, by:",
         *(f"  {k:<44} {v if v else 'never (polls fill a shard)':>5}"
           for k, v in p["limits"].items()),
@@ -360,24 +369,10 @@ def measure_bytes(c: Crawl, s: Settings, sample: int) -> Bytes:
 
 
 def write_docs(path: Path, lines: list[str], argv: list[str]) -> None:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), "?")
-    block = "\n".join([
-        BEGIN, "## The figures: `benchmarks/scale.py`", "",
-        "Written by `benchmarks/scale.py --write-docs`, derived from the inputs it names;\n"
-        "edit the script, not this section.", "",
-        f"* date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"* command: `{shlex.join(['python', 'benchmarks/scale.py', *argv])}`",
-        f"* machine: nproc {len(os.sched_getaffinity(0))}, {cpu}, {platform.system()} "
-        f"{platform.release()}, load average {os.getloadavg()[0]:.2f}",
-        "", "```", *lines, "```", END])
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(BEGIN), text.find(END)
-    if 0 <= start < end:
-        text = text[:start] + block + text[end + len(END):]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + block + "\n"
-    path.write_text(text)
+    docs_section.write(path, BEGIN, END, "## The figures: `benchmarks/scale.py`",
+                       "Written by `benchmarks/scale.py --write-docs`, derived from the inputs it "
+                       "names;\nedit the script, not this section.", "benchmarks/scale.py", argv,
+                       lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,7 @@ from crawlfleet.common.messages import HostBatch, PageResult, QueuedURL, batch_f
 
 # The sibling script lends its processes, Redis, CPU meter and docs helpers.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import docs_section
 from benchmarks import throughput as tp
 
 BATCH_SIZE = 20  # the scheduler's default CRAWLFLEET_BATCH_SIZE
@@ -649,16 +650,8 @@ def write_docs(path: Path, lines: list[str], argv: list[str]) -> None:
         "```",
         tp.SCHEDULER_END,
     ])
-    text = ""
-    if path.exists():
-        text = path.read_text()
-    start, end = text.find(tp.SCHEDULER_BEGIN), text.find(tp.SCHEDULER_END)
-    if 0 <= start < end:
-        text = text[:start] + block + text[end + len(tp.SCHEDULER_END):]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "# Benchmarks\n\n") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    docs_section.replace(path, tp.SCHEDULER_BEGIN, tp.SCHEDULER_END, block,
+                         new_file_head="# Benchmarks\n\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

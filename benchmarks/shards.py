@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
-import shlex
 import signal
 import statistics
 import sys
@@ -47,6 +45,7 @@ import redis
 from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput, next to this file
+import docs_section
 import throughput as tp
 
 from crawlfleet.common.keys import Keys
@@ -259,23 +258,9 @@ def report(args: argparse.Namespace, shape: tp.Shape, web: tp.TestWeb,
 
 
 def write_docs(path: Path, lines: list[str], argv: list[str]) -> None:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), "?")
-    block = "\n".join([
-        BEGIN, "## Sharding on one machine: `benchmarks/shards.py`", "",
-        "Written by `benchmarks/shards.py --write-docs`; edit the script, not this section.", "",
-        f"* date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"* command: `{shlex.join(['python', 'benchmarks/shards.py', *argv])}`",
-        f"* machine: nproc {len(os.sched_getaffinity(0))}, {cpu}, {platform.system()} "
-        f"{platform.release()}, load average {os.getloadavg()[0]:.2f}",
-        "", "```", *lines, "```", END])
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(BEGIN), text.find(END)
-    if 0 <= start < end:
-        text = text[:start] + block + text[end + len(END):]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + block + "\n"
-    path.write_text(text)
+    docs_section.write(path, BEGIN, END, "## Sharding on one machine: `benchmarks/shards.py`",
+                       "Written by `benchmarks/shards.py --write-docs`; edit the script, not "
+                       "this section.", "benchmarks/shards.py", argv, lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,12 +31,13 @@ def shard_settings(count: int, **extra: Any) -> Settings:
                     **extra)
 
 
-def links_for(count: int, per_shard: int) -> dict[int, list[Admission]]:
-    """``per_shard`` admissions for hosts of each of ``count`` shards."""
+def links_for(count: int, per_shard: int, tag: str = "") -> dict[int, list[Admission]]:
+    """``per_shard`` admissions for hosts of each of ``count`` shards (``tag`` in their names
+    makes another set of hosts)."""
     found: dict[int, list[Admission]] = {i: [] for i in range(count)}
     n = 0
     while any(len(v) < per_shard for v in found.values()):
-        url = f"http://host{n}.test/page"
+        url = f"http://host{tag}{n}.test/page"
         n += 1
         index = owner(host_key(url), count)
         if len(found[index]) < per_shard:

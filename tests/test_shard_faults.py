@@ -24,27 +24,9 @@ from crawlfleet.common.keys import Keys
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.shards import owner
 from crawlfleet.common.stats import read_status
-from crawlfleet.common.urls import host_key
 
 from .conftest import free_port
-
-
-def shard_settings(count: int, **extra: Any) -> Settings:
-    run = uuid.uuid4().hex[:8]
-    return Settings(redis_urls=",".join(f"embedded://{run}-{i}" for i in range(count)),
-                    **extra)
-
-
-def links_for(count: int, per_shard: int, tag: str = "") -> dict[int, list[Admission]]:
-    found: dict[int, list[Admission]] = {i: [] for i in range(count)}
-    n = 0
-    while any(len(v) < per_shard for v in found.values()):
-        url = f"http://host{tag}{n}.test/page"
-        n += 1
-        index = owner(host_key(url), count)
-        if len(found[index]) < per_shard:
-            found[index].append(Admission.of(url, host_key(url), 1))
-    return found
+from .test_cluster import links_for, shard_settings
 
 
 def failing(exc: Exception) -> Any:
