@@ -16,11 +16,13 @@ each figure is the median of ``--repeat`` runs.
 
 On one machine the shards share its cores, so sharding cannot make this crawl faster here;
 what it shows is what sharding costs per page (the rate beside one shard's, CPU ms and Redis
-commands a page summed over every shard) and what a fleet costs at rest: every worker polls
-every shard's arq queue (``poll_delay``), so an idle fleet's Redis commands and CPU grow with
-shards x workers. The idle figures are taken over ``--idle-s`` seconds after each crawl, with
-the fleet still running. Each crawl's export is checked against the test web's reachable set
-(each URL once), and the pages each shard fetched are shown beside the hosts it owns.
+commands a page summed over every shard) and what a fleet costs at rest: each shard's
+scheduler loop, and every worker's polls of every shard's arq queue (slowed down to one per
+``poll_max_delay`` while there is nothing to take), so an idle fleet's Redis commands and CPU
+grow with the shards and, more slowly, with shards x workers. The idle figures are taken over
+``--idle-s`` seconds after each crawl, with the fleet still running. Each crawl's export is
+checked against the test web's reachable set (each URL once), and the pages each shard fetched
+are shown beside the hosts it owns.
 
 ``--write-docs [PATH]`` writes the table into its own section of PATH (default docs/scale.md),
 keeping the rest of the file.
@@ -228,7 +230,8 @@ def report(args: argparse.Namespace, shape: tp.Shape, web: tp.TestWeb,
     lines = [
         f"site: {shape.describe()}; {len(web.reachable):,} reachable URLs",
         f"fleet: {args.workers} worker process(es), one scheduler a shard; poll_delay "
-        f"{DEFAULTS.poll_delay:g} s, jobs_per_worker {DEFAULTS.jobs_per_worker} (split over "
+        f"{DEFAULTS.poll_delay:g} s (up to {DEFAULTS.poll_max_delay:g} s idle), "
+        f"jobs_per_worker {DEFAULTS.jobs_per_worker} (split over "
         f"the shards); medians of {args.repeat}",
         "",
         "CPU-ms a page: each kind of process summed (every redis-server, every scheduler); "
@@ -247,12 +250,13 @@ def report(args: argparse.Namespace, shape: tp.Shape, web: tp.TestWeb,
     lines.append("")
     for r in results:
         if r.shards > 1:
-            per = r.idle_calls_per_s / (r.shards * args.workers)
             lines.append(
                 f"{r.shards} shards: {r.rate / base.rate:.2f}{tp.TIMES} one shard's rate on "
                 f"these {os.cpu_count()} cores; Redis {r.cpu_ms('redis-server'):.3f} CPU-ms a "
-                f"page in all vs {base.cpu_ms('redis-server'):.3f}; at rest {per:,.0f} "
-                f"commands/s per worker per shard ({r.shards} x {args.workers} queues polled)")
+                f"page in all vs {base.cpu_ms('redis-server'):.3f}; at rest "
+                f"{r.idle_calls_per_s / r.shards:,.0f} commands/s a shard vs "
+                f"{base.idle_calls_per_s:,.0f} (its scheduler's loop, and {args.workers} "
+                "workers' polls of its queue, slowed down while there is nothing to take)")
     lines += [f"{w}" for w in warnings]
     return lines
 
