@@ -821,6 +821,36 @@ async def calls_per_poll(redis_url: str) -> Counter[str]:
     return per_poll
 
 
+@dataclass
+class PollCost:
+    """What one of the benchmark's own ``read_status`` polls costs Redis: taken out of a fleet's
+    commands and Redis CPU, so that those figures are the crawl's alone."""
+
+    calls: Counter[str]
+    redis_cpu_s: float
+
+
+async def poll_cost(server: RedisServer) -> PollCost:
+    """Its commands (``calls_per_poll``), and its Redis CPU: polls back to back on the idle
+    server, less what the server spends alone in as long a time."""
+    calls = await calls_per_poll(server.url)
+    client = connect(server.url)
+    polls = 400
+    try:
+        keys = Keys(f"bench{uuid.uuid4().hex}")
+        await read_status(client, keys)
+        before, began = cpu_seconds(server.proc.pid), time.monotonic()
+        for _ in range(polls):
+            await read_status(client, keys)
+        spent, took = cpu_seconds(server.proc.pid) - before, time.monotonic() - began
+        alone = cpu_seconds(server.proc.pid)
+        await asyncio.sleep(took)  # a window for the server's own cost, no client speaking
+        alone = cpu_seconds(server.proc.pid) - alone
+    finally:
+        await client.aclose()
+    return PollCost(calls, max(0.0, spent - alone) / polls)
+
+
 async def seen_set_usage(client: Redis, keys: Keys) -> tuple[int, int]:
     """(bytes, keys) of the seen set's buckets: MEMORY USAGE of every ``{ns}:seen:*`` key."""
     total = count = 0
@@ -926,7 +956,7 @@ def monitor_counts(
 
 async def _fleet(
     fleet: Fleet, web: TestWeb, server: RedisServer, workers: int,
-    per_poll: Counter[str], monitor_log: Path | None,
+    per_poll: PollCost, monitor_log: Path | None,
 ) -> Run:
     redis_url = fleet.env["CRAWLFLEET_REDIS_URL"]
     keys = Keys(fleet.env["CRAWLFLEET_NAMESPACE"])
@@ -962,12 +992,13 @@ async def _fleet(
             fleet.check_alive()
             await asyncio.sleep(POLL_S)
         cpu, window = meter.stop()
+        cpu["redis-server"] = max(0.0, cpu["redis-server"] - polls * per_poll.redis_cpu_s)
         counting_until = time.time()
         rss = {"worker": max(map(peak_rss_kb, fleet.pids("worker"))),
                "scheduler": max(map(peak_rss_kb, fleet.pids("scheduler"))),
                "redis-server": peak_rss_kb(server.proc.pid)}
         calls = await command_calls(client)
-        for command, n in per_poll.items():
+        for command, n in per_poll.calls.items():
             calls[command] -= n * polls
         memory = int((await client.info("memory"))["used_memory"]) - memory_before
         seen_bytes, seen_keys = await seen_set_usage(client, keys)
@@ -987,7 +1018,7 @@ async def _fleet(
 
 def measure_fleet(
     procs: Processes, web: TestWeb, shape: Shape, args: argparse.Namespace, server: RedisServer,
-    workers: int, per_poll: Counter[str], workdir: Path, warnings: list[str], *,
+    workers: int, per_poll: PollCost, workdir: Path, warnings: list[str], *,
     breakdown: bool = False,
 ) -> Run:
     env = crawl_env(web, shape, args, CRAWLFLEET_REDIS_URL=server.url)
@@ -1213,7 +1244,7 @@ def met_word(met: bool | None) -> str:
     return {True: "met", False: "NOT MET", None: "no figure"}[met]
 
 
-def report_shape(args: argparse.Namespace, result: ShapeResult, per_poll: Counter[str]) -> None:
+def report_shape(args: argparse.Namespace, result: ShapeResult, per_poll: PollCost) -> None:
     shape, rows, n = result.shape, result.rows, args.repeat
     rule = "-" * 100
     print()
@@ -1234,7 +1265,9 @@ def report_shape(args: argparse.Namespace, result: ShapeResult, per_poll: Counte
               "warnings at the end); their pages/s are over fewer URLs")
     print(rule)
     print("CPU ms per page, per process (median; floors: this process; embedded: the crawl "
-          "process's whole life, start-up included):")
+          "process's whole life, start-up included; fleets' redis-server: the benchmark's "
+          f"status polls, {1e6 * per_poll.redis_cpu_s:.0f} µs of Redis CPU each, measured on "
+          "the idle server, taken out):")
     for label, row in rows.items():
         print(f"  {label:<{width}}{cpu_cells(row)}")
     print(f"Cores busy during each run (median; {len(os.sched_getaffinity(0))} cores in all; "
@@ -1248,8 +1281,8 @@ def report_shape(args: argparse.Namespace, result: ShapeResult, per_poll: Counte
               f"{others:.2f}) | {row.own_cpu_ms():.2f} ms CPU/page without the test web")
     print(rule)
     print("Redis (median): commands per page (INFO commandstats: commands inside Lua scripts "
-          f"count too; the benchmark's status polls, {sum(per_poll.values())} commands each, "
-          "are subtracted), used_memory growth per seen URL, the seen set per URL:")
+          f"count too; the benchmark's status polls, {sum(per_poll.calls.values())} commands "
+          "each, are subtracted), used_memory growth per seen URL, the seen set per URL:")
     for label, row in rows.items():
         if row.uses_redis:
             print(f"  {label:<{width}}{redis_cells(row)}")
@@ -1292,7 +1325,7 @@ def report_shape(args: argparse.Namespace, result: ShapeResult, per_poll: Counte
               f"the fastest here ({best.label}) reaches {best.rate / bound:.0%} of it.")
 
 
-def report(args: argparse.Namespace, results: list[ShapeResult], per_poll: Counter[str],
+def report(args: argparse.Namespace, results: list[ShapeResult], per_poll: PollCost,
            warnings: list[str], load_before: tuple[float, float, float]) -> None:
     for result in results:
         report_shape(args, result, per_poll)
@@ -1356,7 +1389,8 @@ def kept_section(path: Path) -> str:
 
 
 def docs_markdown(args: argparse.Namespace, argv: list[str], results: list[ShapeResult],
-                  warnings: list[str], load: tuple[float, float, float]) -> str:
+                  warnings: list[str], load: tuple[float, float, float],
+                  per_poll: PollCost) -> str:
     n = args.repeat
     lines = [
         "# Benchmarks",
@@ -1374,11 +1408,13 @@ def docs_markdown(args: argparse.Namespace, argv: list[str], results: list[Shape
         "",
         f"Each figure is the median of {n} run{'s' if n > 1 else ''}. pages/s counts every URL "
         f"fetched (pages and 404s). {TIMES} naive and {TIMES} floor are ratios of pages/s to the "
-        "naive crawler and to the fetch+parse floor. CPU is milliseconds per page of each process. "
-        "Redis B/URL is used_memory growth over the crawl per seen URL; seen B/URL the seen "
-        "set alone (MEMORY USAGE of its keys). RSS is the peak (VmHWM) in MB. robots.txt "
-        "answers 404 on every host, so every crawler fetches exactly the reachable set, which "
-        "each crawl's results were checked against.",
+        "naive crawler and to the fetch+parse floor. CPU is milliseconds per page of each process; "
+        "a fleet's redis-server has the benchmark's own status polls taken out "
+        f"({1e6 * per_poll.redis_cpu_s:.0f} µs of Redis CPU each, measured on the idle server), "
+        "as its Redis commands do. Redis B/URL is used_memory growth over the crawl per seen "
+        "URL; seen B/URL the seen set alone (MEMORY USAGE of its keys). RSS is the peak "
+        "(VmHWM) in MB. robots.txt answers 404 on every host, so every crawler fetches exactly "
+        "the reachable set, which each crawl's results were checked against.",
         "",
     ]
     for result in results:
@@ -1570,7 +1606,7 @@ def progress(i: int, shape: Shape, label: str, run: Run) -> None:
 
 def measure_shape(
     procs: Processes, shape: Shape, args: argparse.Namespace, server: RedisServer,
-    per_poll: Counter[str], workdir: Path, warnings: list[str],
+    per_poll: PollCost, workdir: Path, warnings: list[str],
 ) -> ShapeResult:
     web = start_testweb(procs, shape, workdir)
     labels = [FETCH_FLOOR, PARSE_FLOOR, NAIVE_ROW,
@@ -1637,7 +1673,7 @@ def main(argv: list[str] | None = None) -> int:
         with workspace(args.keep_logs) as workdir:
             try:
                 server = start_redis(procs, workdir)
-                per_poll = asyncio.run(calls_per_poll(server.url))
+                per_poll = asyncio.run(poll_cost(server))
                 for shape in shapes_from(args):
                     results.append(measure_shape(procs, shape, args, server, per_poll, workdir,
                                                  warnings))
@@ -1646,8 +1682,8 @@ def main(argv: list[str] | None = None) -> int:
             report(args, results, per_poll, warnings, load_before)
             if args.write_docs:
                 path = Path(args.write_docs)
-                write_docs(path, docs_markdown(args, argv, results, warnings, load_before),
-                           docs_figures(results))
+                text = docs_markdown(args, argv, results, warnings, load_before, per_poll)
+                write_docs(path, text, docs_figures(results))
                 print(f"wrote {path} and {path.with_suffix('.json')}")
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
