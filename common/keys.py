@@ -80,6 +80,9 @@ _FIXED = {
     "quarantine": "quarantine",  # STREAM: malformed entries (source, reason, data)
     "quarantine_logged": "quarantine:logged",  # STRING: last quarantine id the scheduler logged
     "scheduler_lock": "scheduler:lock",  # STRING: the leading scheduler's id, short expiry
+    # STRING, short expiry: the id of a scheduler that leads no shard and would take one; a
+    # scheduler leading several shards hands one back when it sees it (scheduler/sharded.py).
+    "scheduler_standby": "scheduler:standby",
     "batch_seq": "batch:seq",  # STRING: counter for batch ids
     "arq_queue": "arq:queue",  # ZSET: arq's job queue (job id -> score)
     # Pub/sub channel, not a key: dispatch.lua publishes on it when it queues jobs, so that
@@ -280,6 +283,10 @@ class Keys:
     @property
     def outbox(self) -> str:
         return self._k(_FIXED["outbox"])
+
+    @property
+    def scheduler_standby(self) -> str:
+        return self._k(_FIXED["scheduler_standby"])
 
     @property
     def arq_wake(self) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -279,3 +280,44 @@ def test_a_lone_scheduler_leads_every_shard_and_releases_them_on_stop() -> None:
         await quick.aclose()
 
     asyncio.run(go())
+
+
+def test_a_scheduler_started_a_few_seconds_later_still_leads_a_shard() -> None:
+    """A first scheduler alone takes every shard (may_take); a second one started later says it
+    stands by, and the first hands its latest shard back to it: N + 1 schedulers started
+    minutes apart still lead one shard each. Before, the second stood by for good."""
+    from crawlfleet.common.cluster import Cluster
+    from crawlfleet.scheduler.sharded import run_sharded
+
+    run = uuid.uuid4().hex[:8]
+    urls = ",".join(f"embedded://{run}-{i}" for i in range(3))
+    first, second = (Settings(redis_urls=urls, worker_id=w) for w in ("sched-a", "sched-b"))
+    clusters = [(Cluster.open(s), Cluster.open(s, quick=True)) for s in (first, second)]
+    keys = clusters[0][0].keys
+
+    async def holders() -> list[bytes | None]:
+        return [await s.redis.get(keys.scheduler_lock) for s in clusters[0][0].shards]
+
+    async def go() -> list[bytes | None]:
+        stops = [asyncio.Event(), asyncio.Event()]
+        a = asyncio.create_task(run_sharded(first, *clusters[0], stops[0]))
+        deadline = time.monotonic() + 10
+        while await holders() != [b"sched-a"] * 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        b = asyncio.create_task(run_sharded(second, *clusters[1], stops[1]))
+        deadline = time.monotonic() + 10
+        while b"sched-b" not in (held := await holders()):
+            assert time.monotonic() < deadline, held
+            assert not a.done() and not b.done()
+            await asyncio.sleep(0.1)
+        for stop in stops:
+            stop.set()
+        await asyncio.gather(a, b)
+        for cluster, quick in clusters:
+            await cluster.aclose()
+            await quick.aclose()
+        return held
+
+    held = asyncio.run(go())
+    assert sorted(held) == [b"sched-a", b"sched-a", b"sched-b"]  # one handed back, no more

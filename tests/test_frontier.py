@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from crawlfleet.common.check import collect, compare, structure_counts
+from crawlfleet.common.commands import _constants, _read
 from crawlfleet.common.connections import open_redis
 from crawlfleet.common.frontier import (
     ALIAS,
@@ -869,8 +870,6 @@ async def test_entry_fp_reads_every_entry_as_the_full_decode_does(env: dict[str,
     """lib.lua reads an entry's fp with one pattern when the entry is spelled exactly as
     common.messages encodes it, and decodes it by name otherwise: both ways must agree on
     every entry, valid or not (a fp, or a refusal)."""
-    from crawlfleet.common.commands import _constants, _read
-
     fp = fingerprint("http://a.test/p")
     encoded = [QueuedURL(fp=fingerprint(u), url=u, depth=d, tries=t, retries=r)
                for u, d, t, r in [("http://a.test/", 0, 0, 0),
@@ -904,6 +903,57 @@ async def test_entry_fp_reads_every_entry_as_the_full_decode_does(env: dict[str,
         assert fast or why, raw  # a refusal says why (it goes to quarantine with it)
     assert [a[0].decode() for a in answers[:4]] == [e.fp for e in encoded] + [fp]
     assert sum(1 for a in answers if a[0]) == 6  # the three, by name, the escape, a field more
+
+
+ENTRY_FP = fingerprint("http://a.test/p")
+# Entries in the exact shape entry_fp()'s pattern reads, that are not JSON a decoder takes.
+NOT_JSON = {
+    "a NUL byte in the URL": b"http://a.test/\x00x",
+    "a raw tab in the URL": b"http://a.test/\tx",
+    "invalid UTF-8 in the URL": b"http://a.test/\xffx",
+}
+
+
+def shaped_entry(url: bytes, v: bytes = b"1") -> bytes:
+    return (b'{"v":%s,"fp":"%s","url":"%s","depth":1,"tries":0,"retries":0}'
+            % (v, ENTRY_FP.encode(), url))
+
+
+async def test_entry_fp_fast_path_refuses_what_the_full_decode_refuses(
+    env: dict[str, Any],
+) -> None:
+    """lib.lua's entry_fp accepts only entries decode_entry accepts, and decode_entry only what
+    a worker's strict decode takes. The pattern once took any byte but '"' and '\\' in the
+    URL and any digits for v: a NUL (lua-cjson ends the string there; msgspec refuses it), a
+    raw control character or invalid UTF-8, a leading zero (json.loads, msgspec refuse them)."""
+    cases = {**{why: shaped_entry(url) for why, url in NOT_JSON.items()},
+             "a leading zero in v": shaped_entry(b"http://a.test/x", b"01")}
+    if env["real"]:  # lua-cjson takes raw control bytes, bad UTF-8 and leading zeros
+        cases = {"a NUL byte in the URL": cases["a NUL byte in the URL"]}
+    script = (_constants() + _read("lib") + "\nlocal fp = entry_fp(ARGV[3])\n"
+              "local e = decode_entry(ARGV[3])\n"
+              "return {fp or '', e and e.fp or ''}")
+    disagree = {}
+    for why, raw in cases.items():
+        fast, full = await env["redis"].eval(script, 0, "t:", "", raw)
+        if fast != full:
+            disagree[why] = (fast, full)
+    assert disagree == {}
+
+
+async def test_a_queue_entry_with_a_nul_in_its_url_is_quarantined_not_sent_to_a_worker(
+    env: dict[str, Any],
+) -> None:
+    """An entry no strict JSON decoder takes goes to quarantine at dispatch. With the first
+    entry_fp pattern dispatch.lua and claim.lua passed it on, the worker's own decode
+    (Frontier.claim, msgspec) raised, and the whole batch failed again and again."""
+    await admit(env, [f"http://a.test/{i}" for i in range(3)])
+    queue = env["keys"].host_queue("a.test")
+    await env["redis"].lset(queue, 1, shaped_entry(b"http://a.test/\x00x"))
+    batches = await dispatch(env)  # dispatch, then claim as fetch_batch does
+    assert [len(b.urls) for b in batches] == [2]
+    s = await status(env)
+    assert (s["quarantined"], s["in_flight"]) == (1, 2)
 
 
 async def test_a_malformed_queue_entry_is_quarantined_and_the_rest_go_on(

@@ -1,13 +1,17 @@
 """A worker's polls of arq's queue slow down while they find nothing and speed up again when a
-job of its own ends (workers/worker.py, CrawlWorker), on the embedded backend."""
+job comes (workers/worker.py, CrawlWorker), without ever letting its health check lapse."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
+from crawlfleet.common.keys import Keys
 from crawlfleet.common.settings import Settings
 from crawlfleet.workers.worker import make_worker
+
+from .test_frontier import redis_url  # noqa: F401 (the fixture, both backends)
 
 
 def test_empty_polls_slow_down_to_the_max_and_a_job_ending_wakes_the_worker() -> None:
@@ -92,3 +96,38 @@ def test_the_schedulers_word_that_it_queued_jobs_wakes_a_slowed_worker() -> None
         await worker.pool.aclose()
 
     asyncio.run(go())
+
+
+def test_an_idle_worker_keeps_its_health_check_key_when_polls_slow_past_a_second(
+    redis_url: str,  # noqa: F811 (the fixture)
+) -> None:
+    """arq writes the health-check key from the poll loop, with an expiry of its interval
+    + 1 s; `crawlfleet health` (the pod's probe) reads "no key" as a dead worker. Polls
+    slowed to CRAWLFLEET_POLL_MAX_DELAY > 1 s leave an idle, healthy worker without its key
+    for up to POLL_MAX_DELAY - 1 s of every health interval."""
+    settings = Settings(redis_url=redis_url, namespace=f"hc{uuid.uuid4().hex[:6]}",
+                        poll_delay=0.05, poll_max_delay=3.0, health_check_interval=1.0)
+    worker = make_worker(settings, handle_signals=False)
+    key = Keys(settings.namespace).arq_health_check(settings.worker_id)
+
+    async def go() -> list[float]:
+        worker._interval = 3.0  # as after a few empty polls (0.05, 0.1 ... 3)
+
+        async def polls() -> None:
+            while True:
+                await worker._poll_iteration()
+
+        loop = asyncio.create_task(polls())
+        missing = []
+        started = time.monotonic()
+        await asyncio.sleep(0.2)  # the first poll writes the key
+        while time.monotonic() - started < 3.5:
+            if not await worker.pool.exists(key):
+                missing.append(round(time.monotonic() - started, 1))
+            await asyncio.sleep(0.1)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await worker.pool.aclose()
+        return missing
+
+    assert asyncio.run(go()) == []

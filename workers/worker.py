@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -353,11 +354,15 @@ class CrawlWorker(Worker):
                              settings.poll_max_delay)
         if self._interval > self.poll_delay_s:
             # arq's loop waits poll_delay less this iteration's time: waiting here sets the
-            # pace. A job of ours ending wakes it.
+            # pace. A job of ours ending wakes it. Never past the health check's next write
+            # (arq writes it from this loop, to expire one second after it is due): an idle
+            # worker must not look dead to its probe.
+            health_due = self._last_health_check + self.health_check_interval - time.time()
+            wait = min(self._interval, max(health_due, 0.0))
             wake = self._wake = self._wake or asyncio.Event()
             wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), self._interval)
+                await asyncio.wait_for(wake.wait(), wait)
 
     async def close(self) -> None:
         if self._listener is not None:

@@ -61,30 +61,45 @@ local function seen(command, fp)
   return redis.call(command, key, member)
 end
 
+-- A count a worker decodes as an int: a whole number, 0 or more, exact in a double.
+local function is_count(x)
+  return type(x) == 'number' and x >= 0 and x < 9007199254740992 and x == math.floor(x)
+end
+
 -- A queue or lease entry (common.messages.QueuedURL), read by name. nil and a reason when it is
--- not one.
+-- not one. Besides the fields, the text itself: a worker decodes what passes here with strict
+-- JSON (msgspec), so a raw control or non-ASCII byte, which lua-cjson would let through, is
+-- refused here (an entry as common.messages writes it has neither: URLs are ASCII, escaped).
 local function decode_entry(raw)
+  if string.find(raw, '[%c\128-\255]') then return nil, 'not plain JSON' end
   local ok, e = pcall(cjson.decode, raw)
   if not ok or type(e) ~= 'table' then return nil, 'not a JSON object' end
-  if type(e.v) ~= 'number' or e.v > MESSAGE_VERSION then return nil, 'unknown version' end
+  if not is_count(e.v) or e.v > MESSAGE_VERSION then return nil, 'unknown version' end
   if not is_fp(e.fp) then return nil, 'bad fp' end
   if type(e.url) ~= 'string' or e.url == '' then return nil, 'bad url' end
-  if type(e.depth) ~= 'number' then return nil, 'bad depth' end
+  if not is_count(e.depth) then return nil, 'bad depth' end
   if e.tries == nil then e.tries = 0 end
   if e.retries == nil then e.retries = 0 end
-  if type(e.tries) ~= 'number' or type(e.retries) ~= 'number' then return nil, 'bad counts' end
+  if not is_count(e.tries) or not is_count(e.retries) then return nil, 'bad counts' end
   return e
 end
 
 -- The fp of a queue or lease entry, or nil and a reason. An entry exactly as
--- common.messages encodes a QueuedURL (every field, in its order, a URL with no quote or
--- backslash) is read with one pattern; any other spelling is decoded and checked by name
+-- common.messages encodes a QueuedURL (every field, in its order; a URL of printable ASCII
+-- with no quote or backslash; whole numbers written plainly) is read with one pattern, and is
+-- JSON any strict decoder takes; any other spelling is decoded and checked by name
 -- (decode_entry), so the pattern only spares valid entries a JSON decode.
-local ENTRY_SHAPE = '^{"v":(%d+),"fp":"(%x+)","url":"[^"\\]+","depth":%d+,"tries":%d+,' ..
-  '"retries":%d+}$'
+local ENTRY_SHAPE = '^{"v":(%d+),"fp":"(%x+)","url":"[^%c"\\\128-\255]+","depth":(%d+),' ..
+  '"tries":(%d+),"retries":(%d+)}$'
+local function plain(digits)  -- no leading zero, and exact in a double
+  return #digits < 16 and (#digits == 1 or string.byte(digits, 1) ~= 48)
+end
 local function entry_fp(raw)
-  local v, fp = string.match(raw, ENTRY_SHAPE)
-  if v and #fp == 16 and tonumber(v) <= MESSAGE_VERSION then return fp end
+  local v, fp, depth, tries, retries = string.match(raw, ENTRY_SHAPE)
+  if v and #fp == 16 and plain(v) and plain(depth) and plain(tries) and plain(retries)
+      and tonumber(v) <= MESSAGE_VERSION then
+    return fp
+  end
   local e, why = decode_entry(raw)
   if e then return e.fp end
   return nil, why
