@@ -20,6 +20,7 @@ disagrees with a shard's record stops with one line instead of splitting hosts' 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,8 @@ from .shards import owner
 from .stats import combine_status, read_status
 
 OUTBOX_READ = 50  # outbox entries a scheduler forwards per pass
-OUTBOX_SCAN = 20 * OUTBOX_READ  # entries it looks at per pass, past those for down shards
+OUTBOX_SCAN = 4 * OUTBOX_READ  # entries it looks at per pass, past those for down shards
+OUTBOX_RETRY = 5.0  # seconds a shard unable to take links is left alone by the forwarding
 
 
 def undeliverable(exc: BaseException) -> bool:
@@ -256,23 +258,39 @@ async def deliver(cluster: Cluster, others: dict[int, list[Admission]], outbox: 
     return parked
 
 
+@dataclass
+class OutboxCursor:
+    """What a shard's leader remembers between its forwarding passes: where the last pass
+    stopped looking (the next starts there, so entries far down a long outbox get their turn),
+    and until when each shard found unable to take links is left alone (a shard that is not
+    there costs no connect timeout each pass)."""
+
+    start: str = "-"
+    down_until: dict[int, float] = field(default_factory=dict)
+
+
 async def forward_outbox(cluster: Cluster, home: int, frontier: Frontier, *,
-                         count: int = OUTBOX_READ) -> int:
+                         count: int = OUTBOX_READ, cursor: OutboxCursor | None = None) -> int:
     """The leader of shard ``home`` (``frontier`` on its own client) sends its outbox's links
-    to their shards, oldest first, deleting each entry once all its links are admitted. An
-    entry for a shard found unable to take them this pass stays, and the entries after it for
-    other shards go on (up to ``count`` entries forwarded, ``OUTBOX_SCAN`` looked at). A
-    malformed entry is quarantined. Returns the links forwarded."""
+    to their shards, oldest first from ``cursor``, deleting each entry once all its links are
+    admitted. An entry for a shard unable to take them stays, the shard is left alone for
+    ``OUTBOX_RETRY`` seconds, and the entries after it for other shards go on (up to ``count``
+    entries forwarded and ``OUTBOX_SCAN`` looked at a pass; the next pass goes on from there,
+    and from the start once it reaches the end). A malformed entry is quarantined. Returns the
+    links forwarded."""
+    cursor = cursor if cursor is not None else OutboxCursor()
     redis = frontier.redis
     keys = cluster.keys
     forwarded = entries = looked = 0
-    down: set[int] = set()
-    start = "-"
+    now = time.monotonic()
+    down = {i for i, until in cursor.down_until.items() if until > now}
+    start = cursor.start
     while entries < count and looked < OUTBOX_SCAN:
         page = await redis.xrange(keys.outbox, min=start, count=OUTBOX_READ)
         for entry_id, fields in page:
             entry = as_text(entry_id)
             looked += 1
+            start = "(" + entry
             data = fields.get(b"m") or fields.get("m") or b""
             try:
                 admissions = admissions_of(data)
@@ -297,6 +315,7 @@ async def forward_outbox(cluster: Cluster, home: int, frontier: Frontier, *,
                     break
             if failed is not None:
                 down.add(failed)
+                cursor.down_until[failed] = time.monotonic() + OUTBOX_RETRY
                 continue  # all of it again later: the seen set makes a repeat a no-op
             await redis.xdel(keys.outbox, entry_id)
             forwarded += len(admissions)
@@ -304,8 +323,9 @@ async def forward_outbox(cluster: Cluster, home: int, frontier: Frontier, *,
             if entries >= count:
                 break
         if len(page) < OUTBOX_READ:
+            start = "-"  # the end: the next pass starts over
             break
-        start = "(" + as_text(page[-1][0])
+    cursor.start = start
     return forwarded
 
 

@@ -30,6 +30,7 @@ from crawlfleet.common import metrics
 from crawlfleet.common.addresses import url_port
 from crawlfleet.common.cluster import (
     Cluster,
+    OutboxCursor,
     bind_shard,
     check_unsharded,
     forward_outbox,
@@ -88,6 +89,7 @@ class Scheduler:
         self._blocking = not is_embedded(settings.shard_urls[shard])
         self.instance = settings.worker_id
         self._reread_pending = False
+        self.outbox = OutboxCursor()  # where forwarding goes on from, shards left alone
 
     async def run(self, stop: asyncio.Event) -> None:
         """Lead when the lock is free, stand by otherwise, until ``stop`` is set. Neither a
@@ -332,7 +334,8 @@ class Scheduler:
             log.info("batches_unclaimed", batches=expired.unclaimed,
                      detail="no worker took them within a lease; back in their queues")
         if self.cluster is not None:
-            forwarded = await forward_outbox(self.cluster, self.shard, self.frontier)
+            forwarded = await forward_outbox(self.cluster, self.shard, self.frontier,
+                                             cursor=self.outbox)
             if forwarded:
                 log.info("outbox_forwarded", links=forwarded, **self._shard_fields())
         await self.frontier.check_finished(self.crawl_id)

@@ -273,3 +273,46 @@ def test_links_for_a_shard_whose_state_was_lost_record_the_loss_there() -> None:
         assert status["state_lost"] and status["seen"] == 1
 
     asyncio.run(go())
+
+
+def test_a_long_outbox_for_a_down_shard_holds_back_nothing_and_costs_one_try() -> None:
+    """More entries for a down shard than a pass looks at, then one for a shard that is up:
+    passes with the leader's cursor go on where the last stopped, so the up shard's links
+    arrive within a few passes; the down shard is tried once, then left alone for
+    OUTBOX_RETRY seconds (a shard that is not there costs no connect timeout each pass)."""
+    from crawlfleet.common.cluster import OUTBOX_SCAN, OutboxCursor
+
+    cluster = Cluster.open(shard_settings(3))
+
+    async def go() -> None:
+        await cluster.bind()
+        home = cluster.shards[0]
+        await cluster.crawl_id(home)
+        found = links_for(3, 1)
+        for _ in range(OUTBOX_SCAN + 30):
+            await home.redis.xadd(cluster.keys.outbox, {"m": links_message(found[1])})
+        await home.redis.xadd(cluster.keys.outbox, {"m": links_message(found[2])})
+        tries = 0
+
+        class Down:
+            def register_script(self, source: str) -> Any:
+                async def call(*args: Any, **kwargs: Any) -> Any:
+                    nonlocal tries
+                    tries += 1
+                    raise ConnectionError("Connection refused")
+                return call
+
+        down = cluster.shards[1]
+        down.frontier = type(down.frontier)(Down(), cluster.keys)  # type: ignore[arg-type]
+        down.crawl_id = "known"
+        cursor = OutboxCursor()
+        forwarded = [await forward_outbox(cluster, 0, home.frontier, cursor=cursor)
+                     for _ in range(3)]
+        up = await read_status(cluster.shards[2].redis, cluster.keys)
+        left = await home.redis.xlen(cluster.keys.outbox)
+        await cluster.aclose()
+        assert forwarded == [0, 1, 0] and up["queued"] == 1
+        assert tries == 1
+        assert left == OUTBOX_SCAN + 30  # the down shard's, every one still there
+
+    asyncio.run(go())

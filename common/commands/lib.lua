@@ -193,7 +193,9 @@ function Counters:apply()
   for name, n in pairs(self.delta) do
     if n ~= 0 then
       fields[#fields + 1] = name
-      fields[#fields + 1] = string.format('%d', self.value[name] + n)
+      local v = self.value[name] + n
+      -- '%d' is exact and cheap below 2^53; a counter past that (a hand-set value) keeps '%.0f'
+      fields[#fields + 1] = string.format(math.abs(v) < 9007199254740992 and '%d' or '%.0f', v)
     end
   end
   if #fields > 0 then redis.call('HSET', K.stats, unpack(fields)) end
