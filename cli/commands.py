@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -38,6 +38,18 @@ T = TypeVar("T")
 class UsageError(Exception):
     """Bad input to a command (a file that cannot be read or written, a bad argument): one
     line on stderr and exit 2."""
+
+
+@contextlib.asynccontextmanager
+async def one_redis(settings: Settings) -> AsyncIterator[Any]:
+    """The one Redis of a command run without a shard list, closed after; one that holds a
+    shard of a sharded crawl is refused in one line (``check_unsharded``)."""
+    redis = open_redis(settings.redis_url)
+    try:
+        await check_unsharded(redis, Keys(settings.namespace), settings.redis_where)
+        yield redis
+    finally:
+        await redis.aclose()
 
 
 def run_on_redis(settings: Settings, go: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -245,12 +257,8 @@ async def _count_keys(redis: Any, keys: Keys) -> int:
 
 def status(settings: Settings, *, as_json: bool) -> int:
     async def go() -> dict[str, Any]:
-        redis = open_redis(settings.redis_url)
-        try:
-            await check_unsharded(redis, Keys(settings.namespace), settings.redis_where)
+        async with one_redis(settings) as redis:
             return await read_status(redis, Keys(settings.namespace))
-        finally:
-            await redis.aclose()
 
     if sharded(settings):
         from crawlfleet.common.cluster import cluster_status
@@ -274,14 +282,10 @@ def check(settings: Settings, *, as_json: bool) -> int:
     from crawlfleet.common.resultlog import output_store
 
     async def go() -> tuple[consistency.Snapshot, list[consistency.Problem]]:
-        redis = open_redis(settings.redis_url)
-        try:
+        async with one_redis(settings) as redis:
             keys = Keys(settings.namespace)
-            await check_unsharded(redis, keys, settings.redis_where)
             store = await output_store(redis, keys, settings.output)
             return await consistency.check(redis, keys, store)
-        finally:
-            await redis.aclose()
 
     if sharded(settings):
         from .shards import check_sharded, format_check, run_on_cluster
@@ -327,14 +331,10 @@ def export(settings: Settings, out_path: str | None, *, fmt: str = "jsonl",
     from .export import write_results
 
     async def go(out: IO[bytes]) -> int:
-        redis = open_redis(settings.redis_url)
-        try:
-            await check_unsharded(redis, Keys(settings.namespace), settings.redis_where)
+        async with one_redis(settings) as redis:
             return await write_results(redis, Keys(settings.namespace), out,
                                        output=settings.output, fmt=fmt, failed=failed,
                                        dead=dead)
-        finally:
-            await redis.aclose()
 
     with output_file(out_path or "-") as handle:
         if sharded(settings):

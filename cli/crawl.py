@@ -104,8 +104,7 @@ async def run_crawl(
     keys = Keys(settings.namespace)
     redis = open_redis(settings.redis_url)
     try:
-        if not is_embedded(settings.redis_url):
-            await check_unsharded(redis, keys, redact_url(settings.redis_url))
+        await check_unsharded(redis, keys, settings.redis_where)
         return await _run_crawl(settings, seeds, workers, out, redis, keys, fresh=fresh,
                                 overwrite=overwrite, state_file=state_file,
                                 tally=tally or Tally(), display=display)

@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from crawlfleet.common.addresses import literal_host_refusal
-from crawlfleet.common.cluster import check_unsharded
-from crawlfleet.common.connections import RedisProblem, open_redis
+from crawlfleet.common.connections import RedisProblem
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.messages import Seeds, encode
 from crawlfleet.common.settings import Settings, shorten
 from crawlfleet.common.urls import URLError, canonicalize
 
-from .commands import UsageError, run_on_redis, sharded
+from .commands import UsageError, one_redis, run_on_redis, sharded
 
 SEEDS_PER_MESSAGE = 1000
 
@@ -137,13 +136,9 @@ def seed(settings: Settings, urls: list[str], file: str | None) -> int:
         print(f"crawlfleet seed: {error}", file=sys.stderr)
 
     async def go() -> None:
-        redis = open_redis(settings.redis_url)
-        try:
-            await check_unsharded(redis, Keys(settings.namespace), settings.redis_where)
+        async with one_redis(settings) as redis:
             await enqueue_seeds(redis, Keys(settings.namespace), seeds,
                                 expected_urls=settings.expected_urls)
-        finally:
-            await redis.aclose()
 
     if seeds:
         try:

@@ -32,7 +32,6 @@ from crawlfleet.common.cluster import (
     Cluster,
     OutboxCursor,
     bind_shard,
-    check_unsharded,
     forward_outbox,
     shard_limits,
 )
@@ -175,8 +174,6 @@ class Scheduler:
         if self.cluster is not None:
             await bind_shard(self.redis, self.keys, self.shard, len(self.cluster),
                              self.cluster.shards[self.shard].where)
-        else:
-            await check_unsharded(self.redis, self.keys, self.settings.redis_where)
         await self.open_crawl()
         self.allowed_hosts |= {as_text(h) for h in await self.redis.smembers(self.keys.scope_hosts)}
         self.seed_ports |= {int(p) for p in await self.redis.smembers(self.keys.scope_ports)}
