@@ -128,7 +128,7 @@ async def commands(clients: list[Redis]) -> int:
 
 
 async def _crawl(fleet: tp.Fleet, web: tp.TestWeb, servers: list[tp.RedisServer],
-                 workers: int, per_poll: int, idle_s: float) -> ShardRun:
+                 workers: int, per_poll: tp.PollCost, idle_s: float) -> ShardRun:
     keys = Keys(fleet.env["CRAWLFLEET_NAMESPACE"])
     clients = [tp.connect(s.url) for s in servers]
     redis_pids = [s.proc.pid for s in servers]
@@ -153,7 +153,10 @@ async def _crawl(fleet: tp.Fleet, web: tp.TestWeb, servers: list[tp.RedisServer]
             fleet.check_alive()
             await asyncio.sleep(POLL_S)
         cpu, _window = meter.stop()
-        calls = await commands(clients) - per_poll * rounds * len(clients)
+        # The benchmark's own status reads (each round reads every shard) are taken out.
+        reads = rounds * len(clients)
+        cpu["redis-server"] = max(0.0, cpu["redis-server"] - reads * per_poll.redis_cpu_s)
+        calls = await commands(clients) - sum(per_poll.calls.values()) * reads
         shards = status.get("shards", [status])
         by_shard = [s["pages"] + s["failed"] for s in shards]
 
@@ -173,7 +176,7 @@ async def _crawl(fleet: tp.Fleet, web: tp.TestWeb, servers: list[tp.RedisServer]
 
 
 def measure(procs: tp.Processes, web: tp.TestWeb, shape: tp.Shape, args: argparse.Namespace,
-            servers: list[tp.RedisServer], per_poll: int, workdir: Path,
+            servers: list[tp.RedisServer], per_poll: tp.PollCost, workdir: Path,
             warnings: list[str]) -> ShardRun:
     urls = [s.url for s in servers]
     where = ({"CRAWLFLEET_REDIS_URL": urls[0]} if len(urls) == 1
@@ -234,8 +237,9 @@ def report(args: argparse.Namespace, shape: tp.Shape, web: tp.TestWeb,
         f"jobs_per_worker {DEFAULTS.jobs_per_worker} (split over "
         f"the shards); medians of {args.repeat}",
         "",
-        "CPU-ms a page: each kind of process summed (every redis-server, every scheduler); "
-        "idle: the fleet at rest after the crawl",
+        "CPU-ms a page: each kind of process summed (every redis-server, every scheduler; the "
+        "benchmark's own status reads taken out of Redis, as of its commands); idle: the "
+        "fleet at rest after the crawl",
         f"{'shards':>6} {'pages/s':>8} {'x 1':>6} {'workers':>8} {'sched':>7} {'redis':>7} "
         f"{'cmds/page':>9}  {'idle cmds/s':>11} {'idle redis':>10}  URLs (hosts) a shard"]
     for r in results:
@@ -308,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(count):
                     logdir = Path(tempfile.mkdtemp(prefix=f"redis{count}-{i}-", dir=workdir))
                     servers[count].append(tp.start_redis(procs, logdir))
-            per_poll = sum(asyncio.run(tp.calls_per_poll(servers[args.shards[0]][0].url))
-                           .values())
+            per_poll = asyncio.run(tp.poll_cost(servers[args.shards[0]][0]))
             runs: dict[int, list[ShardRun]] = {count: [] for count in args.shards}
             for i in range(args.repeat):
                 for count in args.shards:

@@ -800,27 +800,6 @@ async def own_addresses(client: Redis) -> set[str]:
     return {c["addr"] for c in await client.client_list() if c.get("name") == BENCH_CLIENT_NAME}
 
 
-async def calls_per_poll(redis_url: str) -> Counter[str]:
-    """Redis commands one ``read_status`` poll costs (subtracted from a fleet's count)."""
-    polls = 20
-    client = connect(redis_url)
-    try:
-        keys = Keys(f"bench{uuid.uuid4().hex}")
-        await read_status(client, keys)  # connect first: the handshake is not per poll
-        await client.config_resetstat()
-        for _ in range(polls):
-            await read_status(client, keys)
-        calls = await command_calls(client)
-    finally:
-        await client.aclose()
-    per_poll: Counter[str] = Counter()
-    for command, n in calls.items():
-        if n % polls:
-            raise BenchError(f"calibration: {n} {command} calls in {polls} status polls")
-        per_poll[command] = n // polls
-    return per_poll
-
-
 @dataclass
 class PollCost:
     """What one of the benchmark's own ``read_status`` polls costs Redis: taken out of a fleet's
@@ -831,24 +810,30 @@ class PollCost:
 
 
 async def poll_cost(server: RedisServer) -> PollCost:
-    """Its commands (``calls_per_poll``), and its Redis CPU: polls back to back on the idle
-    server, less what the server spends alone in as long a time."""
-    calls = await calls_per_poll(server.url)
-    client = connect(server.url)
+    """Polls back to back on the idle server: their commands (INFO commandstats) and their
+    Redis CPU, less what the server spends alone in as long a time."""
     polls = 400
+    client = connect(server.url)
     try:
         keys = Keys(f"bench{uuid.uuid4().hex}")
-        await read_status(client, keys)
+        await read_status(client, keys)  # connect first: the handshake is not per poll
+        await client.config_resetstat()
         before, began = cpu_seconds(server.proc.pid), time.monotonic()
         for _ in range(polls):
             await read_status(client, keys)
         spent, took = cpu_seconds(server.proc.pid) - before, time.monotonic() - began
+        calls = await command_calls(client)
         alone = cpu_seconds(server.proc.pid)
         await asyncio.sleep(took)  # a window for the server's own cost, no client speaking
         alone = cpu_seconds(server.proc.pid) - alone
     finally:
         await client.aclose()
-    return PollCost(calls, max(0.0, spent - alone) / polls)
+    per_poll: Counter[str] = Counter()
+    for command, n in calls.items():
+        if n % polls:
+            raise BenchError(f"calibration: {n} {command} calls in {polls} status polls")
+        per_poll[command] = n // polls
+    return PollCost(per_poll, max(0.0, spent - alone) / polls)
 
 
 async def seen_set_usage(client: Redis, keys: Keys) -> tuple[int, int]:
