@@ -90,6 +90,7 @@ class Progress:
     discarded_scope: int = 0
     discarded_invalid: int = 0
     want: int = 0  # URLs wanted from the host queue
+    mark_refill: int = 0  # of those, how many to mark too (the next to start)
     yield_to_others: bool = False  # refill only while no other host is ready
     final: bool = False
     wait_s: float = 0.0  # before the host's next lease, when final
@@ -247,7 +248,8 @@ class Frontier:
             batch.host, batch.batch_id, "1" if p.final else "0", max(p.wait_s, 0.0), p.want,
             "1" if p.yield_to_others else "0", _none(limits.max_pages),
             _none(limits.max_pages_per_host), limits.max_query_variants, p.discarded_scope,
-            p.discarded_invalid, len(p.marks), len(p.results), len(p.admissions), *p.marks,
+            p.discarded_invalid, len(p.marks), len(p.results), len(p.admissions),
+            p.mark_refill, *p.marks,
         ]
         for r in p.results:
             args += (r.fp, r.outcome, r.data)

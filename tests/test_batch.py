@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from crawlfleet.common.connections import open_redis
+from crawlfleet.common.frontier import Limits
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.messages import HostBatch, decode_result
 from crawlfleet.common.resultlog import results_by_fp
@@ -115,3 +116,29 @@ async def test_links_found_while_an_overflow_chunk_is_admitted_are_kept(
     await run._admit_overflow()
     assert len(run.admissions) <= ADMIT_CHUNK
     assert sorted(a.fp for a in sent + run.admissions) == sorted(a.fp for a in links)
+
+
+async def test_a_refill_comes_marked_so_its_first_urls_start_without_another_call(
+    claimed: dict[str, Any],
+) -> None:
+    """One call marks the lease's unmarked URLs and, in the room its marks leave, the first
+    URLs of its refill: the worker starts those next with no call between (before, each refill
+    cost a second call to mark it, about half of a busy host's calls)."""
+    from crawlfleet.common.frontier import Admission
+
+    redis, keys = claimed["redis"], claimed["keys"]
+    more = [Admission.of(f"http://a.test/more{i}", "a.test", 1) for i in range(10)]
+    assert await claimed["frontier"].admit(claimed["batch"].crawl, more, Limits()) == 10
+    run = run_for(claimed, FailingRobots(RuntimeError("unused")))
+    first = [u.fp for u in run.todo]
+    run.origins.add("http://a.test")  # its robots.txt is known: the refill needs no fetch
+    outcome = await run._call()
+    assert outcome.lease_held and len(outcome.refill) == 10
+    expected = set(first) | {u.fp for u in outcome.refill[:run.mark_ahead - len(first)]}
+    assert len(expected) == run.mark_ahead
+    assert run.marked == expected
+    fetching = {m.decode() for m in await redis.smembers(keys.host_fetching("a.test"))}
+    assert fetching == expected
+    # What the driver starts next is marked, in order: no call stands before it.
+    assert all(u.fp in run.marked for u in list(run.todo)[:run.mark_ahead])
+    assert run._next_marks() == []  # the window is full until fetches start

@@ -354,6 +354,37 @@ async def test_marks_are_set_only_under_a_held_lease(env: dict[str, Any]) -> Non
     await status(env)
 
 
+async def test_a_refill_marks_its_first_urls_which_a_lost_lease_charges(
+    env: dict[str, Any],
+) -> None:
+    """The refill's first ``mark_refill`` URLs are marked in the same call: the worker starts
+    them next without another call, and a lease that runs out charges them like any mark."""
+    frontier: Frontier = env["frontier"]
+    await admit(env, [f"http://a.test/{i}" for i in range(2)])
+    [batch] = await dispatch(env)
+    await admit(env, [f"http://a.test/more{i}" for i in range(4)])
+    outcome = await progress(env, batch, marks=[batch.urls[0].fp], want=3, mark_refill=2)
+    assert outcome.lease_held and len(outcome.refill) == 3
+    refilled = [u.fp for u in outcome.refill]
+    assert await marks(env, "a.test") == {batch.urls[0].fp, *refilled[:2]}
+    assert refilled[2] in await lease_fps(env, "a.test")
+    # The last queued URL comes marked; the call's own mark lands beside it.
+    last = await progress(env, batch, marks=[refilled[2]], want=5, mark_refill=5)
+    assert len(last.refill) == 1
+    marked = {batch.urls[0].fp, *refilled, last.refill[0].fp}
+    assert await marks(env, "a.test") == marked
+    await lapse(env, "a.test")
+    assert (await frontier.expire(crawl(env), max_losses=3, claim_timeout=60)).leases == 1
+    raws = await env["redis"].lrange(env["keys"].host_queue("a.test"), 0, -1)
+    tries = {decode_entry(raw).fp: decode_entry(raw).tries for raw in raws}
+    assert len(tries) == 6 and {fp for fp, n in tries.items() if n} == marked
+    # A final call marks nothing, refill or not.
+    [again] = await dispatch(env)
+    await progress(env, again, want=2, mark_refill=2, final=True)
+    assert not await env["redis"].exists(env["keys"].host_fetching("a.test"))
+    await status(env)
+
+
 async def test_a_lost_lease_stops_fetching(env: dict[str, Any]) -> None:
     frontier: Frontier = env["frontier"]
     await admit(env, ["http://a.test/1"])

@@ -189,8 +189,8 @@ class BatchRun(PageWork):
                      and len(self.todo) > len(self.marked))
                     or (self.pending and (
                         time.monotonic() - self.last_call >= REPORT_EVERY_S
-                        # nothing left to start, but its links may refill it
-                        or (not self.todo and self._may_refill())))
+                        # little left to start, and its links may refill it
+                        or (len(self.todo) <= self.mark_ahead // 4 and self._may_refill())))
                 ):
                     self.call_task = asyncio.create_task(self._call())
                 waits: set[asyncio.Task[Any]] = set(in_flight)
@@ -232,15 +232,21 @@ class BatchRun(PageWork):
             if self._may_refill():
                 # After this call the lease holds the unstarted URLs and the running ones.
                 want = max(0, self.lease_size - len(self.todo) - len(self.running))
+            # The refill comes after every entry of todo: its first ones are the next to be
+            # marked when todo's unmarked ones fit in this call's marks.
+            mark_refill = 0
+            if len(marks) == len(self.todo) - len(self.marked):
+                mark_refill = max(0, min(want, self.mark_ahead - len(self.marked) - len(marks)))
             self.last_call = time.monotonic()
             outcome = await self._send(
-                marks=marks, want=want,
+                marks=marks, want=want, mark_refill=mark_refill,
                 yield_to_others=self.pages + self.failed >= self.settings.host_turn_pages)
             if not outcome.lease_held:
                 self.halt("lease_lost")
                 return outcome
             self.marked.update(marks)
             if outcome.refill:
+                self.marked.update(e.fp for e in outcome.refill[:mark_refill])
                 self.todo.extend(outcome.refill)
                 await self._prepare_robots(outcome.refill)
             return outcome

@@ -9,7 +9,8 @@ ARGV  1 prefix, 2 crawl id, 3 host, 4 batch id, 5 '1' if final, 6 seconds from n
       queue (0 = none), 8 '1' if the turn is long enough that other ready hosts come first,
       9 max pages (-1 = none), 10 max pages per host (-1), 11 max query variants,
       12 links refused by scope, 13 links invalid, 14 number of marks M, 15 number of results
-      R, 16 number of admissions A; then M fps about to be fetched; R times fp, outcome, data;
+      R, 16 number of admissions A, 17 how many of the refill's URLs to mark too (the worker
+      starts them next); then M fps about to be fetched; R times fp, outcome, data;
       A times fp, host, entry, variant (as admit.lua).
       Outcomes: 'p' page, 'f' failed, 's' skipped (robots), 'd' failed for good after its
       retries (dead-lettered too), 'r' retry (data: its next QueuedURL), 'a' alias (a
@@ -31,7 +32,9 @@ Guarantees
     links are admitted too, since they are real links.
   * Refill: up to ARGV[7] entries move from the host queue to the lease and are returned, on
     the same terms as dispatch.lua; with ARGV[8] = '1' only while no other host is ready or
-    waiting for a worker (K.waiting).
+    waiting for a worker (K.waiting). The first ARGV[17] of them are marked with the call's
+    marks: the worker starts them before its next call, which it then needs only when its
+    marks run low, not to mark what it was just given.
   * The final call hands the lease's unreported URLs back to the front of the queue, releases
     the lease and sets the host's next ready time on Redis's clock.
 Returns {'ok', lease held (1/0), results stored, handed back, admitted, refill entry...} or
@@ -41,7 +44,8 @@ if not crawl_is_current() then return {'state_lost'} end
 local host, batch_id, final = ARGV[3], ARGV[4], ARGV[5] == '1'
 local wait_s, want, yield_to_others = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1'
 local n_marks, n_results, n_admits = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
-local first_result = 17 + n_marks
+local mark_refill = tonumber(ARGV[17])
+local first_result = 18 + n_marks
 local first_admit = first_result + 3 * n_results
 local held = redis.call('HGET', K.lease_batch, host) == batch_id
 local lease, q, fetching = host_key(host, 'lease'), host_key(host, 'q'), host_key(host, 'fetching')
@@ -120,13 +124,11 @@ if held then
   c:add('queued', retried)
   c:add('in_flight', -left)
   if #leaving > 0 then redis.call('HDEL', lease, unpack(leaving)) end
-  if n_marks > 0 and not final then
-    redis.call('SADD', fetching, unpack(ARGV, 17, first_result - 1))
-  end
 end
 local a = admit_argv(c, first_admit, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]),
   tonumber(ARGV[12]), invalid, now, invalid_at)
 local out = {'ok', held and 1 or 0, stored, #rest, a.admitted}
+local refilled = {}
 if held and final then
   for i = #rest, 1, -1 do redis.call('LPUSH', q, rest[i]) end
   for _, b in ipairs(bad) do quarantine(lease, b[2], b[1], true) end
@@ -149,7 +151,14 @@ elseif held and want > 0 then
     local plan = take_plan(host, want)
     take_apply(plan, c)
     for _, t in ipairs(plan.take) do out[#out + 1] = t[2] end
+    refilled = plan.take
   end
+end
+-- The call's marks and the refill's first ones, in one write (none on the final call).
+if held and not final and (n_marks > 0 or (mark_refill > 0 and #refilled > 0)) then
+  local marks = {unpack(ARGV, 18, first_result - 1)}
+  for i = 1, math.min(mark_refill, #refilled) do marks[#marks + 1] = refilled[i][1] end
+  redis.call('SADD', fetching, unpack(marks))
 end
 if stored > 0 then redis.call('HINCRBY', K.rate, math.floor(now), stored) end
 c:apply()
