@@ -434,8 +434,7 @@ async def wait_leading(client: Any, keys: Keys, proc: subprocess.Popen[bytes]) -
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise tp.BenchError(f"crawlfleet scheduler exited with {proc.returncode}")
-        commands = {c.get("cmd") for c in await client.client_list()}
-        if await client.get(keys.scheduler_lock) and "xreadgroup" in commands:
+        if await tp.scheduler_leads(client, keys):
             return
         await asyncio.sleep(0.05)
     raise tp.BenchError("crawlfleet scheduler did not start leading")

@@ -895,15 +895,22 @@ class Fleet:
 
 async def wait_ready(client: Redis, workers: int, fleet: Fleet) -> None:
     """Until every worker polls arq's queue (its connection's last command is arq's
-    ZRANGEBYSCORE) and the scheduler blocks on the events stream (XREADGROUP)."""
+    ZRANGEBYSCORE) and the scheduler leads (it listens for wake-ups, Keys.scheduler_wake)."""
+    keys = Keys(fleet.env["CRAWLFLEET_NAMESPACE"])
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         fleet.check_alive()
         last = Counter(c.get("cmd") for c in await client.client_list())
-        if last["zrangebyscore"] >= workers and last["xreadgroup"] >= 1:
+        if last["zrangebyscore"] >= workers and await scheduler_leads(client, keys):
             return
         await asyncio.sleep(0.05)
     raise BenchError(f"a fleet of {workers} did not start in {STARTUP_TIMEOUT_S:.0f} s")
+
+
+async def scheduler_leads(client: Redis, keys: Keys) -> bool:
+    """A scheduler leads and sleeps between passes: it holds the lock and listens."""
+    [(_, listeners)] = await client.pubsub_numsub(keys.scheduler_wake)
+    return bool(listeners) and bool(await client.exists(keys.scheduler_lock))
 
 
 async def wait_for_monitor(client: Redis, monitor: subprocess.Popen[bytes]) -> None:

@@ -107,6 +107,7 @@ async def enqueue_seeds(redis: Any, keys: Keys, seeds: list[str], *,
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(0, len(seeds), SEEDS_PER_MESSAGE):
             pipe.xadd(keys.events, {"m": encode(Seeds(urls=seeds[i:i + SEEDS_PER_MESSAGE]))})
+        pipe.publish(keys.scheduler_wake, 1)  # it reads them now, not at its next pass
         await pipe.execute()
 
 

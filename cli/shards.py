@@ -110,6 +110,7 @@ async def enqueue_sharded(cluster: Cluster, seeds: list[str]) -> None:
             for i in range(0, len(group), SEEDS_PER_MESSAGE):
                 pipe.xadd(keys.events,
                           {"m": encode(Seeds(urls=group[i:i + SEEDS_PER_MESSAGE]))})
+            pipe.publish(keys.scheduler_wake, 1)  # its scheduler reads them now
             await pipe.execute()
 
 

@@ -106,6 +106,14 @@ class ProgressOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Dispatched:
+    batches: int  # batches sent out as arq jobs
+    # Seconds until the earliest ready host is due, when there is room to send it; None when
+    # no host is ready or no room is left (a claim makes room and wakes the scheduler).
+    next_due_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     urls: list[QueuedURL]
     seen_digits: int
@@ -208,9 +216,17 @@ class Frontier:
     async def dispatch(self, crawl: str, *, batch_size: int, max_waiting: int) -> int:
         """Lease ready hosts, up to ``batch_size`` URLs each, while fewer than ``max_waiting``
         batches wait for a worker; each batch is an arq job. Returns how many went out."""
+        return (await self.dispatch_ready(crawl, batch_size=batch_size,
+                                          max_waiting=max_waiting)).batches
+
+    async def dispatch_ready(self, crawl: str, *, batch_size: int,
+                             max_waiting: int) -> Dispatched:
+        """``dispatch``, with when the next ready host is due."""
         raw = await self._run("dispatch", crawl, batch_size, max_waiting, FETCH_BATCH_JOB,
                               JOB_EXPIRY_MS)
-        return int(self._answer(raw)[1])
+        _, batches, due = self._answer(raw)
+        due = as_text(due)
+        return Dispatched(int(batches), float(due) if due else None)
 
     async def expire(self, crawl: str, *, max_losses: int, claim_timeout: float,
                      limit: int = 100) -> Expired:

@@ -88,6 +88,10 @@ _FIXED = {
     # Pub/sub channel, not a key: dispatch.lua publishes on it when it queues jobs, so that
     # workers whose polls have slowed down (nothing to take for a while) look at once.
     "arq_wake": "arq:wake",
+    # Pub/sub channel: the scheduler's wake-up. A script publishes when the scheduler has work
+    # it could not have foreseen (a host newly ready, a lease released, room for a batch, new
+    # seeds); otherwise it sleeps until the next ready time or housekeeping pass.
+    "scheduler_wake": "scheduler:wake",
     # STRING "index/count": which shard of how many this Redis is for the namespace, written
     # by the first process of a sharded crawl and checked by every later one (cluster.py).
     "shard": "shard",
@@ -291,6 +295,10 @@ class Keys:
     @property
     def arq_wake(self) -> str:
         return self._k(_FIXED["arq_wake"])
+
+    @property
+    def scheduler_wake(self) -> str:
+        return self._k(_FIXED["scheduler_wake"])
 
     @property
     def server_probe(self) -> str:

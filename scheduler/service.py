@@ -4,7 +4,9 @@ It is not on the per-page path: a worker holding a host admits the links it find
 its lease itself (progress.lua). What is left here is per host turn: dispatch, the expiry pass,
 the finish check. Seeds arrive on a stream, read with a consumer group and acknowledged inside
 the same Lua script that admits their URLs, so a scheduler killed at any instant loses nothing
-(its pending events are read again by whoever leads next).
+(its pending events are read again by whoever leads next). Between passes it sleeps until a
+script wakes it (Keys.scheduler_wake: a host newly ready, a lease released, room for a batch,
+new seeds), the next ready host is due, or the next housekeeping pass.
 
 Several schedulers may run: one holds a lock with a short expiry and works; the others wait and
 take over within ``LOCK_TTL`` seconds of its death. A Redis outage pauses the loop (with
@@ -36,7 +38,14 @@ from crawlfleet.common.cluster import (
     shard_limits,
 )
 from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedded
-from crawlfleet.common.frontier import ADMIT_CHUNK, Admission, Frontier, Limits, StateLost
+from crawlfleet.common.frontier import (
+    ADMIT_CHUNK,
+    Admission,
+    Dispatched,
+    Frontier,
+    Limits,
+    StateLost,
+)
 from crawlfleet.common.keys import CONSUMER_GROUP, Keys
 from crawlfleet.common.logs import get_logger
 from crawlfleet.common.messages import MessageVersionError, decode_event
@@ -49,11 +58,11 @@ READ_COUNT = 256
 LOCK_TTL = 5.0
 STANDBY_POLL = 0.5
 HOUSEKEEPING_INTERVAL = 0.5
-# An idle scheduler asks finish.lua this often, so that a crawl is seen to end within ~50 ms of
-# its last result instead of at the next housekeeping pass (up to 0.5 s later: 5 % of a 9 s
-# crawl). finish.lua reads four keys: ~140 commands a second while work is out, none once the
-# crawl is finished (housekeeping still notices new work every pass).
-FINISH_CHECK_INTERVAL = 0.05
+MIN_WAIT = 0.002  # a ready host due now that dispatch did not send: no busy loop over it
+# The embedded backend has no pub/sub wake-ups: it looks for work this often, and asks whether
+# the crawl finished this often while idle.
+EMBEDDED_POLL = 0.005
+EMBEDDED_FINISH_CHECK = 0.05
 PROGRESS_INTERVAL = 5.0
 CANONICALISE_SLICE = 2000  # links canonicalised between two yields to the event loop
 QUARANTINE_LOG_BATCH = 100
@@ -84,11 +93,15 @@ class Scheduler:
         self.allowed_hosts: set[str] = set()
         self.seed_ports: set[int] = set()  # allowed besides 80 and 443 (CRAWLFLEET_ALLOWED_PORTS)
         self.rules = ScopeRules.from_settings(settings)
-        # fakeredis does not block on XREADGROUP; the embedded backend polls instead.
-        self._blocking = not is_embedded(settings.shard_urls[shard])
+        # fakeredis has no pub/sub across processes to wake it: the embedded backend polls.
+        self._wakeable = not is_embedded(settings.shard_urls[shard])
         self.instance = settings.worker_id
         self._reread_pending = False
         self.outbox = OutboxCursor()  # where forwarding goes on from, shards left alone
+        self._wake = asyncio.Event()  # set by _listen_for_wake: a script said there is work
+        # The leading loop's passes, and whether it sleeps now and for how long at most.
+        self.passes = 0
+        self.sleeping, self.sleep_s = False, 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Lead when the lock is free, stand by otherwise, until ``stop`` is set. Neither a
@@ -183,17 +196,35 @@ class Scheduler:
         # Events a leader read but had not acknowledged when it stopped come first.
         while await self._guarded(self.read_events(pending=True)):
             pass
-        next_housekeeping = next_progress = next_finish_check = 0.0
+        listener = asyncio.create_task(self._listen_for_wake()) if self._wakeable else None
+        try:
+            await self._lead_loop(stop)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+
+    async def _lead_loop(self, stop: asyncio.Event) -> None:
+        """Passes of read, dispatch and (when due) housekeeping. Between passes the scheduler
+        sleeps until a script wakes it (Keys.scheduler_wake), the next ready host is due, or
+        the next housekeeping pass: a busy crawl whose hosts stay leased costs Redis two
+        passes a second, not twenty."""
+        next_housekeeping = next_progress = next_poll = 0.0
         seen_finished = False  # by the idle check: no need to ask again until new work comes
         while not stop.is_set():
+            self.passes += 1
+            woken = self._wake.is_set()
+            self._wake.clear()  # a wake from here on is for the next pass
+            if not self._wakeable and time.time() >= next_poll:
+                woken, next_poll = True, time.time() + EMBEDDED_FINISH_CHECK
             if self._reread_pending:  # events refused while the state was lost: again
                 self._reread_pending = False
                 while await self._guarded(self.read_events(pending=True)):
                     pass
-            read = await self._guarded(self.read_events(block_ms=50 if self._blocking else None))
-            dispatched = await self._guarded(self.frontier.dispatch(
-                self.crawl_id, batch_size=self.settings.batch_size,
-                max_waiting=self.settings.dispatch_ahead))
+            read = await self._guarded(self.read_events())
+            due = await self._dispatch()
+            dispatched = due.batches if due is not None else 0
             now = time.time()
             if now >= next_housekeeping:
                 if not await self.acquire_lock():
@@ -201,18 +232,55 @@ class Scheduler:
                     return
                 await self._guarded(self.housekeeping(now))  # checks finished too
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
-                next_finish_check = now + FINISH_CHECK_INTERVAL
+                woken = False
             if read or dispatched:
                 seen_finished = False
-            elif not seen_finished and now >= next_finish_check:
+            elif woken and not seen_finished:
+                # A lease released or new work: the crawl may have just ended.
                 seen_finished = bool(await self._guarded(
                     self.frontier.check_finished(self.crawl_id)))
-                next_finish_check = now + FINISH_CHECK_INTERVAL
             if now >= next_progress:
                 await self.log_progress()
                 next_progress = now + PROGRESS_INTERVAL
-            if not read and not dispatched and not self._blocking:
-                await asyncio.sleep(0.005)
+            if read or dispatched:
+                continue  # more may be there: another pass at once
+            wait = min(next_housekeeping, next_progress) - time.time()
+            if due is not None and due.next_due_s is not None:
+                wait = min(wait, max(due.next_due_s, MIN_WAIT))
+            if not self._wakeable:
+                wait = min(wait, EMBEDDED_POLL)  # no pub/sub wake-ups there
+            self.sleeping, self.sleep_s = True, max(wait, 0.0)
+            try:
+                await wait_for_either(self._wake, stop, self.sleep_s)
+            finally:
+                self.sleeping = False
+
+    async def _dispatch(self) -> Dispatched | None:
+        try:
+            return await self.frontier.dispatch_ready(
+                self.crawl_id, batch_size=self.settings.batch_size,
+                max_waiting=self.settings.dispatch_ahead)
+        except StateLost:
+            await self.open_crawl()
+            self._reread_pending = True
+        return None
+
+    async def _listen_for_wake(self) -> None:
+        """Scripts' word that there is work (Keys.scheduler_wake). Without it (the subscription
+        lost) the scheduler still passes at every housekeeping interval."""
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.keys.scheduler_wake)
+                    self._wake.set()  # anything published before the subscription: look
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the main loop says what is wrong with Redis
+                log.debug("wake_channel_lost", error=str(exc))
+                await asyncio.sleep(HOUSEKEEPING_INTERVAL)
 
     async def _guarded(self, step: Any) -> int:
         """One step of the loop; a lost state (or a stream without its group after a restart)
@@ -228,11 +296,11 @@ class Scheduler:
             await self.open_crawl()  # recreates the consumer group
         return 0
 
-    async def read_events(self, *, block_ms: int | None = None, pending: bool = False) -> int:
+    async def read_events(self, *, pending: bool = False) -> int:
         """Read and admit one slice of events; returns how many were read."""
         response = await self.redis.xreadgroup(
             CONSUMER_GROUP, CONSUMER, {self.keys.events: "0" if pending else ">"},
-            count=READ_COUNT, block=block_ms,
+            count=READ_COUNT,
         )
         messages = response[0][1] if response else []
         if not messages:
@@ -371,3 +439,15 @@ class Scheduler:
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def wait_for_either(wake: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:
+    """Until ``wake`` or ``stop`` is set, or ``seconds`` have passed."""
+    if wake.is_set() or stop.is_set():
+        return
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

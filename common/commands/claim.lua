@@ -2,7 +2,7 @@
 
 ARGV  1 prefix, 2 crawl id, 3 host, 4 batch id, 5 lease seconds, 6 arq job id.
 Keys  K.crawl K.arq_queue K.lease_batch K.waiting K.leases K.stats K.quarantine K.scope_hosts
-      K.scope_ports, per host
+      K.scope_ports K.ready (K.scheduler_wake), per host
       h:{host}:lease and h:{host}:fetching.
 Guarantees
   * The job leaves arq's queue whatever the answer, so arq never starts it again: the lease,
@@ -10,6 +10,8 @@ Guarantees
   * Only the batch that holds the host's lease may start; the lease's clock starts now, on
     Redis's clock, for ARGV[5] seconds.
   * The URLs come from the lease itself; malformed lease entries go to quarantine (counted).
+  * A batch leaves K.waiting: with hosts in K.ready, the scheduler is woken
+    (K.scheduler_wake) to send another in its place.
   * The answer carries what the worker needs to filter links itself: the seen set's bucket
     digits and the size of the scope (it re-reads K.scope_hosts and K.scope_ports when that
     changes).
@@ -42,5 +44,7 @@ c:add('quarantined', #bad)
 redis.call('ZREM', K.waiting, host)
 redis.call('ZADD', K.leases, now_s() + lease_seconds, host)
 redis.call('DEL', host_key(host, 'fetching'))
+-- A batch fewer waits: the scheduler may send one more, if a host is ready for it.
+if redis.call('ZCARD', K.ready) > 0 then wake_scheduler() end
 c:apply()
 return out

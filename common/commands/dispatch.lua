@@ -16,16 +16,23 @@ Guarantees
   * A queue entry that is malformed goes to quarantine (counted) and never reaches a worker.
   * The backlog is never scanned: ZRANGEBYSCORE with a LIMIT, and LRANGE of one batch a host.
   * At most ARGV[4] batches wait for workers: the backlog stays here, where it is cheap.
-Returns {'ok', batches} or {'state_lost'}.
+Returns {'ok', batches, seconds until the earliest ready host is due ('' when none is, or
+when no room is left: a claim makes room and wakes the scheduler)} or {'state_lost'}.
 ]]
 if not crawl_is_current() then return {'state_lost'} end
 local batch_size, max_waiting = tonumber(ARGV[3]), tonumber(ARGV[4])
 local job_function, job_expiry_ms = ARGV[5], tonumber(ARGV[6])
 local room = max_waiting - redis.call('ZCARD', K.waiting)
-if room <= 0 then return {'ok', 0} end
+if room <= 0 then return {'ok', 0, ''} end  -- a claim makes room, and wakes the scheduler
 local now = now_s()
+-- Seconds until the earliest ready host is due ('' for none): the scheduler sleeps as long.
+local function next_due()
+  local first = redis.call('ZRANGE', K.ready, 0, 0, 'WITHSCORES')
+  if #first == 0 then return '' end
+  return string.format('%.3f', math.max(tonumber(first[2]) - now, 0))
+end
 local hosts = redis.call('ZRANGEBYSCORE', K.ready, '-inf', now, 'LIMIT', 0, room)
-if #hosts == 0 then return {'ok', 0} end
+if #hosts == 0 then return {'ok', 0, next_due()} end
 local c = counters()
 -- Read and sort every entry first.
 local plans = {}
@@ -66,4 +73,4 @@ end
 c:apply()
 -- Workers that found nothing for a while poll slowly: tell them there is work.
 if batches > 0 then redis.call('PUBLISH', K.arq_wake, batches) end
-return {'ok', batches}
+return {'ok', batches, batches < room and next_due() or ''}

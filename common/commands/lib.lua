@@ -120,6 +120,17 @@ local function store_result(fp, data, dead)
   redis.call('XADD', K.results, '*', 'f', fp, 'r', data)
 end
 
+-- The scheduler sleeps until its next ready host is due or its next housekeeping pass. A
+-- command that gives it work it could not foresee (a host newly ready, a lease released, room
+-- for another batch) wakes it, once per call: a message on K.scheduler_wake (pub/sub).
+local scheduler_woken = false
+local function wake_scheduler()
+  if not scheduler_woken then
+    scheduler_woken = true
+    redis.call('PUBLISH', K.scheduler_wake, '1')
+  end
+end
+
 -- Stream entry ids ('ms-seq'), compared as numbers (both parts are exact in a Lua number).
 local function id_less(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
@@ -289,7 +300,9 @@ function Admitter:flush()
       if redis.call('HEXISTS', K.lease_batch, host) == 0 then
         -- NX keeps a later time already set (the host's crawl delay or backoff).
         local nb = tonumber(redis.call('HGET', K.not_before, host) or '0') or 0
-        redis.call('ZADD', K.ready, 'NX', math.max(self.now, nb), host)
+        if redis.call('ZADD', K.ready, 'NX', math.max(self.now, nb), host) == 1 then
+          wake_scheduler()
+        end
       end
     end
   end

@@ -17,7 +17,7 @@ ARGV  1 prefix, 2 crawl id, 3 host, 4 batch id, 5 '1' if final, 6 seconds from n
       redirect target fetched on another URL's behalf; data: its result). Otherwise data is
       the PageResult JSON.
 Keys  K.crawl K.lease_batch K.leases K.waiting K.ready K.not_before K.stats K.results
-      K.seen:* K.host_pages K.query_variants K.rate K.quarantine, per host
+      K.seen:* K.host_pages K.query_variants K.rate K.quarantine (K.scheduler_wake), per host
       h:{host}:q, :lease and :fetching.
 Guarantees
   * Only the batch that holds the host's lease stores anything: a result is stored when its fp
@@ -36,7 +36,8 @@ Guarantees
     marks: the worker starts them before its next call, which it then needs only when its
     marks run low, not to mark what it was just given.
   * The final call hands the lease's unreported URLs back to the front of the queue, releases
-    the lease and sets the host's next ready time on Redis's clock.
+    the lease and sets the host's next ready time on Redis's clock. It wakes the scheduler
+    (K.scheduler_wake), as does an admission that makes a host ready.
 Returns {'ok', lease held (1/0), results stored, handed back, admitted, refill entry...} or
 {'state_lost'}.
 ]]
@@ -143,6 +144,7 @@ if held and final then
   -- Kept apart from the ready set: links for this host may arrive after this call.
   redis.call('HSET', K.not_before, host, next_ready)
   if redis.call('LLEN', q) > 0 then redis.call('ZADD', K.ready, next_ready, host) end
+  wake_scheduler()  -- the host may be ready again, or the crawl finished
 elseif held and want > 0 then
   -- Others: a host ready now, or one dispatched and waiting for a worker's free slot.
   local others = yield_to_others and (redis.call('ZCARD', K.waiting) > 0 or

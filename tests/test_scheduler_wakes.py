@@ -1,0 +1,187 @@
+"""The leading scheduler sleeps between passes and is woken by the scripts (Keys.scheduler_wake)
+or by its own next-due time, on a real redis-server (the embedded backend polls instead).
+
+Every test sets the housekeeping and progress timers to an hour: whatever the leader does
+within the test's deadline, a wake or the next ready host's time made it do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from crawlfleet.cli.seed import enqueue_seeds
+from crawlfleet.common.connections import open_redis
+from crawlfleet.common.frontier import Frontier, Limits, Progress
+from crawlfleet.common.keys import Keys
+from crawlfleet.common.messages import HostBatch
+from crawlfleet.common.settings import Settings
+from crawlfleet.scheduler import service
+from crawlfleet.scheduler.service import Scheduler
+
+from .test_frontier import Claimed, admissions_of, jobs, results_for
+
+DEADLINE_S = 5.0  # far below the hour every timer is set to
+
+
+async def until(check: Any, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {DEADLINE_S}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Leading:
+    """A scheduler leading in the background, and the frontier a worker would use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = open_redis(settings.redis_url)
+        self.keys = Keys(settings.namespace)
+        self.scheduler = Scheduler(settings, self.redis)
+        self.frontier = Frontier(self.redis, self.keys)
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, hosts: set[str]) -> None:
+        await self.redis.flushdb()
+        await self.redis.sadd(self.keys.scope_hosts, *sorted(hosts))
+        self.task = asyncio.create_task(self.scheduler.lead(self.stop))
+        await self.asleep()
+
+    async def asleep(self) -> None:
+        async def sleeping() -> bool:
+            return self.scheduler.sleeping
+
+        await until(sleeping, "the leader asleep")
+
+    async def leased(self, host: str) -> bool:
+        return bool(await self.redis.hexists(self.keys.lease_batch, host))
+
+    async def batch(self, host: str) -> HostBatch:
+        return next(b for b in await jobs({"redis": self.redis, "keys": self.keys})
+                    if b.host == host)
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, timeout=10)
+        await self.redis.flushdb()
+        await self.redis.aclose()
+
+
+@pytest.fixture
+async def leading(redis_server: Any, monkeypatch: pytest.MonkeyPatch
+                  ) -> AsyncIterator[Any]:
+    monkeypatch.setattr(service, "HOUSEKEEPING_INTERVAL", 3600.0)
+    monkeypatch.setattr(service, "PROGRESS_INTERVAL", 3600.0)
+    made: list[Leading] = []
+
+    async def make(**settings: Any) -> Leading:
+        s = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/4", namespace="w",
+                     batch_size=2, **settings)
+        lead = Leading(s)
+        made.append(lead)
+        return lead
+
+    yield make
+    for lead in made:
+        await lead.close()
+
+
+async def test_new_seeds_wake_the_leader(leading: Any) -> None:
+    lead = await leading()
+    await lead.start({"a.test"})
+    passes = lead.scheduler.passes
+    await enqueue_seeds(lead.redis, lead.keys, ["http://a.test/"])
+    await until(lambda: lead.leased("a.test"), "the seed's host leased")
+    assert lead.scheduler.passes > passes
+
+
+async def test_a_leader_whose_hosts_are_all_leased_sleeps_until_its_next_pass(
+    leading: Any,
+) -> None:
+    """Nothing is due while the only host is leased: the leader does not poll (it looked 20
+    times a second before), it sleeps until housekeeping, an hour away here."""
+    lead = await leading()
+    await lead.start({"a.test"})
+    await enqueue_seeds(lead.redis, lead.keys, ["http://a.test/1", "http://a.test/2"])
+    await until(lambda: lead.leased("a.test"), "the seed's host leased")
+    await lead.asleep()
+    assert lead.scheduler.sleep_s > 60
+
+
+async def test_a_workers_links_that_make_a_host_ready_wake_the_leader(leading: Any) -> None:
+    lead = await leading()
+    await lead.start({"a.test", "b.test"})
+    await enqueue_seeds(lead.redis, lead.keys, ["http://a.test/"])
+    await until(lambda: lead.leased("a.test"), "the seed's host leased")
+    await lead.asleep()
+    batch = await lead.batch("a.test")
+    claim = await lead.frontier.claim(batch, lease_seconds=60, job_id=batch.batch_id)
+    assert claim is not None
+    # The worker holding a.test finds a link to b.test, which nobody holds: b.test is ready.
+    outcome = await lead.frontier.progress(
+        batch, Progress(admissions=admissions_of(["http://b.test/x"])), Limits())
+    assert outcome.admitted == 1
+    await until(lambda: lead.leased("b.test"), "b.test leased")
+
+
+async def test_a_final_report_wakes_the_leader_which_sees_the_crawl_end(leading: Any) -> None:
+    lead = await leading()
+    await lead.start({"a.test"})
+    await enqueue_seeds(lead.redis, lead.keys, ["http://a.test/"])
+    await until(lambda: lead.leased("a.test"), "the seed's host leased")
+    batch = await lead.batch("a.test")
+    claim = await lead.frontier.claim(batch, lease_seconds=60, job_id=batch.batch_id)
+    assert claim is not None
+    await lead.asleep()
+    results = results_for(Claimed(batch, claim.urls))
+    outcome = await lead.frontier.progress(batch, Progress(results=results, final=True),
+                                           Limits())
+    assert outcome.stored == 1
+
+    async def finished() -> bool:
+        return bool(await lead.redis.hexists(lead.keys.stats, "finished_at"))
+
+    await until(finished, "finished_at, set by the woken leader")
+
+
+async def test_a_host_due_later_is_sent_when_due_without_a_wake(leading: Any) -> None:
+    lead = await leading(crawl_delay=0.0)
+    await lead.start({"a.test"})
+    await enqueue_seeds(lead.redis, lead.keys, ["http://a.test/1", "http://a.test/2",
+                                                "http://a.test/3"])
+    await until(lambda: lead.leased("a.test"), "the seed's host leased")
+    batch = await lead.batch("a.test")
+    claim = await lead.frontier.claim(batch, lease_seconds=60, job_id=batch.batch_id)
+    assert claim is not None and len(claim.urls) == 2
+    # The turn ends with a URL left in the queue and a rest of 0.4 s: its final report wakes
+    # the leader, which finds nothing due yet and sleeps until the host is.
+    ended = time.time()
+    await lead.frontier.progress(batch, Progress(final=True, wait_s=0.4), Limits())
+    await until(lambda: lead.leased("a.test"), "a.test leased again")
+    dispatched_at = await lead.redis.zscore(lead.keys.waiting, "a.test")
+    assert dispatched_at >= ended + 0.4 - 0.05  # not before its rest (Redis's clock)
+
+
+async def test_a_claim_that_makes_room_wakes_the_leader(leading: Any) -> None:
+    lead = await leading(dispatch_ahead=1)
+    await lead.start({"a.test", "b.test"})
+    await enqueue_seeds(lead.redis, lead.keys, ["http://a.test/", "http://b.test/"])
+
+    async def one_waiting() -> bool:
+        return int(await lead.redis.zcard(lead.keys.waiting)) == 1
+
+    await until(one_waiting, "one batch waiting (the most allowed)")
+    await lead.asleep()
+    [first] = [b for b in await jobs({"redis": lead.redis, "keys": lead.keys})]
+    other = "b.test" if first.host == "a.test" else "a.test"
+    assert not await lead.leased(other)
+    assert await lead.frontier.claim(first, lease_seconds=60, job_id=first.batch_id)
+    await until(lambda: lead.leased(other), f"{other} leased once the first was claimed")
