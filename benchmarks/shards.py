@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(count):
                     logdir = Path(tempfile.mkdtemp(prefix=f"redis{count}-{i}-", dir=workdir))
                     servers[count].append(tp.start_redis(procs, logdir))
-            per_poll = asyncio.run(tp.poll_cost(servers[args.shards[0]][0]))
+            per_poll = asyncio.run(tp.poll_cost(servers[args.shards[0]][0], POLL_S))
             runs: dict[int, list[ShardRun]] = {count: [] for count in args.shards}
             for i in range(args.repeat):
                 for count in args.shards:
