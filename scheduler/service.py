@@ -225,15 +225,17 @@ class Scheduler:
             read = await self._guarded(self.read_events())
             due = await self._dispatch()
             dispatched = due.batches if due is not None else 0
+            requeued = 0
             now = time.time()
             if now >= next_housekeeping:
                 if not await self.acquire_lock():
                     log.warning("scheduler_lock_lost", instance=self.instance)
                     return
-                await self._guarded(self.housekeeping(now))  # checks finished too
+                # It checks finished too; hosts it made ready again go out on the next pass.
+                requeued = await self._guarded(self.housekeeping(now))
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
                 woken = False
-            if read or dispatched:
+            if read or dispatched or requeued:
                 seen_finished = False
             elif woken and not seen_finished:
                 # A lease released or new work: the crawl may have just ended.
@@ -242,7 +244,7 @@ class Scheduler:
             if now >= next_progress:
                 await self.log_progress()
                 next_progress = now + PROGRESS_INTERVAL
-            if read or dispatched:
+            if read or dispatched or requeued:
                 continue  # more may be there: another pass at once
             wait = min(next_housekeeping, next_progress) - time.time()
             if due is not None and due.next_due_s is not None:
@@ -385,7 +387,9 @@ class Scheduler:
                 admissions.append(Admission.of(canonical, host, depth, fp))
         return admissions, scope_refused, invalid
 
-    async def housekeeping(self, now: float) -> None:
+    async def housekeeping(self, now: float) -> int:
+        """The expiry pass, the outbox, the finish check, old rate buckets and the quarantine's
+        log. Returns how many hosts it gave back to the ready set (dispatch them now)."""
         await self.open_crawl()
         expired = await self.frontier.expire(
             self.crawl_id, max_losses=self.settings.max_worker_losses,
@@ -408,6 +412,7 @@ class Scheduler:
         if old:
             await self.redis.hdel(self.keys.rate, *old)
         await self.log_quarantine()
+        return expired.leases + expired.unclaimed
 
     async def log_quarantine(self) -> None:
         """Log each quarantined entry once, with where it came from and why."""

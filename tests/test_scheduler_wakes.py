@@ -16,7 +16,7 @@ import pytest
 
 from crawlfleet.cli.seed import enqueue_seeds
 from crawlfleet.common.connections import open_redis
-from crawlfleet.common.frontier import Frontier, Limits, Progress
+from crawlfleet.common.frontier import Admission, Frontier, Limits, Progress
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.messages import HostBatch
 from crawlfleet.common.settings import Settings
@@ -48,8 +48,9 @@ class Leading:
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
-    async def start(self, hosts: set[str]) -> None:
-        await self.redis.flushdb()
+    async def start(self, hosts: set[str], *, flush: bool = True) -> None:
+        if flush:
+            await self.redis.flushdb()
         await self.redis.sadd(self.keys.scope_hosts, *sorted(hosts))
         self.task = asyncio.create_task(self.scheduler.lead(self.stop))
         await self.asleep()
@@ -185,3 +186,49 @@ async def test_a_claim_that_makes_room_wakes_the_leader(leading: Any) -> None:
     assert not await lead.leased(other)
     assert await lead.frontier.claim(first, lease_seconds=60, job_id=first.batch_id)
     await until(lambda: lead.leased(other), f"{other} leased once the first was claimed")
+
+
+async def test_a_host_whose_lease_expired_goes_out_without_a_sleep_between(
+    leading: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Housekeeping's expiry pass puts the host back in the ready set: the leader dispatches it
+    on the next pass at once, not after sleeping until its next housekeeping pass."""
+    lead = await leading()
+    await lead.redis.flushdb()
+    marker = await lead.frontier.open_crawl()
+    await lead.frontier.admit(marker.id, [Admission.of("http://a.test/1", "a.test", 0)],
+                              Limits())
+    assert await lead.frontier.dispatch(marker.id, batch_size=2, max_waiting=4) == 1
+    lost = await lead.batch("a.test")
+    assert await lead.frontier.claim(lost, lease_seconds=-1, job_id=lost.batch_id)
+    events: list[tuple[str, int]] = []
+    scheduler = lead.scheduler
+    housekeeping, dispatch_ready = scheduler.housekeeping, scheduler.frontier.dispatch_ready
+    wait_for_either = service.wait_for_either
+
+    async def spied_housekeeping(now: float) -> int:
+        requeued = await housekeeping(now)
+        events.append(("housekeeping", requeued))
+        return requeued
+
+    async def spied_dispatch(*a: Any, **k: Any) -> Any:
+        done = await dispatch_ready(*a, **k)
+        events.append(("dispatch", done.batches))
+        return done
+
+    async def spied_wait(*a: Any) -> None:
+        events.append(("sleep", 0))
+        await wait_for_either(*a)
+
+    monkeypatch.setattr(scheduler, "housekeeping", spied_housekeeping)
+    monkeypatch.setattr(scheduler.frontier, "dispatch_ready", spied_dispatch)
+    monkeypatch.setattr(service, "wait_for_either", spied_wait)
+    await lead.start({"a.test"}, flush=False)  # its first pass expires the lease
+
+    async def leased_again() -> bool:
+        batch = await lead.redis.hget(lead.keys.lease_batch, "a.test")
+        return batch is not None and batch.decode() != lost.batch_id
+
+    await until(leased_again, "a.test leased to a new batch")
+    expiry = events.index(("housekeeping", 1))
+    assert events[expiry + 1] == ("dispatch", 1), events
