@@ -109,8 +109,10 @@ class ProgressOutcome:
 class Dispatched:
     batches: int  # batches sent out as arq jobs
     # Seconds until the earliest ready host is due, when there is room to send it; None when
-    # no host is ready or no room is left (a claim makes room and wakes the scheduler).
+    # no host is ready, or when no room is left (``full``: a claim makes room and wakes the
+    # scheduler).
     next_due_s: float | None
+    full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,8 @@ class Frontier:
                               JOB_EXPIRY_MS)
         _, batches, due = self._answer(raw)
         due = as_text(due)
+        if due == "full":
+            return Dispatched(int(batches), None, full=True)
         return Dispatched(int(batches), float(due) if due else None)
 
     async def expire(self, crawl: str, *, max_losses: int, claim_timeout: float,

@@ -92,6 +92,9 @@ _FIXED = {
     # it could not have foreseen (a host newly ready, a lease released, room for a batch, new
     # seeds); otherwise it sleeps until the next ready time or housekeeping pass.
     "scheduler_wake": "scheduler:wake",
+    # STRING, 1 s expiry: a wake-up is on its way (set with the message, cleared by dispatch.lua
+    # at each pass): a hundred turns ending between two passes send one message, not a hundred.
+    "scheduler_woken": "scheduler:woken",
     # STRING "index/count": which shard of how many this Redis is for the namespace, written
     # by the first process of a sharded crawl and checked by every later one (cluster.py).
     "shard": "shard",
@@ -299,6 +302,10 @@ class Keys:
     @property
     def scheduler_wake(self) -> str:
         return self._k(_FIXED["scheduler_wake"])
+
+    @property
+    def scheduler_woken(self) -> str:
+        return self._k(_FIXED["scheduler_woken"])
 
     @property
     def server_probe(self) -> str:

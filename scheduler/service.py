@@ -59,6 +59,10 @@ LOCK_TTL = 5.0
 STANDBY_POLL = 0.5
 HOUSEKEEPING_INTERVAL = 0.5
 MIN_WAIT = 0.002  # a ready host due now that dispatch did not send: no busy loop over it
+# A woken scheduler passes at most this often: the wakes of a burst of ended turns and claims
+# are served by one pass (at most 50 passes a second; it looked 20 times a second before it
+# was woken, and a pass per wake costs more than it saves once turns end by the hundred).
+MIN_PASS_INTERVAL = 0.02
 # The embedded backend has no pub/sub wake-ups: it looks for work this often, and asks whether
 # the crawl finished this often while idle.
 EMBEDDED_POLL = 0.005
@@ -214,6 +218,7 @@ class Scheduler:
         seen_finished = False  # by the idle check: no need to ask again until new work comes
         while not stop.is_set():
             self.passes += 1
+            began = time.monotonic()
             woken = self._wake.is_set()
             self._wake.clear()  # a wake from here on is for the next pass
             if not self._wakeable and time.time() >= next_poll:
@@ -237,15 +242,18 @@ class Scheduler:
                 woken = False
             if read or dispatched or requeued:
                 seen_finished = False
-            elif woken and not seen_finished:
-                # A lease released or new work: the crawl may have just ended.
+            elif woken and not seen_finished and due is not None and not due.full \
+                    and due.next_due_s is None:
+                # A lease released and no host ready or waiting: the crawl may have just ended.
                 seen_finished = bool(await self._guarded(
                     self.frontier.check_finished(self.crawl_id)))
             if now >= next_progress:
                 await self.log_progress()
                 next_progress = now + PROGRESS_INTERVAL
-            if read or dispatched or requeued:
-                continue  # more may be there: another pass at once
+            if read >= READ_COUNT or requeued:
+                continue  # more events may wait, or hosts came back: another pass at once
+            # (Dispatch sent every host due now that it had room for: the next one's time, or
+            # a claim making room, ends the sleep.)
             wait = min(next_housekeeping, next_progress) - time.time()
             if due is not None and due.next_due_s is not None:
                 wait = min(wait, max(due.next_due_s, MIN_WAIT))
@@ -254,6 +262,10 @@ class Scheduler:
             self.sleeping, self.sleep_s = True, max(wait, 0.0)
             try:
                 await wait_for_either(self._wake, stop, self.sleep_s)
+                # Wakes that come in a burst (many turns ending at once) make one pass.
+                rest = began + MIN_PASS_INTERVAL - time.monotonic()
+                if rest > 0:
+                    await sleep_or_stop(stop, rest)
             finally:
                 self.sleeping = False
 

@@ -232,3 +232,33 @@ async def test_a_host_whose_lease_expired_goes_out_without_a_sleep_between(
     await until(leased_again, "a.test leased to a new batch")
     expiry = events.index(("housekeeping", 1))
     assert events[expiry + 1] == ("dispatch", 1), events
+
+
+async def test_wakes_between_two_passes_send_one_message(leading: Any) -> None:
+    """The scripts' wakes are coalesced: until dispatch.lua (the next pass) clears
+    Keys.scheduler_woken, a second host made ready sends no second message."""
+    lead = await leading()
+    await lead.redis.flushdb()
+    marker = await lead.frontier.open_crawl()
+    async with lead.redis.pubsub() as pubsub:
+        await pubsub.subscribe(lead.keys.scheduler_wake)
+        assert (await pubsub.get_message(timeout=1))["type"] == "subscribe"
+
+        async def admit(host: str) -> None:
+            assert await lead.frontier.admit(
+                marker.id, [Admission.of(f"http://{host}/", host, 0)], Limits()) == 1
+
+        async def messages() -> int:
+            count = 0
+            while (message := await pubsub.get_message(timeout=0.2)) is not None:
+                count += message["type"] == "message"
+            return count
+
+        await admit("a.test")
+        await admit("b.test")  # a host newly ready too, before any pass
+        assert await messages() == 1
+        assert await lead.redis.exists(lead.keys.scheduler_woken)
+        await lead.frontier.dispatch(marker.id, batch_size=2, max_waiting=4)  # a pass
+        assert not await lead.redis.exists(lead.keys.scheduler_woken)
+        await admit("c.test")
+        assert await messages() == 1

@@ -2,7 +2,8 @@
 
 ARGV  1 prefix, 2 crawl id, 3 batch size, 4 most batches waiting for a worker, 5 arq function
       name, 6 arq job expiry (ms).
-Keys  K.ready K.waiting K.lease_batch K.batch_seq K.stats K.quarantine K.arq_queue (and a
+Keys  K.ready K.waiting K.lease_batch K.batch_seq K.stats K.quarantine K.arq_queue
+      K.scheduler_woken (cleared: the scheduler's pass is under way) (and a
       message on the pub/sub channel K.arq_wake when jobs were queued),
       per host h:{host}:q and h:{host}:lease, and arq's job key arq:job:{batch id}.
 Guarantees
@@ -16,14 +17,17 @@ Guarantees
   * A queue entry that is malformed goes to quarantine (counted) and never reaches a worker.
   * The backlog is never scanned: ZRANGEBYSCORE with a LIMIT, and LRANGE of one batch a host.
   * At most ARGV[4] batches wait for workers: the backlog stays here, where it is cheap.
-Returns {'ok', batches, seconds until the earliest ready host is due ('' when none is, or
-when no room is left: a claim makes room and wakes the scheduler)} or {'state_lost'}.
+Returns {'ok', batches, seconds until the earliest ready host is due ('' when no host is
+ready, 'full' when no room is left: a claim makes room and wakes the scheduler)} or
+{'state_lost'}.
 ]]
 if not crawl_is_current() then return {'state_lost'} end
+-- This pass sees everything done so far: a change from here on wakes the scheduler again.
+redis.call('DEL', K.scheduler_woken)
 local batch_size, max_waiting = tonumber(ARGV[3]), tonumber(ARGV[4])
 local job_function, job_expiry_ms = ARGV[5], tonumber(ARGV[6])
 local room = max_waiting - redis.call('ZCARD', K.waiting)
-if room <= 0 then return {'ok', 0, ''} end  -- a claim makes room, and wakes the scheduler
+if room <= 0 then return {'ok', 0, 'full'} end  -- a claim makes room and wakes the scheduler
 local now = now_s()
 -- Seconds until the earliest ready host is due ('' for none): the scheduler sleeps as long.
 local function next_due()
@@ -73,4 +77,4 @@ end
 c:apply()
 -- Workers that found nothing for a while poll slowly: tell them there is work.
 if batches > 0 then redis.call('PUBLISH', K.arq_wake, batches) end
-return {'ok', batches, batches < room and next_due() or ''}
+return {'ok', batches, batches < room and next_due() or 'full'}

@@ -122,12 +122,16 @@ end
 
 -- The scheduler sleeps until its next ready host is due or its next housekeeping pass. A
 -- command that gives it work it could not foresee (a host newly ready, a lease released, room
--- for another batch) wakes it, once per call: a message on K.scheduler_wake (pub/sub).
+-- for another batch) wakes it: a message on K.scheduler_wake (pub/sub), unless one is on its
+-- way already (K.scheduler_woken, which dispatch.lua clears at each pass; its expiry keeps a
+-- lost message from silencing the rest).
 local scheduler_woken = false
 local function wake_scheduler()
   if not scheduler_woken then
     scheduler_woken = true
-    redis.call('PUBLISH', K.scheduler_wake, '1')
+    if redis.call('SET', K.scheduler_woken, '1', 'NX', 'PX', 1000) then
+      redis.call('PUBLISH', K.scheduler_wake, '1')
+    end
   end
 end
 
