@@ -259,8 +259,9 @@ def report(args: argparse.Namespace, shape: tp.Shape, web: tp.TestWeb,
                 f"these {os.cpu_count()} cores; Redis {r.cpu_ms('redis-server'):.3f} CPU-ms a "
                 f"page in all vs {base.cpu_ms('redis-server'):.3f}; at rest "
                 f"{r.idle_calls_per_s / r.shards:,.0f} commands/s a shard vs "
-                f"{base.idle_calls_per_s:,.0f} (its scheduler's loop, and {args.workers} "
-                "workers' polls of its queue, slowed down while there is nothing to take)")
+                f"{base.idle_calls_per_s:,.0f} (its scheduler's housekeeping, twice a second, "
+                f"and {args.workers} workers' polls of its queue, slowed down while there is "
+                "nothing to take)")
     lines += [f"{w}" for w in warnings]
     return lines
 

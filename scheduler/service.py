@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import msgspec
@@ -114,14 +115,9 @@ class Scheduler:
         port = self.settings.metrics_port
         async with metrics.serve_metrics(port, role="scheduler",
                                          healthy=lambda: not stop.is_set()) as serving:
-            exporter = asyncio.create_task(self._export_frontier(stop)) if serving else None
-            try:
+            exporter = self._export_frontier(stop) if serving else None
+            async with beside(exporter):
                 await self._run(stop)
-            finally:
-                if exporter is not None:
-                    exporter.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await exporter
 
     async def _export_frontier(self, stop: asyncio.Event) -> None:
         """The status snapshot behind the frontier-wide gauges, every few seconds. A failed
@@ -200,14 +196,8 @@ class Scheduler:
         # Events a leader read but had not acknowledged when it stopped come first.
         while await self._guarded(self.read_events(pending=True)):
             pass
-        listener = asyncio.create_task(self._listen_for_wake()) if self._wakeable else None
-        try:
+        async with beside(self._listen_for_wake() if self._wakeable else None):
             await self._lead_loop(stop)
-        finally:
-            if listener is not None:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
 
     async def _lead_loop(self, stop: asyncio.Event) -> None:
         """Passes of read, dispatch and (when due) housekeeping. Between passes the scheduler
@@ -451,6 +441,19 @@ class Scheduler:
         if self.cluster is None:
             return {}
         return {"shard": self.shard + 1, "shards": len(self.cluster)}
+
+
+@contextlib.asynccontextmanager
+async def beside(work: Coroutine[Any, Any, None] | None) -> AsyncIterator[None]:
+    """Run ``work`` (if any) as a task while the block runs; cancel it when the block ends."""
+    task = asyncio.create_task(work) if work is not None else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
