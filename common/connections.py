@@ -148,6 +148,30 @@ async def wait_for_redis(
     return False
 
 
+async def listen_for_wakes(redis: Any, channel: str, wake: Callable[[], None], *,
+                           retry_s: float, when_subscribed: bool = False) -> None:
+    """Call ``wake`` for every message on the pub/sub ``channel`` until cancelled, and with
+    ``when_subscribed`` once each time the subscription is made too (for a listener whose
+    owner would otherwise wait long for what was published while it was not there). A lost
+    subscription is made again ``retry_s`` later: the listener's owner has a slower path that
+    does not need it, and its own loop says what is wrong with Redis."""
+    while True:
+        try:
+            async with redis.pubsub() as pubsub:
+                await pubsub.subscribe(channel)
+                if when_subscribed:
+                    wake()
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        wake()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            get_logger("crawlfleet.redis").debug("wake_channel_lost", channel=channel,
+                                                  error=redact_url(str(exc)))
+            await asyncio.sleep(retry_s)
+
+
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text (clients here do not decode responses)."""
     return value.decode() if isinstance(value, bytes) else value

@@ -38,7 +38,12 @@ from crawlfleet.common.cluster import (
     forward_outbox,
     shard_limits,
 )
-from crawlfleet.common.connections import REDIS_UNAVAILABLE, as_text, is_embedded
+from crawlfleet.common.connections import (
+    REDIS_UNAVAILABLE,
+    as_text,
+    is_embedded,
+    listen_for_wakes,
+)
 from crawlfleet.common.frontier import (
     ADMIT_CHUNK,
     Admission,
@@ -272,19 +277,8 @@ class Scheduler:
     async def _listen_for_wake(self) -> None:
         """Scripts' word that there is work (Keys.scheduler_wake). Without it (the subscription
         lost) the scheduler still passes at every housekeeping interval."""
-        while True:
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.keys.scheduler_wake)
-                    self._wake.set()  # anything published before the subscription: look
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the main loop says what is wrong with Redis
-                log.debug("wake_channel_lost", error=str(exc))
-                await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+        await listen_for_wakes(self.redis, self.keys.scheduler_wake, self._wake.set,
+                               retry_s=HOUSEKEEPING_INTERVAL, when_subscribed=True)
 
     async def _guarded(self, step: Any) -> int:
         """One step of the loop; a lost state (or a stream without its group after a restart)

@@ -31,6 +31,7 @@ from crawlfleet.common.connections import (
     as_text,
     is_refused,
     is_transient,
+    listen_for_wakes,
     open_redis,
     redact_url,
     redis_problem,
@@ -321,19 +322,8 @@ class CrawlWorker(Worker):
         """The scheduler's word that it queued jobs (Keys.arq_wake). Without it (Redis away,
         the subscription lost) the polls still come, at most CRAWLFLEET_POLL_MAX_DELAY apart."""
         settings: Settings = self.ctx["settings"]
-        channel = Keys(settings.namespace).arq_wake
-        while True:
-            try:
-                async with self.pool.pubsub() as pubsub:
-                    await pubsub.subscribe(channel)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._work_may_be_there()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the poll loop says what is wrong with Redis
-                log.debug("wake_channel_lost", error=redact_url(str(exc)))
-                await asyncio.sleep(settings.poll_max_delay)
+        await listen_for_wakes(self.pool, Keys(settings.namespace).arq_wake,
+                               self._work_may_be_there, retry_s=settings.poll_max_delay)
 
     async def _poll_iteration(self) -> None:
         found = self._polls_found
