@@ -85,7 +85,7 @@ async def leading(redis_server: Any, monkeypatch: pytest.MonkeyPatch
 
     async def make(**settings: Any) -> Leading:
         s = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/4", namespace="w",
-                     batch_size=2, **settings)
+                     **settings)
         lead = Leading(s)
         made.append(lead)
         return lead
@@ -154,14 +154,14 @@ async def test_a_final_report_wakes_the_leader_which_sees_the_crawl_end(leading:
 
 
 async def test_a_host_due_later_is_sent_when_due_without_a_wake(leading: Any) -> None:
-    lead = await leading(crawl_delay=0.0)
+    lead = await leading()
+    size = lead.settings.batch_size
     await lead.start({"a.test"})
-    await enqueue_seeds(lead.redis, lead.keys, ["http://a.test/1", "http://a.test/2",
-                                                "http://a.test/3"])
+    await enqueue_seeds(lead.redis, lead.keys, [f"http://a.test/{i}" for i in range(size + 1)])
     await until(lambda: lead.leased("a.test"), "the seed's host leased")
     batch = await lead.batch("a.test")
     claim = await lead.frontier.claim(batch, lease_seconds=60, job_id=batch.batch_id)
-    assert claim is not None and len(claim.urls) == 2
+    assert claim is not None and len(claim.urls) == size
     # The turn ends with a URL left in the queue and a rest of 0.4 s: its final report wakes
     # the leader, which finds nothing due yet and sleeps until the host is.
     ended = time.time()
@@ -172,20 +172,25 @@ async def test_a_host_due_later_is_sent_when_due_without_a_wake(leading: Any) ->
 
 
 async def test_a_claim_that_makes_room_wakes_the_leader(leading: Any) -> None:
-    lead = await leading(dispatch_ahead=1)
-    await lead.start({"a.test", "b.test"})
-    await enqueue_seeds(lead.redis, lead.keys, ["http://a.test/", "http://b.test/"])
+    """At the default CRAWLFLEET_DISPATCH_AHEAD, one host more than may wait: the last one
+    goes out when a worker claims a batch, and that claim is what wakes the leader."""
+    lead = await leading()
+    ahead = lead.settings.dispatch_ahead
+    hosts = [f"h{i}.test" for i in range(ahead + 1)]
+    await lead.start(set(hosts))
+    await enqueue_seeds(lead.redis, lead.keys, [f"http://{h}/" for h in hosts])
 
-    async def one_waiting() -> bool:
-        return int(await lead.redis.zcard(lead.keys.waiting)) == 1
+    async def all_room_taken() -> bool:
+        return int(await lead.redis.zcard(lead.keys.waiting)) == ahead
 
-    await until(one_waiting, "one batch waiting (the most allowed)")
+    await until(all_room_taken, f"{ahead} batches waiting (the most allowed)")
     await lead.asleep()
-    [first] = [b for b in await jobs({"redis": lead.redis, "keys": lead.keys})]
-    other = "b.test" if first.host == "a.test" else "a.test"
+    batches = await jobs({"redis": lead.redis, "keys": lead.keys})
+    [other] = set(hosts) - {b.host for b in batches}
     assert not await lead.leased(other)
+    first = batches[0]
     assert await lead.frontier.claim(first, lease_seconds=60, job_id=first.batch_id)
-    await until(lambda: lead.leased(other), f"{other} leased once the first was claimed")
+    await until(lambda: lead.leased(other), f"{other} leased once a batch was claimed")
 
 
 async def test_a_host_whose_lease_expired_goes_out_without_a_sleep_between(
