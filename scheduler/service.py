@@ -223,7 +223,9 @@ class Scheduler:
                 while await self._guarded(self.read_events(pending=True)):
                     pass
             read = await self._guarded(self.read_events())
-            due = await self._dispatch()
+            due: Dispatched | None = await self._recovered(self.frontier.dispatch_ready(
+                self.crawl_id, batch_size=self.settings.batch_size,
+                max_waiting=self.settings.dispatch_ahead))
             dispatched = due.batches if due is not None else 0
             requeued = 0
             now = time.time()
@@ -264,16 +266,6 @@ class Scheduler:
             finally:
                 self.sleeping = False
 
-    async def _dispatch(self) -> Dispatched | None:
-        try:
-            return await self.frontier.dispatch_ready(
-                self.crawl_id, batch_size=self.settings.batch_size,
-                max_waiting=self.settings.dispatch_ahead)
-        except StateLost:
-            await self.open_crawl()
-            self._reread_pending = True
-        return None
-
     async def _listen_for_wake(self) -> None:
         """Scripts' word that there is work (Keys.scheduler_wake). Without it (the subscription
         lost) the scheduler still passes at every housekeeping interval."""
@@ -281,10 +273,14 @@ class Scheduler:
                                retry_s=HOUSEKEEPING_INTERVAL, when_subscribed=True)
 
     async def _guarded(self, step: Any) -> int:
+        """A step of the loop that counts something: its count, 0 when it was recovered."""
+        return int(await self._recovered(step) or 0)
+
+    async def _recovered(self, step: Any) -> Any:
         """One step of the loop; a lost state (or a stream without its group after a restart)
-        is noticed and recovered from here, at once."""
+        is noticed and recovered from here, at once (the step's answer is then None)."""
         try:
-            return int(await step or 0)
+            return await step
         except StateLost:
             await self.open_crawl()
             self._reread_pending = True
@@ -292,7 +288,7 @@ class Scheduler:
             if "NOGROUP" not in str(exc):
                 raise
             await self.open_crawl()  # recreates the consumer group
-        return 0
+        return None
 
     async def read_events(self, *, pending: bool = False) -> int:
         """Read and admit one slice of events; returns how many were read."""
