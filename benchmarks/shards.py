@@ -111,8 +111,8 @@ async def wait_ready(clients: list[Redis], keys: Keys, workers: int, fleet: tp.F
         ready = True
         for client in clients:
             last = Counter(c.get("cmd") for c in await client.client_list())
-            led = await client.exists(keys.scheduler_lock)
-            ready = ready and bool(led) and last["zrangebyscore"] >= workers
+            led = await tp.scheduler_leads(client, keys)
+            ready = ready and led and last["zrangebyscore"] >= workers
         if ready:
             return
         await asyncio.sleep(0.05)
