@@ -690,6 +690,23 @@ async def test_finished_only_when_nothing_is_left(env: dict[str, Any]) -> None:
     assert await env["redis"].hexists(env["keys"].crawl, "admitted_at")
 
 
+async def test_admitted_at_is_the_first_admission_and_stays(env: dict[str, Any]) -> None:
+    """progress.lua and admit.lua read admitted_at with the crawl marker and write it only
+    when it is missing: later admissions, by either, leave the first time as it is."""
+    redis, keys = env["redis"], env["keys"]
+    await admit(env, ["http://a.test/"])
+    first = await redis.hget(keys.crawl, "admitted_at")
+    assert first is not None
+    [batch] = await dispatch(env)
+    assert (await progress(env, batch, admissions=admissions_of(["http://a.test/x"]))).admitted
+    assert await admit(env, ["http://b.test/"]) == 1
+    assert await redis.hget(keys.crawl, "admitted_at") == first
+    # Gone (a hand edit), the next admission sets it again, and finish.lua sees it.
+    await redis.hdel(keys.crawl, "admitted_at")
+    assert await admit(env, ["http://c.test/"]) == 1
+    assert float(await redis.hget(keys.crawl, "admitted_at")) >= float(first)
+
+
 async def test_max_pages_caps_admission(env: dict[str, Any]) -> None:
     env["settings"] = env["settings"].replace(max_pages=3)
     assert await admit(env, [f"http://a.test/{i}" for i in range(5)]) == 3

@@ -13,7 +13,7 @@ Returns {'ok', 1 or 0} or {'state_lost'}.
 ]]
 if not crawl_is_current() then return {'state_lost'} end
 local lost = redis.call('HEXISTS', K.crawl, 'state_lost_at') == 1
-if not lost and redis.call('HEXISTS', K.crawl, 'admitted_at') == 1
+if not lost and ADMITTED
    and redis.call('ZCARD', K.ready) == 0 and redis.call('HLEN', K.lease_batch) == 0
    and redis.call('XLEN', K.events) == 0 and redis.call('XLEN', K.outbox) == 0 then
   redis.call('HSETNX', K.stats, 'finished_at', now_s())

@@ -39,10 +39,14 @@ end
 -- the bucket, the rest (at most 52 bits, exact in a Lua number) is the member. The crawl marker
 -- records SEEN_DIGITS when the crawl opens (crawl.lua), so every process splits alike.
 local SEEN_DIGITS = 3
+-- Whether the crawl marker has admitted_at (finish.lua's "URLs were admitted"): read with the
+-- marker, so that a call admitting URLs into a crawl that has some already writes nothing more.
+local ADMITTED = false
 
 local function crawl_is_current()
-  local m = redis.call('HMGET', K.crawl, 'id', 'seen_digits')
+  local m = redis.call('HMGET', K.crawl, 'id', 'seen_digits', 'admitted_at')
   SEEN_DIGITS = tonumber(m[2]) or 3
+  ADMITTED = m[3] ~= false
   return m[1] == CRAWL
 end
 
@@ -246,9 +250,11 @@ end
 -- (queue, page count, ready time) gathered and done once per host by flush().
 local Admitter = {}
 Admitter.__index = Admitter
-local function admitter(c, max_pages, max_per_host, max_variants, now)
+-- leased_host: a host the caller knows to be leased (progress.lua's own, held), whose lease
+-- need not be looked up again.
+local function admitter(c, max_pages, max_per_host, max_variants, now, leased_host)
   return setmetatable({c = c, max_pages = max_pages, max_per_host = max_per_host,
-    max_variants = max_variants, now = now,
+    max_variants = max_variants, now = now, leased_host = leased_host,
     n_seen = max_pages >= 0 and c:get('seen') or 0, hosts = {},
     order = {}, admitted = 0}, Admitter)
 end
@@ -301,7 +307,7 @@ function Admitter:flush()
         redis.call('RPUSH', host_key(host, 'q'), unpack(h.entries, i, math.min(i + 999, n)))
       end
       redis.call('HINCRBY', K.host_pages, host, n)
-      if redis.call('HEXISTS', K.lease_batch, host) == 0 then
+      if host ~= self.leased_host and redis.call('HEXISTS', K.lease_batch, host) == 0 then
         -- NX keeps a later time already set (the host's crawl delay or backoff).
         local nb = tonumber(redis.call('HGET', K.not_before, host) or '0') or 0
         if redis.call('ZADD', K.ready, 'NX', math.max(self.now, nb), host) == 1 then
@@ -326,13 +332,16 @@ local function invalid_fps(first)
   return n, bad
 end
 local function admit_argv(c, first, max_pages, max_per_host, max_variants, scope_refused,
-                          invalid, now, bad)
-  local a = admitter(c, max_pages, max_per_host, max_variants, now)
+                          invalid, now, bad, leased_host)
+  local a = admitter(c, max_pages, max_per_host, max_variants, now, leased_host)
   for i = first, #ARGV, 4 do
     if not bad[i] then a:admit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) end
   end
   a:flush()
-  if a.admitted > 0 then redis.call('HSETNX', K.crawl, 'admitted_at', now) end
+  if a.admitted > 0 and not ADMITTED then
+    redis.call('HSETNX', K.crawl, 'admitted_at', now)
+    ADMITTED = true
+  end
   c:add('discarded_scope', scope_refused)
   c:add('discarded_invalid', invalid)
   return a

@@ -126,8 +126,10 @@ if held then
   c:add('in_flight', -left)
   if #leaving > 0 then redis.call('HDEL', lease, unpack(leaving)) end
 end
+-- Links to the host itself: its lease is this batch's while held (the final call releases it
+-- only below, after the admissions).
 local a = admit_argv(c, first_admit, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]),
-  tonumber(ARGV[12]), invalid, now, invalid_at)
+  tonumber(ARGV[12]), invalid, now, invalid_at, held and host or nil)
 local out = {'ok', held and 1 or 0, stored, #rest, a.admitted}
 local refilled = {}
 if held and final then
