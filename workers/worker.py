@@ -39,6 +39,7 @@ from crawlfleet.common.connections import (
     wait_for_redis,
 )
 from crawlfleet.common.frontier import Frontier, StateLost
+from crawlfleet.common.heap import tune_for_crawling
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.logs import configure_logging, get_logger
 from crawlfleet.common.messages import (
@@ -165,6 +166,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         await check_unsharded(ctx["redis"], keys, settings.redis_where)
     ctx["frontier"] = Frontier(ctx["redis"], keys)
     ctx["robots"] = RobotsCache(ctx["redis"], keys, ctx["session"], settings)
+    tune_for_crawling()  # start-up is over: what it made stays, pages' garbage is short-lived
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
