@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 # or an error. One helper for the whole project; it lives in common/settings.py.
 __all__ = [
     "DEFAULT_PORTS", "SCHEMES", "address_rule", "allowed_port_numbers", "blocked_rule",
-    "literal_block", "literal_host_refusal", "parse_networks", "port_allowed", "proxy_host_of",
-    "refusal_detail", "url_port",
+    "literal_block", "literal_block_of", "literal_host_refusal", "parse_networks",
+    "port_allowed", "port_of", "proxy_host_of", "refusal_detail", "split_url", "url_port",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -190,13 +190,18 @@ def refusal_detail(
     return shown
 
 
-def _split(url: str) -> SplitResult | None:
+def split_url(url: str) -> SplitResult | None:
+    """``urlsplit`` of a URL, or None when it cannot be split or its port is not a number in
+    0..65535. The checks below take its parts, so that a hop is split once."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         return None
     return parts
+
+
+_split = split_url
 
 
 def proxy_host_of(proxy: str) -> str | None:
@@ -208,7 +213,11 @@ def proxy_host_of(proxy: str) -> str | None:
 def url_port(url: str) -> int | None:
     """The port a URL connects to (its scheme's default when it names none), or None for a URL
     that is not http(s) or has a bad port."""
-    parts = _split(url)
+    return port_of(_split(url))
+
+
+def port_of(parts: SplitResult | None) -> int | None:
+    """``url_port`` of a URL split already (``split_url``)."""
     if parts is None or parts.scheme.lower() not in SCHEMES:
         return None
     return parts.port or (443 if parts.scheme.lower() == "https" else 80)
@@ -243,13 +252,30 @@ def literal_block(
     """``"127.0.0.1 is loopback"`` for a URL whose host is a refused IP literal, else None
     (names are the resolver's business). aiohttp never resolves an IP literal, so this check is
     the only one such a URL meets."""
-    parts = _split(url)
+    return literal_block_of(_split(url), allow_private=allow_private,
+                            allow_networks=allow_networks)
+
+
+def literal_block_of(
+    parts: SplitResult | None, *, allow_private: bool = False,
+    allow_networks: tuple[Network, ...] = (),
+) -> str | None:
+    """``literal_block`` of a URL split already (``split_url``)."""
     host = (parts.hostname or "") if parts is not None else ""
+    if not _could_be_ip(host):
+        return None
     try:
         rule = blocked_rule(host, allow_private=allow_private, allow_networks=allow_networks)
     except ValueError:
         return None
     return None if rule is None else f"{host} is {rule}"
+
+
+def _could_be_ip(host: str) -> bool:
+    """Whether ``ipaddress`` might read ``host`` as an address: an IPv6 one has a colon, an
+    IPv4 one only digits and dots. Any other host is a name, and skipping the ValueError that
+    ipaddress would raise for it was most of the cost of a fetch's guard check."""
+    return ":" in host or host.replace(".", "").isdigit()
 
 
 def literal_host_refusal(url: str, settings: Settings) -> str | None:

@@ -190,19 +190,21 @@ def hop_refusal(
     url: str, first_url: str, allow_private: bool, guard: SessionGuard | None
 ) -> str | None:
     policy = guard.policy if guard is not None else AddressPolicy(allow_private=True)
-    literal = addresses.literal_block(
-        url, allow_private=allow_private and policy.allow_private,
+    parts = addresses.split_url(url)  # once: every fetch pays for this check
+    literal = addresses.literal_block_of(
+        parts, allow_private=allow_private and policy.allow_private,
         allow_networks=policy.allow_networks,
     )
     if literal is not None or guard is None:
         return literal
-    port = addresses.url_port(url)
+    port = addresses.port_of(parts)
     if port is None:
         return "only http and https URLs with a valid port are fetched"
     if guard.allowed_ports:
         if port not in guard.allowed_ports:
             return f"port {port} is not in CRAWLFLEET_ALLOWED_PORTS"
-    elif port not in addresses.DEFAULT_PORTS and port != addresses.url_port(first_url):
+    elif (port not in addresses.DEFAULT_PORTS and url != first_url
+          and port != addresses.url_port(first_url)):
         return f"port {port} is not allowed (only 80, 443 and the port the fetch started on)"
     return None
 
