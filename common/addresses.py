@@ -16,6 +16,7 @@ local-use prefix 64:ff9b:1::/48 hides where the IPv4 address sits, so all of it 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
@@ -210,9 +211,22 @@ def proxy_host_of(proxy: str) -> str | None:
     return parts.hostname if parts is not None else None
 
 
+# An http(s) URL whose authority is a plain name or IPv4 address and an optional port, as a
+# canonical link is: urlsplit would find the same scheme and port, so it is not called (the
+# scope check of every new link asks). Anything else (userinfo, brackets, upper case, escapes,
+# an empty port) is split.
+_PLAIN_ORIGIN = re.compile(r"(https?)://[a-z0-9.\-]+(?::([0-9]{1,5}))?(?:[/?#]|\Z)")
+
+
 def url_port(url: str) -> int | None:
     """The port a URL connects to (its scheme's default when it names none), or None for a URL
     that is not http(s) or has a bad port."""
+    m = _PLAIN_ORIGIN.match(url)
+    if m is not None:
+        scheme, port = m.groups()
+        number = int(port) if port else 0
+        if number <= 65535:
+            return number or (443 if scheme == "https" else 80)  # ':0' as urlsplit reads it
     return port_of(_split(url))
 
 
@@ -243,7 +257,9 @@ def port_allowed(url: str, allowed_ports: Iterable[str | int], seed_ports: Itera
     allowed = allowed_port_numbers(allowed_ports)
     if allowed:
         return port in allowed
-    return port in DEFAULT_PORTS or port in set(seed_ports)
+    if port in DEFAULT_PORTS:
+        return True
+    return port in (seed_ports if isinstance(seed_ports, (set, frozenset)) else set(seed_ports))
 
 
 def literal_block(

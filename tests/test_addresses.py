@@ -17,8 +17,10 @@ from crawlfleet.common.addresses import (
     literal_host_refusal,
     parse_networks,
     port_allowed,
+    port_of,
     refusal_detail,
     split_url,
+    url_port,
 )
 from crawlfleet.common.settings import Settings, SettingsError, redact_url
 
@@ -200,6 +202,31 @@ def test_the_literal_check_decides_as_ipaddress_would_for_any_host() -> None:
             assert literal_block(url, allow_private=allow_private) == expected, url
             blocked += expected is not None
     assert blocked >= 10  # the odd hosts' literals are refused, not skipped
+
+
+ODD_PORTS = [
+    "", ":80", ":0", ":00080", ":8080", ":65535", ":65536", ":99999", ":123456", ":", ":x",
+    ":-1", ":\u0661\u0662", ":8080:9", "@h:1", ".:1", "\t:1", ":1\t",
+]
+
+
+def test_the_port_of_a_plain_url_is_read_as_urlsplit_would() -> None:
+    """url_port reads a plain http(s) origin without urlsplit (every new link's scope check
+    asks): for odd ports and authorities and every URL of the WHATWG conformance data, its
+    answer is the one from urlsplit."""
+    from .test_urls import CASES
+
+    urls = [f"{scheme}://{host}{port}{rest}" for scheme in ("http", "https", "HTTP", "ftp")
+            for host in ("a.test", "10.0.0.1", "A.test", "[::1]", "a_b.test", "")
+            for port in ODD_PORTS for rest in ("", "/", "/p?q", "?q", "#f", "\\x")]
+    urls += [u for case in CASES for u in (case.get("input"), case.get("href"))
+             if isinstance(u, str)]
+    fast = 0
+    for url in urls:
+        assert url_port(url) == port_of(split_url(url)), url
+        fast += url.startswith(("http://a.test:", "https://a.test:"))
+    assert fast > 50
+    assert url_port("http://a.test:8080/x") == 8080 and url_port("https://a.test/") == 443
 
 
 @pytest.mark.parametrize(
