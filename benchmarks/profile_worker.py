@@ -3,12 +3,17 @@
 Usage::
 
     .venv/bin/pip install py-spy        # a sampling profiler; not a dependency of crawlfleet
-    .venv/bin/python benchmarks/profile_worker.py [--pages 1200] [--links 100] [--top 25]
+    .venv/bin/python benchmarks/profile_worker.py [--shape one|docs] [--pages N] [--links 100]
+        [--log-level info] [--top 25]
 
-It starts the test web (one host), a private redis-server on a free port, one scheduler and one
-worker under ``py-spy record --format raw`` (collapsed stacks), seeds the host, waits for the
-crawl to finish, and prints the share of samples by area (fetch, parse, link filter, Redis
-client, logging, event loop) and the functions with the most samples of their own.
+It starts the test web (``one``: one host of 1,200 pages, 16 fetches in flight; ``docs``: 40
+hosts of 150 pages, 4 in flight each, 20 ms latency, as in benchmarks/throughput.py), a private
+redis-server on a free port, one scheduler and one worker; once the worker has started, ``py-spy
+record --native --format raw`` (collapsed stacks) samples it, so that start-up's imports stay
+out, and only the event loop's thread at work is counted (not its epoll waits). It
+seeds the hosts, waits for the crawl to finish, and prints the share of samples by area (fetch,
+parse, link filter, Redis client, logging, event loop) and the functions with the most samples
+of their own.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))
 
+from redis import Redis  # noqa: E402
+from redis.exceptions import RedisError  # noqa: E402
 from throughput import free_port  # noqa: E402
 
 # Areas, by the first frame (from the leaf up) whose file matches.
 AREAS = (
+    ("garbage collector", ("gc_collect",)),
     ("parse (selectolax, decoding)", ("workers/parse.py", "selectolax", "w3lib")),
     ("URL resolution and canonical form", ("common/urls.py", "ada_url", "w3lib/url")),
     ("link filter (scope, cache)", ("workers/links.py", "common/scope.py")),
@@ -45,6 +53,19 @@ AREAS = (
 )
 
 
+# The event loop thread's own frames (py-spy --native) while it waits for I/O: not CPU.
+IDLE_LEAVES = ("epoll_wait", "epoll_pwait")
+MAIN_THREAD = "run_worker (workers/worker.py"  # every frame of the event loop's thread has it
+
+
+def busy(frames: list[str]) -> bool:
+    """A sample of the worker's event-loop thread doing work. py-spy's own idle detection
+    counts threads blocked in C (pycares' shutdown thread, waiting on a queue forever) as busy,
+    and the loop's epoll wait as uvloop's run frame: the native frames tell them apart."""
+    return (any(MAIN_THREAD in f for f in frames)
+            and not any(leaf in frames[-1] for leaf in IDLE_LEAVES))
+
+
 def area_of(frames: list[str]) -> str:
     for frame in reversed(frames):
         for area, needles in AREAS:
@@ -53,12 +74,24 @@ def area_of(frames: list[str]) -> str:
     return "other"
 
 
+def worker_polls(client: Redis) -> bool:
+    """Whether a connection's last command is arq's ZRANGEBYSCORE (False while Redis starts)."""
+    try:
+        return any(c.get("cmd") == "zrangebyscore" for c in client.client_list())
+    except RedisError:
+        return False
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pages", type=int, default=1200)
+    p.add_argument("--shape", choices=("one", "docs"), default="one")
+    p.add_argument("--pages", type=int, default=None, help="per host (one: 1200, docs: 150)")
     p.add_argument("--links", type=int, default=100)
+    p.add_argument("--log-level", default="info", help="the worker's (info: a line a page)")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
+    hosts, concurrency, latency = (1, 16, 0) if args.shape == "one" else (40, 4, 20)
+    pages = args.pages or (1200 if args.shape == "one" else 150)
     pyspy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not Path(pyspy).exists():
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
@@ -66,10 +99,11 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     files = contextlib.ExitStack()
     try:
-        web = subprocess.Popen([str(BIN / "crawlfleet"), "testweb", "--hosts", "1", "--pages",
-                                str(args.pages), "--links", str(args.links), "--port", "0",
-                                "--dns-port", "0", "--robots", "site0.test=status:404"],
-                               stdout=subprocess.PIPE, start_new_session=True)
+        robots = [a for i in range(hosts) for a in ("--robots", f"site{i}.test=status:404")]
+        web = subprocess.Popen([str(BIN / "crawlfleet"), "testweb", "--hosts", str(hosts),
+                                "--pages", str(pages), "--links", str(args.links),
+                                "--latency-ms", str(latency), "--port", "0", "--dns-port", "0",
+                                *robots], stdout=subprocess.PIPE, start_new_session=True)
         procs.append(web)
         assert web.stdout is not None
         info = json.loads(web.stdout.readline())
@@ -81,15 +115,31 @@ def main() -> int:
         env = {**os.environ, "CRAWLFLEET_REDIS_URL": f"redis://127.0.0.1:{port}/0",
                "CRAWLFLEET_NAMESPACE": "profile", "CRAWLFLEET_DNS_NAMESERVERS": info["dns"],
                "CRAWLFLEET_ALLOW_PRIVATE": "1", "CRAWLFLEET_CRAWL_DELAY": "0",
-               "CRAWLFLEET_PER_HOST_CONCURRENCY": "16", "CRAWLFLEET_LOG_FORMAT": "json"}
+               "CRAWLFLEET_PER_HOST_CONCURRENCY": str(concurrency),
+               "CRAWLFLEET_LOG_FORMAT": "json", "CRAWLFLEET_LOG_LEVEL": args.log_level}
         # The scheduler and the worker wait for Redis themselves; seeds wait for them.
         log = files.enter_context((work / "fleet.log").open("wb"))
         procs.append(subprocess.Popen([str(BIN / "crawlfleet"), "scheduler"], env=env,
                                       stdout=log, stderr=log, start_new_session=True))
         raw = work / "worker.txt"
+        worker_log = work / "worker.log"
+        with worker_log.open("wb") as out:
+            worker = subprocess.Popen([str(BIN / "crawlfleet"), "worker"], env=env, stdout=out,
+                                      stderr=out, start_new_session=True)
+        procs.append(worker)
+        started = time.monotonic()
+        # Start-up is not sampled: the worker is up once it polls arq's queue (its connection's
+        # last command is arq's ZRANGEBYSCORE), as throughput.py's wait_ready sees it.
+        with Redis(host="127.0.0.1", port=port) as client:
+            while not worker_polls(client):
+                if worker.poll() is not None or time.monotonic() - started > 60:
+                    raise SystemExit("the worker did not start: "
+                                     f"{worker_log.read_text()[-2000:]}")
+                time.sleep(0.05)
         procs.append(subprocess.Popen([pyspy, "record", "--format", "raw", "--rate", "250",
-                                       "-o", str(raw), "--", str(BIN / "crawlfleet"), "worker"],
-                                      env=env, stdout=log, stderr=log, start_new_session=True))
+                                       "--native", "-o", str(raw), "--pid", str(worker.pid)],
+                                      stdout=log, stderr=log, start_new_session=True))
+        time.sleep(1.0)  # py-spy attached before the crawl starts
         subprocess.run([str(BIN / "crawlfleet"), "seed", *info["seeds"]], env=env, check=True,
                        capture_output=True)
         started = time.monotonic()
@@ -103,19 +153,25 @@ def main() -> int:
         else:
             raise SystemExit("the crawl did not finish in 300 s")
         pages = status["pages"] + status["failed"]
-        os.killpg(procs[-1].pid, signal.SIGINT)  # py-spy writes its file and stops the worker
+        os.killpg(procs[-1].pid, signal.SIGINT)  # py-spy writes its file and lets go
         procs[-1].wait(timeout=60)
         counts: Counter[str] = Counter()
         own: Counter[str] = Counter()
-        total = 0
+        total = idle = 0
         for line in raw.read_text().splitlines():
             stack, _, n = line.rpartition(" ")
             frames = stack.split(";")
             samples = int(n)
+            if not busy(frames):
+                idle += samples
+                continue
             total += samples
             counts[area_of(frames)] += samples
             own[frames[-1]] += samples
-        print(f"{pages} URLs crawled; {total} samples of the worker (250 a second)")
+        # Shares only: py-spy stops the process to read native stacks, which slows the crawl,
+        # so samples do not add up to its CPU time.
+        print(f"{pages} URLs crawled; {total} samples of the worker's event-loop thread at "
+              f"work, {idle} idle or of other threads")
         for area, n in counts.most_common():
             print(f"  {100 * n / total:5.1f} %  {area}")
         print(f"functions with the most samples of their own (top {args.top}):")
