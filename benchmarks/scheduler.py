@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/scheduler.py [--small] [--worker-rate PAGES_PER_S]
+    .venv/bin/python benchmarks/scheduler.py [--small] [--repeat 3] [--worker-rate PAGES_PER_S]
                                              [--write-docs [docs/benchmarks.md]]
 
 Everything runs against ONE private ``redis-server`` started here on a free loopback port
@@ -18,7 +18,9 @@ commands in ``common/commands/``. No HTTP, no test web: results and links are sy
     rest and releases the host; 5 new and 20 already-seen links a page), and ``expire`` with no
     expired lease (32 leases held) and with expired ones (claimed with a lease that is over at
     once). Each rate is Redis round trips and Lua time as a client sees them; the ratio
-    large/small says how the frontier scales with its backlog (target >= 0.8).
+    large/small says how the frontier scales with its backlog (target >= 0.8). Each step's
+    rate is the median of ``--repeat`` runs (default 3), small and large taking turns, so that
+    the machine's drift spreads over both: one run of a step is a fraction of a second.
 (b) one scheduler for twenty workers
     A real ``crawlfleet scheduler`` process drives a synthetic crawl: hosts start from their
     root, every page has 5 new and 20 already-seen links, a per-host budget ends each host at
@@ -52,6 +54,7 @@ import os
 import random
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -564,8 +567,10 @@ async def measure_seen(client: Any, urls: int) -> SeenSet:
 
 @dataclass
 class Results:
-    small: Scaling | None = None
+    small: Scaling | None = None  # the first run of each size (its counts are the same in all)
     large: Scaling | None = None
+    small_runs: list[Scaling] = field(default_factory=list)
+    large_runs: list[Scaling] = field(default_factory=list)
     scheduler: SchedulerRun | None = None
     rates: list[tuple[str, float]] = field(default_factory=list)
     seen: SeenSet | None = None
@@ -575,18 +580,26 @@ def met(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
+def median_rates(runs: list[Scaling], *, inside_redis: bool = False) -> dict[str, float]:
+    """Each step's median rate over the runs."""
+    per_run = [run.rates(inside_redis=inside_redis) for run in runs]
+    return {step: statistics.median(rates[step] for rates in per_run) for step in per_run[0]}
+
+
 def report_lines(r: Results) -> list[str]:
     lines = []
     if r.small and r.large:
         s, big = r.small, r.large
         lines.append(f"(a) backlog scaling: {s.urls:,} URLs / {s.hosts:,} hosts vs "
                      f"{big.urls:,} / {big.hosts:,} (target: large/small >= "
-                     f"{TARGET_SCALING:g})")
+                     f"{TARGET_SCALING:g}); medians of {len(r.small_runs)} runs of each")
         lines.append(f"  {'per second':<34}{'as the client sees it':^36}"
                      f"{'inside Redis (EVALSHA time)':^36}")
         lines.append(f"  {'':<34}" + f"{'small':>11}{'large':>11}{'large/small':>14}" * 2)
-        client = (s.rates(), big.rates())
-        inside = (s.rates(inside_redis=True), big.rates(inside_redis=True))
+        small_runs, large_runs = r.small_runs or [s], r.large_runs or [big]
+        client = (median_rates(small_runs), median_rates(large_runs))
+        inside = (median_rates(small_runs, inside_redis=True),
+                  median_rates(large_runs, inside_redis=True))
         for step, (unit, _, _) in s.counts().items():
             cells = []
             for small_rates, large_rates in (client, inside):
@@ -657,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="The frontier alone (no HTTP): backlog scaling, "
                                 "scheduler CPU per page, the seen set. See the docstring.")
     p.add_argument("--small", action="store_true", help="a quick version")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="(a) runs of each backlog size, taking turns (default 3)")
     p.add_argument("--worker-rate", type=float, default=None, metavar="PAGES_PER_S",
                    help="a worker's page rate for (b) (default: from docs/benchmarks.json)")
     p.add_argument("--pages-per-host", type=int, default=None,
@@ -676,12 +691,14 @@ async def measure_all(args: argparse.Namespace, procs: tp.Processes, server: tp.
         sizes = ((2_000, 200), (20_000, 2_000)) if small else ((10_000, 1_000),
                                                               (1_000_000, 100_000))
         pages = 500 if small else 3_000
-        scaled = []
-        for urls, hosts in sizes:
-            print(f"(a) filling the frontier with {urls:,} URLs over {hosts:,} hosts ...",
-                  file=sys.stderr, flush=True)
-            scaled.append(await measure_scaling(client, urls, hosts, pages))
-        results.small, results.large = scaled
+        runs: list[list[Scaling]] = [[], []]
+        for i in range(1, args.repeat + 1):
+            for size, (urls, hosts) in enumerate(sizes):
+                print(f"(a) run {i}: filling the frontier with {urls:,} URLs over {hosts:,} "
+                      "hosts ...", file=sys.stderr, flush=True)
+                runs[size].append(await measure_scaling(client, urls, hosts, pages))
+        results.small_runs, results.large_runs = runs
+        results.small, results.large = runs[0][0], runs[1][0]
         print("(c) the seen set ...", file=sys.stderr, flush=True)
         results.seen = await measure_seen(client, 50_000 if small else 1_000_000)
     finally:
@@ -698,6 +715,8 @@ async def measure_all(args: argparse.Namespace, procs: tp.Processes, server: tp.
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, tp._interrupt)
     began = time.monotonic()

@@ -75,10 +75,12 @@ def test_throughput_runs_on_tiny_shapes(tmp_path: Path) -> None:
 
 def test_scheduler_runs_small(tmp_path: Path) -> None:
     docs = tmp_path / "benchmarks.md"
-    done = run(SCHEDULER, "--small", "--worker-rate", "800", "--write-docs", str(docs),
-               timeout=90)
+    done = run(SCHEDULER, "--small", "--repeat", "2", "--worker-rate", "800", "--write-docs",
+               str(docs), timeout=90)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     out = done.stdout
+    assert "medians of 2 runs of each" in out
+    assert done.stderr.count("(a) run 2: filling") == 2  # small and large, taking turns
     for step in ("fill (admit), URLs", "dispatch, batches", "claim + progress, pages",
                  "expire, none expired, calls", "expire, expired leases, leases"):
         assert re.search(rf"^  {re.escape(step)}\s+[\d,]+\s+[\d,]+\s+[\d.]+", out,
