@@ -32,6 +32,7 @@ from crawlfleet.common.urls import URLError, canonicalize, resolve
 
 from .guard import BlockedAddressError, hop_refusal, session_guard
 from .pacing import Turn
+from .parse import is_html
 from .warc import Exchange
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -293,8 +294,6 @@ NON_HTML_BYTES = READ_CHUNK
 def _wants_whole_body(response: aiohttp.ClientResponse) -> bool:
     """An HTML body, or one without a type (sniffed from its first bytes, then parsed if it is
     HTML), is parsed, so it is read up to the cap. Anything else only needs its record."""
-    from .parse import is_html
-
     content_type = response.headers.get("Content-Type")
     return not content_type or is_html(content_type)
 
