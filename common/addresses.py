@@ -202,12 +202,10 @@ def split_url(url: str) -> SplitResult | None:
     return parts
 
 
-_split = split_url
-
 
 def proxy_host_of(proxy: str) -> str | None:
     """The host name of a proxy URL (``CRAWLFLEET_PROXY``), lower case."""
-    parts = _split(proxy)
+    parts = split_url(proxy)
     return parts.hostname if parts is not None else None
 
 
@@ -227,7 +225,7 @@ def url_port(url: str) -> int | None:
         number = int(port) if port else 0
         if number <= 65535:
             return number or (443 if scheme == "https" else 80)  # ':0' as urlsplit reads it
-    return port_of(_split(url))
+    return port_of(split_url(url))
 
 
 def port_of(parts: SplitResult | None) -> int | None:
@@ -268,7 +266,7 @@ def literal_block(
     """``"127.0.0.1 is loopback"`` for a URL whose host is a refused IP literal, else None
     (names are the resolver's business). aiohttp never resolves an IP literal, so this check is
     the only one such a URL meets."""
-    return literal_block_of(_split(url), allow_private=allow_private,
+    return literal_block_of(split_url(url), allow_private=allow_private,
                             allow_networks=allow_networks)
 
 
@@ -299,7 +297,7 @@ def literal_host_refusal(url: str, settings: Settings) -> str | None:
     http(s), a port outside ``CRAWLFLEET_ALLOWED_PORTS`` (when set; unset, a seed may name any
     port, and that port joins the crawl's allowed ones), or an IP-literal host the guard
     refuses. Names are not resolved here: the workers' resolver decides them."""
-    parts = _split(url)
+    parts = split_url(url)
     if parts is None:
         return "not a valid URL"
     scheme = parts.scheme.lower()

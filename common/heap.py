@@ -6,7 +6,7 @@ reference counting a moment later, so with the default the collector runs every 
 walks objects that were about to go anyway; its full collections walk every module, class and
 function imported at start-up as well. On the `docs` shape (docs/profile.md) that was 0.45 s of
 a worker's ~14 CPU-s for 29,538 pages (381 young, 35 middle and 4 full collections, the full ones
-40 ms each); tuned as below, one collection of each kind in the whole crawl, 5 ms in all. Real
+40 ms each); tuned as below, 1 young and 1 full collection in the whole crawl, 5 ms. Real
 garbage cycles (aiohttp's response and connection objects, tracebacks) are rare, so the peak
 RSS stays where it was (81-82 MB on that crawl).
 """
