@@ -31,7 +31,7 @@ from crawlfleet.common.connections import (
 from crawlfleet.common.logs import get_logger
 from crawlfleet.common.settings import Settings
 
-from .service import REDIS_ERRORS, STANDBY_POLL, Scheduler, sleep_or_stop
+from .service import REDIS_ERRORS, STANDBY_POLL, Scheduler, beside, sleep_or_stop
 
 log = get_logger("crawlfleet.scheduler")
 
@@ -191,15 +191,12 @@ async def run_sharded(settings: Settings, cluster: Cluster, quick: Cluster,
     leader = ShardLeader(settings, cluster, quick, stop)
     async with metrics.serve_metrics(settings.metrics_port, role="scheduler",
                                      healthy=lambda: not stop.is_set()) as serving:
-        exporter = (asyncio.create_task(_export_cluster(quick, stop)) if serving else None)
-        try:
-            await leader.run()
-        finally:
-            await leader.close()
-            if exporter is not None:
-                exporter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await exporter
+        exporter = _export_cluster(quick, stop) if serving else None
+        async with beside(exporter):
+            try:
+                await leader.run()
+            finally:
+                await leader.close()
     log.info("scheduler_stopped")
 
 
