@@ -50,6 +50,15 @@ local function crawl_is_current()
   return m[1] == CRAWL
 end
 
+-- URLs joined the crawl at `now`: the first time, the marker records it (admit, progress,
+-- reshard_in).
+local function note_admitted(now)
+  if not ADMITTED then
+    redis.call('HSETNX', K.crawl, 'admitted_at', now)
+    ADMITTED = true
+  end
+end
+
 local function is_fp(fp)
   return type(fp) == 'string' and #fp == 16 and string.match(fp, '^%x+$') ~= nil
 end
@@ -338,10 +347,7 @@ local function admit_argv(c, first, max_pages, max_per_host, max_variants, scope
     if not bad[i] then a:admit(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) end
   end
   a:flush()
-  if a.admitted > 0 and not ADMITTED then
-    redis.call('HSETNX', K.crawl, 'admitted_at', now)
-    ADMITTED = true
-  end
+  if a.admitted > 0 then note_admitted(now) end
   c:add('discarded_scope', scope_refused)
   c:add('discarded_invalid', invalid)
   return a

@@ -69,6 +69,6 @@ if host ~= '' then
     end
   end
 end
-if moved > 0 then redis.call('HSETNX', K.crawl, 'admitted_at', now) end
+if moved > 0 then note_admitted(now) end
 c:apply()
 return {'ok', moved}
