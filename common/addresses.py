@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
@@ -202,7 +202,6 @@ def split_url(url: str) -> SplitResult | None:
     return parts
 
 
-
 def proxy_host_of(proxy: str) -> str | None:
     """The host name of a proxy URL (``CRAWLFLEET_PROXY``), lower case."""
     parts = split_url(proxy)
@@ -246,7 +245,7 @@ def allowed_port_numbers(allowed_ports: Iterable[str | int]) -> frozenset[int]:
     return frozenset(numbers)
 
 
-def port_allowed(url: str, allowed_ports: Iterable[str | int], seed_ports: Iterable[int]) -> bool:
+def port_allowed(url: str, allowed_ports: Iterable[str | int], seed_ports: Collection[int]) -> bool:
     """Whether a URL's port may be fetched. With ``allowed_ports`` set, only those; unset (the
     default), 80, 443 and the ports the crawl's seeds name (``seed_ports``)."""
     port = url_port(url)
@@ -255,9 +254,7 @@ def port_allowed(url: str, allowed_ports: Iterable[str | int], seed_ports: Itera
     allowed = allowed_port_numbers(allowed_ports)
     if allowed:
         return port in allowed
-    if port in DEFAULT_PORTS:
-        return True
-    return port in (seed_ports if isinstance(seed_ports, (set, frozenset)) else set(seed_ports))
+    return port in DEFAULT_PORTS or port in seed_ports
 
 
 def literal_block(
