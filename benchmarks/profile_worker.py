@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 from redis import Redis  # noqa: E402
 from redis.exceptions import RedisError  # noqa: E402
-from throughput import free_port  # noqa: E402
+from throughput import free_port, polling_workers  # noqa: E402
 
 # Areas, by the first frame (from the leaf up) whose file matches.
 AREAS = (
@@ -75,9 +75,9 @@ def area_of(frames: list[str]) -> str:
 
 
 def worker_polls(client: Redis) -> bool:
-    """Whether a connection's last command is arq's ZRANGEBYSCORE (False while Redis starts)."""
+    """Whether the worker polls arq's queue (False while Redis starts)."""
     try:
-        return any(c.get("cmd") == "zrangebyscore" for c in client.client_list())
+        return polling_workers(client.client_list()) > 0
     except RedisError:
         return False
 
@@ -128,8 +128,7 @@ def main() -> int:
                                       stderr=out, start_new_session=True)
         procs.append(worker)
         started = time.monotonic()
-        # Start-up is not sampled: the worker is up once it polls arq's queue (its connection's
-        # last command is arq's ZRANGEBYSCORE), as throughput.py's wait_ready sees it.
+        # Start-up is not sampled: the worker is up once it polls arq's queue.
         with Redis(host="127.0.0.1", port=port) as client:
             while not worker_polls(client):
                 if worker.poll() is not None or time.monotonic() - started > 60:

@@ -567,8 +567,7 @@ async def measure_seen(client: Any, urls: int) -> SeenSet:
 
 @dataclass
 class Results:
-    small: Scaling | None = None  # the first run of each size (its counts are the same in all)
-    large: Scaling | None = None
+    # (a): the runs of each backlog size (their counts of batches, pages... are the same in all)
     small_runs: list[Scaling] = field(default_factory=list)
     large_runs: list[Scaling] = field(default_factory=list)
     scheduler: SchedulerRun | None = None
@@ -588,18 +587,17 @@ def median_rates(runs: list[Scaling], *, inside_redis: bool = False) -> dict[str
 
 def report_lines(r: Results) -> list[str]:
     lines = []
-    if r.small and r.large:
-        s, big = r.small, r.large
+    if r.small_runs and r.large_runs:
+        s, big = r.small_runs[0], r.large_runs[0]
         lines.append(f"(a) backlog scaling: {s.urls:,} URLs / {s.hosts:,} hosts vs "
                      f"{big.urls:,} / {big.hosts:,} (target: large/small >= "
                      f"{TARGET_SCALING:g}); medians of {len(r.small_runs)} runs of each")
         lines.append(f"  {'per second':<34}{'as the client sees it':^36}"
                      f"{'inside Redis (EVALSHA time)':^36}")
         lines.append(f"  {'':<34}" + f"{'small':>11}{'large':>11}{'large/small':>14}" * 2)
-        small_runs, large_runs = r.small_runs or [s], r.large_runs or [big]
-        client = (median_rates(small_runs), median_rates(large_runs))
-        inside = (median_rates(small_runs, inside_redis=True),
-                  median_rates(large_runs, inside_redis=True))
+        client = (median_rates(r.small_runs), median_rates(r.large_runs))
+        inside = (median_rates(r.small_runs, inside_redis=True),
+                  median_rates(r.large_runs, inside_redis=True))
         for step, (unit, _, _) in s.counts().items():
             cells = []
             for small_rates, large_rates in (client, inside):
@@ -698,7 +696,6 @@ async def measure_all(args: argparse.Namespace, procs: tp.Processes, server: tp.
                       "hosts ...", file=sys.stderr, flush=True)
                 runs[size].append(await measure_scaling(client, urls, hosts, pages))
         results.small_runs, results.large_runs = runs
-        results.small, results.large = runs[0][0], runs[1][0]
         print("(c) the seen set ...", file=sys.stderr, flush=True)
         results.seen = await measure_seen(client, 50_000 if small else 1_000_000)
     finally:

@@ -38,7 +38,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,9 +109,8 @@ async def wait_ready(clients: list[Redis], keys: Keys, workers: int, fleet: tp.F
         fleet.check_alive()
         ready = True
         for client in clients:
-            last = Counter(c.get("cmd") for c in await client.client_list())
             led = await tp.scheduler_leads(client, keys)
-            ready = ready and led and last["zrangebyscore"] >= workers
+            ready = ready and led and tp.polling_workers(await client.client_list()) >= workers
         if ready:
             return
         await asyncio.sleep(0.05)

@@ -896,15 +896,21 @@ class Fleet:
             self.procs.stop(proc)
 
 
+def polling_workers(clients: list[dict[str, Any]]) -> int:
+    """Workers that poll arq's queue, from CLIENT LIST: connections whose last command is arq's
+    ZRANGEBYSCORE (a worker is up once it polls)."""
+    return sum(c.get("cmd") == "zrangebyscore" for c in clients)
+
+
 async def wait_ready(client: Redis, workers: int, fleet: Fleet) -> None:
-    """Until every worker polls arq's queue (its connection's last command is arq's
-    ZRANGEBYSCORE) and the scheduler leads (it listens for wake-ups, Keys.scheduler_wake)."""
+    """Until every worker polls arq's queue and the scheduler leads (it listens for
+    wake-ups, Keys.scheduler_wake)."""
     keys = Keys(fleet.env["CRAWLFLEET_NAMESPACE"])
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         fleet.check_alive()
-        last = Counter(c.get("cmd") for c in await client.client_list())
-        if last["zrangebyscore"] >= workers and await scheduler_leads(client, keys):
+        if (polling_workers(await client.client_list()) >= workers
+                and await scheduler_leads(client, keys)):
             return
         await asyncio.sleep(0.05)
     raise BenchError(f"a fleet of {workers} did not start in {STARTUP_TIMEOUT_S:.0f} s")
