@@ -701,7 +701,7 @@ async def test_admitted_at_is_the_first_admission_and_stays(env: dict[str, Any])
     assert (await progress(env, batch, admissions=admissions_of(["http://a.test/x"]))).admitted
     assert await admit(env, ["http://b.test/"]) == 1
     assert await redis.hget(keys.crawl, "admitted_at") == first
-    # Gone (a hand edit), the next admission sets it again, and finish.lua sees it.
+    # Gone (a hand edit), the next admission sets it again.
     await redis.hdel(keys.crawl, "admitted_at")
     assert await admit(env, ["http://c.test/"]) == 1
     assert float(await redis.hget(keys.crawl, "admitted_at")) >= float(first)
