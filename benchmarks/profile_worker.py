@@ -39,6 +39,9 @@ from redis import Redis  # noqa: E402
 from redis.exceptions import RedisError  # noqa: E402
 from throughput import free_port, polling_workers  # noqa: E402
 
+# hosts, fetches in flight per host, latency ms, links a page: as in benchmarks/throughput.py
+SHAPES = {"one": (1, 16, 0, 100), "docs": (40, 4, 20, 100), "many": (20, 2, 20, 8)}
+
 # Areas, by the first frame (from the leaf up) whose file matches.
 AREAS = (
     ("garbage collector", ("gc_collect",)),
@@ -84,14 +87,16 @@ def worker_polls(client: Redis) -> bool:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=("one", "docs"), default="one")
-    p.add_argument("--pages", type=int, default=None, help="per host (one: 1200, docs: 150)")
-    p.add_argument("--links", type=int, default=100)
+    p.add_argument("--shape", choices=SHAPES, default="one")
+    p.add_argument("--pages", type=int, default=None,
+                   help="per host (one: 1200, docs and many: 150)")
+    p.add_argument("--links", type=int, default=None, help="a page (many: 8, others: 100)")
     p.add_argument("--log-level", default="info", help="the worker's (info: a line a page)")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
-    hosts, concurrency, latency = (1, 16, 0) if args.shape == "one" else (40, 4, 20)
+    hosts, concurrency, latency, links = SHAPES[args.shape]
     pages = args.pages or (1200 if args.shape == "one" else 150)
+    links = links if args.links is None else args.links
     pyspy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not Path(pyspy).exists():
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
@@ -101,7 +106,7 @@ def main() -> int:
     try:
         robots = [a for i in range(hosts) for a in ("--robots", f"site{i}.test=status:404")]
         web = subprocess.Popen([str(BIN / "crawlfleet"), "testweb", "--hosts", str(hosts),
-                                "--pages", str(pages), "--links", str(args.links),
+                                "--pages", str(pages), "--links", str(links),
                                 "--latency-ms", str(latency), "--port", "0", "--dns-port", "0",
                                 *robots], stdout=subprocess.PIPE, start_new_session=True)
         procs.append(web)

@@ -1,10 +1,14 @@
-"""The crawl processes' garbage-collector settings (common/heap.py), and the worker applying
-them once its start-up is over (workers/worker.py startup)."""
+"""The crawl processes' heap settings (common/heap.py: the garbage collector, glibc's malloc),
+and the worker applying them once its start-up is over (workers/worker.py startup)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import platform
+import subprocess
+import sys
+import textwrap
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -74,3 +78,42 @@ def test_the_worker_tunes_the_collector_when_its_start_up_ends(
 
     asyncio.run(go())
     assert calls == ["robots"]
+
+
+# Frees 2 MiB of malloc'd blocks below the mmap threshold, from the top of the heap down, and
+# prints how much free memory glibc keeps at the top (mallinfo2's keepcost): trimmed back to
+# ~128 KiB by default; TOP_PAD once the crawl's setting is applied.
+MALLOC_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from crawlfleet.common import heap
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+        ).split()]
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    libc.mallinfo2.restype = MallInfo2
+    if sys.argv[1] == "tuned":
+        heap.tune_for_crawling()
+    blocks = [libc.malloc(64 << 10) for _ in range(32)]
+    for block in reversed(blocks):
+        libc.free(block)
+    print(libc.mallinfo2().keepcost)
+""")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_malloc_keeps_its_top_instead_of_trimming_it_after_each_page() -> None:
+    def keepcost(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], capture_output=True,
+                             text=True, check=True, timeout=60)
+        return int(out.stdout.split()[-1])
+
+    assert keepcost("default") < heap.TOP_PAD // 4  # glibc gave the freed top back
+    assert keepcost("tuned") >= heap.TOP_PAD
+
+
+def test_keeping_malloc_top_is_a_no_op_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heap.sys, "platform", "darwin")
+    assert heap.keep_malloc_top() is False
