@@ -46,6 +46,9 @@ def test_throughput_runs_on_tiny_shapes(tmp_path: Path) -> None:
     out = done.stdout
     for shape in ("many", "docs", "one", "inflight"):
         assert f"Shape {shape!r}:" in out
+    # one host is measured CPU-bound (no latency: as the issue measured it), the others at 20 ms
+    assert re.search(r"^Shape 'one': 1 host .* 0 ms latency", out, re.MULTILINE)
+    assert re.search(r"^Shape 'many': 2 hosts .* 20 ms latency", out, re.MULTILINE)
     assert re.search(r"worker RSS ≤ 120 MB at ≥ \d+ fetches in flight", out)
     # Scrapy (the test extra installs it) runs on the many and docs shapes
     assert len(re.findall(r"^scrapy\s+\d+ ", out, re.MULTILINE)) == 2
