@@ -20,7 +20,10 @@ commands in ``common/commands/``. No HTTP, no test web: results and links are sy
     once). Each rate is Redis round trips and Lua time as a client sees them; the ratio
     large/small says how the frontier scales with its backlog (target >= 0.8). Each step's
     rate is the median of ``--repeat`` runs (default 3), small and large taking turns, so that
-    the machine's drift spreads over both: one run of a step is a fraction of a second.
+    the machine's drift spreads over both: one run of a step is a fraction of a second. For
+    claim + progress it also splits the time inside Redis by what ran (INFO commandstats: each
+    command its scripts called, and the Lua interpreter's own share), so that what grows with
+    the backlog shows by name.
 (b) one scheduler for twenty workers
     A real ``crawlfleet scheduler`` process drives a synthetic crawl: hosts start from their
     root, every page has 5 new and 20 already-seen links, a per-host budget ends each host at
@@ -170,6 +173,18 @@ class Scaling:
     backlog_after: int = 0
     # The same steps' time inside Redis (INFO commandstats: EVALSHA usec), in seconds.
     lua: dict[str, float] = field(default_factory=dict)
+    # claim + progress: the commands its scripts ran, name -> [calls, usec] (commandstats).
+    inner: dict[str, list[int]] = field(default_factory=dict)
+
+    def inner_us_per_page(self) -> dict[str, float]:
+        """µs per page inside claim + progress: each command its scripts ran, and 'Lua
+        itself' (EVALSHA time less those commands: the interpreter, arguments, replies)."""
+        if not self.pages:
+            return {}
+        out = {name: usec / self.pages for name, (_, usec) in self.inner.items()}
+        out[LUA_ITSELF] = self.lua.get("claim + progress", 0.0) * 1e6 / self.pages - sum(
+            out.values())
+        return out
 
     def counts(self) -> dict[str, tuple[str, float, float]]:
         """step -> (unit, units, client seconds)."""
@@ -189,9 +204,13 @@ class Scaling:
         return out
 
 
-async def lua_seconds(client: Any) -> float:
+LUA_ITSELF = "Lua itself"
+NOT_INNER = ("cmdstat_evalsha", "cmdstat_info", "cmdstat_config|resetstat", "cmdstat_script|load",
+             "cmdstat_evalsha_ro", "cmdstat_client|setname")
+
+
+def lua_seconds(stats: dict[str, Any]) -> float:
     """Seconds Redis has spent in EVALSHA since the last CONFIG RESETSTAT."""
-    stats = await client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("usec", 0)) / 1e6
 
 
@@ -203,13 +222,24 @@ class Timer:
 
     @contextlib.asynccontextmanager
     async def timed(self, step: str) -> AsyncIterator[None]:
-        before = await lua_seconds(self.client)
+        before = await self.client.info("commandstats")
         t = time.perf_counter()
         yield
         elapsed = time.perf_counter() - t
-        lua = await lua_seconds(self.client) - before
+        after = await self.client.info("commandstats")
+        lua = lua_seconds(after) - lua_seconds(before)
         self.scaling.lua[step] = self.scaling.lua.get(step, 0.0) + lua
         s = self.scaling
+        if step == "claim + progress":
+            for name, stat in after.items():
+                if name in NOT_INNER:
+                    continue
+                was = before.get(name, {"calls": 0, "usec": 0})
+                calls, usec = stat["calls"] - was["calls"], stat["usec"] - was["usec"]
+                if calls:
+                    total = s.inner.setdefault(name.removeprefix("cmdstat_"), [0, 0])
+                    total[0] += calls
+                    total[1] += usec
         if step == "fill (admit)":
             s.fill_s += elapsed
         elif step == "dispatch":
@@ -609,6 +639,7 @@ def report_lines(r: Results) -> list[str]:
             lines.append(f"  {step + ', ' + unit:<34}{''.join(cells)}{judged}")
         lines.append("  (judged inside Redis: the client's figures add a round trip each, "
                      "the same at any backlog)")
+        lines += inner_lines(r.small_runs, r.large_runs)
         for x in (s, big):
             lines.append(
                 f"  {x.urls:>9,} URLs: {x.batches} batches of {x.dispatched_urls / x.batches:.1f}"
@@ -641,6 +672,31 @@ def report_lines(r: Results) -> list[str]:
         lines.append(f"  used_memory: {c.used_memory_bytes / c.urls:.2f} B per URL; MEMORY "
                      f"USAGE of the buckets: {per_url:.2f} B per URL (target <= "
                      f"{TARGET_SEEN_BYTES:g}: {met(per_url <= TARGET_SEEN_BYTES)})")
+    return lines
+
+
+def inner_lines(small: list[Scaling], large: list[Scaling], top: int = 6) -> list[str]:
+    """Where claim + progress's time inside Redis goes at each size: what grows with the
+    backlog. Medians over the runs of µs per page."""
+    def medians(runs: list[Scaling]) -> dict[str, float]:
+        per_run = [run.inner_us_per_page() for run in runs]
+        names = {name for figures in per_run for name in figures}
+        return {n: statistics.median(f.get(n, 0.0) for f in per_run) for n in names}
+
+    lo, hi = medians(small), medians(large)
+    if not lo or not hi:
+        return []
+    total_lo, total_hi = sum(lo.values()), sum(hi.values())
+    lines = [f"  claim + progress inside Redis, µs per page: {total_lo:.1f} small, "
+             f"{total_hi:.1f} large; by what ran (INFO commandstats; most added first):"]
+    names = sorted(hi, key=lambda n: hi[n] - lo.get(n, 0.0), reverse=True)
+    shown = names[:top] if LUA_ITSELF in names[:top] else [*names[:top - 1], LUA_ITSELF]
+    for name in shown:
+        a, b = lo.get(name, 0.0), hi[name]
+        lines.append(f"    {name:<14}{a:>8.1f}{b:>8.1f}  ({b - a:+.1f})")
+    rest = [n for n in names if n not in shown]
+    a, b = sum(lo.get(n, 0.0) for n in rest), sum(hi[n] for n in rest)
+    lines.append(f"    {'the others':<14}{a:>8.1f}{b:>8.1f}  ({b - a:+.1f})")
     return lines
 
 

@@ -88,6 +88,10 @@ def test_scheduler_runs_small(tmp_path: Path) -> None:
                  "expire, none expired, calls", "expire, expired leases, leases"):
         assert re.search(rf"^  {re.escape(step)}\s+[\d,]+\s+[\d,]+\s+[\d.]+", out,
                          re.MULTILINE), step
+    # what claim + progress's time inside Redis went to, at each size
+    assert re.search(r"claim \+ progress inside Redis, µs per page: [\d.]+ small, [\d.]+ large",
+                     out)
+    assert re.search(r"^    Lua itself\s+[\d.]+\s+[\d.]+  \([+-][\d.]+\)$", out, re.MULTILINE)
     assert re.search(r"CPU ms per page: scheduler [\d.]+", out)
     assert re.search(r"[\d.]+ workers at 800 pages/s", out)
     assert re.search(r"MEMORY USAGE of the buckets: [\d.]+ B per URL", out)
