@@ -94,7 +94,11 @@ async def bind_shard(redis: Any, keys: Keys, index: int, count: int, where: str)
     namespace. A one-shard crawl writes nothing, so a plain crawl's keys are what they were;
     a record left by a sharded crawl still refuses it."""
     want = shard_record(index, count)
-    if count > 1 and not await redis.exists(keys.shard) and await redis.exists(keys.crawl):
+    # The marker is read before the record: a sharded process writes its record before it
+    # opens a crawl (the scheduler's lead), so a marker seen first means the record is there
+    # too, unless a one-shard crawl made it. Read the other way round, another process's
+    # record and crawl could both land between the two reads: a false refusal.
+    if count > 1 and await redis.exists(keys.crawl) and not await redis.exists(keys.shard):
         # A one-shard crawl's Redis: adopting it would leave the seen fingerprints of the
         # hosts other shards now own here, and those URLs would be fetched again there.
         raise ShardMismatch(

@@ -101,6 +101,35 @@ def test_a_one_shard_crawls_redis_is_not_adopted_as_a_shard() -> None:
     asyncio.run(go())
 
 
+def test_a_shard_bound_and_opened_between_the_checks_reads_is_not_refused() -> None:
+    """Processes start together: a scheduler may write the shard record and open the crawl
+    while a worker is between the two reads of bind_shard's check. The worker must not take
+    that for a one-shard crawl."""
+    settings = shard_settings(2)
+    worker, scheduler = Cluster.open(settings), Cluster.open(settings)
+    shard = worker.shards[0]
+
+    async def go() -> None:
+        real_exists = shard.redis.exists
+        reads: list[str] = []
+
+        async def exists(key: str) -> int:
+            found = int(await real_exists(key))
+            reads.append(key)
+            if len(reads) == 1:  # between the reads: the scheduler binds, then opens
+                await scheduler.bind_one(scheduler.shards[0])
+                await scheduler.shards[0].frontier.open_crawl()
+            return found
+
+        shard.redis.exists = exists
+        await worker.bind_one(shard)  # no ShardMismatch
+        assert reads and await real_exists(worker.keys.crawl)
+        await worker.aclose()
+        await scheduler.aclose()
+
+    asyncio.run(go())
+
+
 def test_split_routes_each_admission_to_its_hosts_shard() -> None:
     cluster = Cluster.open(shard_settings(3))
     found = links_for(3, 4)
