@@ -195,6 +195,10 @@ class Cluster:
 
     async def crawl_id(self, shard: Shard, *, fresh: bool = False) -> str:
         if fresh or not shard.crawl_id:
+            # The record before the marker, as everywhere (see bind_shard): a worker's links
+            # may reach a shard before any of its own processes has bound it, or after its
+            # state was lost, and a marker with no record would read as a one-shard crawl.
+            await self.bind_one(shard)
             # The id known so far goes with it, so that a lost state is recorded as lost.
             marker = await shard.frontier.open_crawl(
                 shard.crawl_id, expected_urls=self.settings.expected_urls)

@@ -130,6 +130,27 @@ def test_a_shard_bound_and_opened_between_the_checks_reads_is_not_refused() -> N
     asyncio.run(go())
 
 
+def test_links_reaching_a_shard_first_leave_its_record_so_its_own_processes_start() -> None:
+    """A worker admits links on another shard before any of that shard's processes has bound
+    it (they start later, or its state was lost): the crawl marker it opens there comes with
+    the shard record, so the shard's scheduler does not take it for a one-shard crawl."""
+    settings = shard_settings(2)
+    worker = Cluster.open(settings)
+
+    async def go() -> None:
+        await worker.bind_one(worker.shards[0])  # its own shard only
+        second = links_for(2, 1)[1]
+        assert await worker.admit_on(worker.shards[1], second) == 1
+        scheduler = Cluster.open(settings)
+        await scheduler.bind_one(scheduler.shards[1])  # no ShardMismatch
+        record = await scheduler.shards[1].redis.get(scheduler.keys.shard)
+        assert record is not None
+        await scheduler.aclose()
+        await worker.aclose()
+
+    asyncio.run(go())
+
+
 def test_split_routes_each_admission_to_its_hosts_shard() -> None:
     cluster = Cluster.open(shard_settings(3))
     found = links_for(3, 4)
