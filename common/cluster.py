@@ -63,8 +63,8 @@ def undeliverable(exc: BaseException) -> bool:
     """Another shard cannot take links now (down, loading, out of memory, read-only, busy, its
     state lost, or refusing us): they wait in the outbox. Its trouble is never the caller's:
     raised into a worker's turn, it would fail that shard's pages instead."""
-    return isinstance(exc, (*REDIS_UNAVAILABLE, StateLost)) or is_transient(exc) \
-        or is_refused(exc)
+    return isinstance(exc, (*REDIS_UNAVAILABLE, StateLost, ShardMismatch)) \
+        or is_transient(exc) or is_refused(exc)
 
 
 class ShardMismatch(RedisProblem):

@@ -151,6 +151,23 @@ def test_links_reaching_a_shard_first_leave_its_record_so_its_own_processes_star
     asyncio.run(go())
 
 
+def test_links_for_a_shard_whose_record_disagrees_wait_in_the_outbox() -> None:
+    """The other shard's Redis holds another shard's record (a wrong shard list there): its
+    links are parked, not raised into the delivering worker's turn."""
+    cluster = Cluster.open(shard_settings(2))
+
+    async def go() -> None:
+        await cluster.bind_one(cluster.shards[0])
+        await cluster.shards[1].redis.set(cluster.keys.shard, "0/3")
+        second = links_for(2, 3)[1]
+        home = cluster.shards[0]
+        assert await deliver(cluster, {1: second}, home.redis, chunk=2) == 3
+        assert await home.redis.xlen(cluster.keys.outbox) == 2  # chunks of 2
+        await cluster.aclose()
+
+    asyncio.run(go())
+
+
 def test_split_routes_each_admission_to_its_hosts_shard() -> None:
     cluster = Cluster.open(shard_settings(3))
     found = links_for(3, 4)
