@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from crawlfleet.common import frontier as frontier_module
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.urls import fingerprint
-from crawlfleet.workers import links as links_module
 from crawlfleet.workers.links import LinkFilter, RecentLinks
 
 NAV = [f"http://a.test/doc/{i}.html" for i in range(20)]
@@ -41,7 +41,7 @@ def test_a_link_sent_before_costs_no_fingerprint(monkeypatch: pytest.MonkeyPatch
         calls.append(url)
         return fingerprint(url)
 
-    monkeypatch.setattr(links_module, "fingerprint", counting)
+    monkeypatch.setattr(frontier_module, "fingerprint", counting)  # Admission.of's
     fresh = "http://a.test/doc/new.html"
     sent, _, _ = f.filter([*NAV, fresh], 1)
     assert [a.fp for a in sent] == [fingerprint(fresh)]
