@@ -1,13 +1,14 @@
-"""Where a worker's time goes: py-spy samples one worker through a one-host crawl.
+"""Where a worker's time goes: py-spy samples one worker through a crawl of the test web.
 
 Usage::
 
     .venv/bin/pip install py-spy        # a sampling profiler; not a dependency of crawlfleet
-    .venv/bin/python benchmarks/profile_worker.py [--shape one|docs] [--pages N] [--links 100]
+    .venv/bin/python benchmarks/profile_worker.py [--shape one|docs|many] [--pages N] [--links 100]
         [--log-level info] [--top 25]
 
-It starts the test web (``one``: one host of 1,200 pages, 16 fetches in flight; ``docs``: 40
-hosts of 150 pages, 4 in flight each, 20 ms latency, as in benchmarks/throughput.py), a private
+It starts the test web in one of benchmarks/throughput.py's shapes, with its defaults (``one``:
+one host of 1,200 pages, 16 fetches in flight; ``docs``: 40 hosts of 150 pages, 4 in flight
+each, 20 ms latency; ``many``: 20 hosts of 150 pages, 8 links, 2 in flight each), a private
 redis-server on a free port, one scheduler and one worker; once the worker has started, ``py-spy
 record --native --format raw`` (collapsed stacks) samples it, so that start-up's imports stay
 out, and only the event loop's thread at work is counted (not its epoll waits). It
@@ -37,10 +38,9 @@ sys.path.insert(0, str(HERE))
 
 from redis import Redis  # noqa: E402
 from redis.exceptions import RedisError  # noqa: E402
-from throughput import free_port, polling_workers  # noqa: E402
+from throughput import build_parser, free_port, polling_workers, shapes_from  # noqa: E402
 
-# hosts, fetches in flight per host, latency ms, links a page: as in benchmarks/throughput.py
-SHAPES = {"one": (1, 16, 0, 100), "docs": (40, 4, 20, 100), "many": (20, 2, 20, 8)}
+SHAPES = ("one", "docs", "many")
 
 # Areas, by the first frame (from the leaf up) whose file matches.
 AREAS = (
@@ -89,14 +89,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="one")
     p.add_argument("--pages", type=int, default=None,
-                   help="per host (one: 1200, docs and many: 150)")
-    p.add_argument("--links", type=int, default=None, help="a page (many: 8, others: 100)")
+                   help="per host (default: benchmarks/throughput.py's shape)")
+    p.add_argument("--links", type=int, default=None,
+                   help="a page (default: benchmarks/throughput.py's shape)")
     p.add_argument("--log-level", default="info", help="the worker's (info: a line a page)")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
-    hosts, concurrency, latency, links = SHAPES[args.shape]
-    pages = args.pages or (1200 if args.shape == "one" else 150)
-    links = links if args.links is None else args.links
+    # The shape as benchmarks/throughput.py measures it, by its own defaults.
+    (shape,) = shapes_from(build_parser().parse_args(["--shape", args.shape]))
+    hosts, concurrency, latency = shape.hosts, shape.per_host_concurrency, shape.latency_ms
+    pages = args.pages or shape.pages
+    links = shape.links if args.links is None else args.links
     pyspy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not Path(pyspy).exists():
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
