@@ -173,15 +173,15 @@ class Scaling:
     backlog_after: int = 0
     # The same steps' time inside Redis (INFO commandstats: EVALSHA usec), in seconds.
     lua: dict[str, float] = field(default_factory=dict)
-    # claim + progress: the commands its scripts ran, name -> [calls, usec] (commandstats).
-    inner: dict[str, list[int]] = field(default_factory=dict)
+    # claim + progress: the commands its scripts ran, name -> usec (commandstats).
+    inner: dict[str, int] = field(default_factory=dict)
 
     def inner_us_per_page(self) -> dict[str, float]:
         """µs per page inside claim + progress: each command its scripts ran, and 'Lua
         itself' (EVALSHA time less those commands: the interpreter, arguments, replies)."""
         if not self.pages:
             return {}
-        out = {name: usec / self.pages for name, (_, usec) in self.inner.items()}
+        out = {name: usec / self.pages for name, usec in self.inner.items()}
         out[LUA_ITSELF] = self.lua.get("claim + progress", 0.0) * 1e6 / self.pages - sum(
             out.values())
         return out
@@ -205,8 +205,8 @@ class Scaling:
 
 
 LUA_ITSELF = "Lua itself"
-NOT_INNER = ("cmdstat_evalsha", "cmdstat_info", "cmdstat_config|resetstat", "cmdstat_script|load",
-             "cmdstat_evalsha_ro", "cmdstat_client|setname")
+# What a timed block sends itself: the scripts, the Timer's own reads, a script's reload.
+NOT_INNER = ("cmdstat_evalsha", "cmdstat_info", "cmdstat_script|load")
 
 
 def lua_seconds(stats: dict[str, Any]) -> float:
@@ -234,12 +234,10 @@ class Timer:
             for name, stat in after.items():
                 if name in NOT_INNER:
                     continue
-                was = before.get(name, {"calls": 0, "usec": 0})
-                calls, usec = stat["calls"] - was["calls"], stat["usec"] - was["usec"]
-                if calls:
-                    total = s.inner.setdefault(name.removeprefix("cmdstat_"), [0, 0])
-                    total[0] += calls
-                    total[1] += usec
+                usec = stat["usec"] - before.get(name, {"usec": 0})["usec"]
+                if usec:
+                    name = name.removeprefix("cmdstat_")
+                    s.inner[name] = s.inner.get(name, 0) + usec
         if step == "fill (admit)":
             s.fill_s += elapsed
         elif step == "dispatch":
