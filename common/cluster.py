@@ -93,34 +93,46 @@ async def bind_shard(redis: Any, keys: Keys, index: int, count: int, where: str)
     """Record (first use) or check that this Redis is shard ``index`` of ``count`` for the
     namespace. A one-shard crawl writes nothing, so a plain crawl's keys are what they were;
     a record left by a sharded crawl still refuses it."""
-    want = shard_record(index, count)
-    # The marker is read before the record: a sharded process writes its record before it
-    # opens a crawl (the scheduler's lead), so a marker seen first means the record is there
-    # too, unless a one-shard crawl made it. Read the other way round, another process's
-    # record and crawl could both land between the two reads: a false refusal.
+    # The marker is read before the record: a sharded process's marker comes with its record
+    # (crawl.lua writes both), so a marker seen first means the record is there too, unless a
+    # one-shard crawl made it. Read the other way round, another process's record and crawl
+    # could both land between the two reads: a false refusal.
     if count > 1 and await redis.exists(keys.crawl) and not await redis.exists(keys.shard):
+        have = ""  # a one-shard crawl's marker
+    else:
+        if count > 1:
+            await redis.set(keys.shard, shard_record(index, count), nx=True)
+        raw = await redis.get(keys.shard)
+        have = as_text(raw) if raw is not None else ""
+    problem = record_mismatch(have, index, count, keys, where)
+    if problem is not None:
+        raise problem
+
+
+def record_mismatch(have: str, index: int, count: int, keys: Keys,
+                    where: str) -> ShardMismatch | None:
+    """What is wrong with a Redis holding shard record ``have`` ("" for none, beside a crawl
+    marker) for shard ``index`` of ``count``; None when it fits."""
+    if have == shard_record(index, count) or (not have and count == 1):
+        return None
+    if not have:
         # A one-shard crawl's Redis: adopting it would leave the seen fingerprints of the
         # hosts other shards now own here, and those URLs would be fetched again there.
-        raise ShardMismatch(
+        return ShardMismatch(
             f"Redis at {where} holds a one-shard crawl of namespace {keys.namespace!r}, but "
             f"the shard list makes it shard {index + 1} of {count}: move the crawl with "
             "`crawlfleet reshard --to URLS` first")
-    if count > 1:
-        await redis.set(keys.shard, want, nx=True)
-    raw = await redis.get(keys.shard)
-    have = as_text(raw) if raw is not None else shard_record(0, 1)
-    if have != want:
-        held, _, of = have.partition("/")
-        if count == 1:
-            raise ShardMismatch(
-                f"Redis at {where} holds shard {int(held) + 1} of {of} of namespace "
-                f"{keys.namespace!r}, a sharded crawl: set CRAWLFLEET_REDIS_URLS to its whole "
-                "shard list (one Redis of it alone would split its hosts' dedup)")
-        raise ShardMismatch(
+    held, _, of = have.partition("/")
+    if count == 1:
+        return ShardMismatch(
             f"Redis at {where} holds shard {int(held) + 1} of {of} of namespace "
-            f"{keys.namespace!r}, but the shard list makes it shard {index + 1} of {count}: "
-            "give the list the crawl was seeded with, or move the crawl with "
-            "`crawlfleet reshard --to URLS`")
+            f"{keys.namespace!r}, a sharded crawl: set CRAWLFLEET_REDIS_URLS to its whole "
+            "shard list (one Redis of it alone would split its hosts' dedup)")
+    return ShardMismatch(
+        f"Redis at {where} holds shard {int(held) + 1} of {of} of namespace "
+        f"{keys.namespace!r}, but the shard list makes it shard {index + 1} of {count}: "
+        "give the list the crawl was seeded with, or move the crawl with "
+        "`crawlfleet reshard --to URLS`")
 
 
 async def check_unsharded(redis: Any, keys: Keys, where: str) -> None:
@@ -195,13 +207,17 @@ class Cluster:
 
     async def crawl_id(self, shard: Shard, *, fresh: bool = False) -> str:
         if fresh or not shard.crawl_id:
-            # The record before the marker, as everywhere (see bind_shard): a worker's links
-            # may reach a shard before any of its own processes has bound it, or after its
-            # state was lost, and a marker with no record would read as a one-shard crawl.
-            await self.bind_one(shard)
-            # The id known so far goes with it, so that a lost state is recorded as lost.
+            # The id known so far goes with it, so that a lost state is recorded as lost. A
+            # worker's links may reach a shard before its own processes have bound it, or
+            # after its state was lost: the marker comes with the record (crawl.lua), and the
+            # record found there is checked as bind_shard checks it.
+            count = len(self.shards)
             marker = await shard.frontier.open_crawl(
-                shard.crawl_id, expected_urls=self.settings.expected_urls)
+                shard.crawl_id, expected_urls=self.settings.expected_urls,
+                shard=shard_record(shard.index, count) if count > 1 else "")
+            problem = record_mismatch(marker.shard, shard.index, count, self.keys, shard.where)
+            if problem is not None:
+                raise problem
             shard.crawl_id = marker.id
         return shard.crawl_id
 

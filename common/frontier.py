@@ -146,6 +146,7 @@ class CrawlMarker:
     state: str  # "new", "ok" or "lost"
     state_lost_at: float | None
     seen_digits: int = 3
+    shard: str = ""  # this Redis's shard record ("index/count"), "" when it has none
 
 
 def _none(limit: int | None) -> int:
@@ -176,13 +177,15 @@ class Frontier:
         return [word, *raw[1:]]
 
     # -- the crawl marker ---------------------------------------------------------------
-    async def open_crawl(self, known: str = "", *,
-                         expected_urls: int = 1_000_000) -> CrawlMarker:
-        word, crawl_id, lost_at, digits = await self._run(
-            "crawl", known, secrets.token_hex(8), seen_digits(expected_urls))
+    async def open_crawl(self, known: str = "", *, expected_urls: int = 1_000_000,
+                         shard: str = "") -> CrawlMarker:
+        """crawl.lua; ``shard``: this Redis's shard record in a sharded crawl, written with a
+        new marker (common/cluster.py shard_record)."""
+        word, crawl_id, lost_at, digits, record = await self._run(
+            "crawl", known, secrets.token_hex(8), seen_digits(expected_urls), shard)
         lost = as_text(lost_at)
         return CrawlMarker(as_text(crawl_id), as_text(word), float(lost) if lost else None,
-                           int(digits))
+                           int(digits), as_text(record))
 
     # -- scheduler ----------------------------------------------------------------------
     def admit_args(

@@ -37,6 +37,7 @@ from crawlfleet.common.cluster import (
     bind_shard,
     forward_outbox,
     shard_limits,
+    shard_record,
 )
 from crawlfleet.common.connections import (
     REDIS_UNAVAILABLE,
@@ -178,8 +179,11 @@ class Scheduler:
         """Learn the crawl's id, or notice that Redis lost the frontier's state (the marker is
         gone or another): say so, and carry on with what Redis has now (consumer group
         included) instead of crash-looping."""
+        # A shard's marker comes with its record, also when it is opened again after a loss.
+        record = shard_record(self.shard, len(self.cluster)) if self.cluster is not None else ""
         marker = await self.frontier.open_crawl(self.crawl_id,
-                                                expected_urls=self.settings.expected_urls)
+                                                expected_urls=self.settings.expected_urls,
+                                                shard=record)
         if marker.state == "lost" and marker.id != self.crawl_id:
             log.error("state_lost", lost_crawl=self.crawl_id, crawl=marker.id,
                       detail="the frontier's state disappeared from Redis (restarted without "

@@ -151,6 +151,29 @@ def test_links_reaching_a_shard_first_leave_its_record_so_its_own_processes_star
     asyncio.run(go())
 
 
+def test_a_schedulers_crawl_reopened_after_a_loss_keeps_the_shard_record() -> None:
+    """Its Redis lost everything (restarted without persistence, flushed): the scheduler's next
+    pass opens the crawl again, and the shard's record comes back with the marker, so the
+    shard's workers starting afterwards are not refused as on a one-shard crawl."""
+    from crawlfleet.scheduler.service import Scheduler
+
+    settings = shard_settings(2)
+    cluster = Cluster.open(settings)
+    shard = cluster.shards[1]
+
+    async def go() -> None:
+        scheduler = Scheduler(settings, shard.redis, shard=1, cluster=cluster)
+        await cluster.bind_one(shard)
+        await scheduler.open_crawl()
+        await shard.redis.flushdb()
+        await scheduler.open_crawl()  # as housekeeping does on every pass
+        assert await shard.redis.get(cluster.keys.shard) == b"1/2"
+        await bind_shard(shard.redis, cluster.keys, 1, 2, "worker")  # a worker starts: no error
+        await cluster.aclose()
+
+    asyncio.run(go())
+
+
 def test_links_for_a_shard_whose_record_disagrees_wait_in_the_outbox() -> None:
     """The other shard's Redis holds another shard's record (a wrong shard list there): its
     links are parked, not raised into the delivering worker's turn."""
