@@ -89,7 +89,9 @@ CPU ms per page, per process
     this process; embedded: the crawl process's whole life, from ``wait4``), divided by the
     pages. Also shown as cores busy, so one can see whether the machine's cores, the test web
     or the crawler bound a run. The test web is one Python process on the same cores as
-    everything else.
+    everything else; it renders every page before its ready line (``--prerender``) and serves
+    them from memory, so that no crawler pays for another's first renders, and the web takes
+    less of the cores than rendering each request did (the issue measured against nginx).
 Redis commands per page
     ``CONFIG RESETSTAT`` before the start, ``INFO commandstats`` at the end. The benchmark's
     own status polls are subtracted exactly (their commands are measured once at start-up) and
@@ -464,7 +466,7 @@ def start_testweb(procs: Processes, shape: Shape, logdir: Path) -> TestWeb:
     with (logdir / f"testweb-{shape.name}.log").open("wb") as log:
         proc = procs.start(
             [CRAWLFLEET, "testweb", "--port", "0", "--dns-port", "0", *web_args,
-             "--latency-ms", str(shape.latency_ms)],
+             "--latency-ms", str(shape.latency_ms), "--prerender"],
             stdout=subprocess.PIPE, stderr=log,
         )
     assert proc.stdout is not None

@@ -32,6 +32,7 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 from protego import Protego
 
+from crawlfleet.testweb import cli as cli_module
 from crawlfleet.testweb import server as server_module
 from crawlfleet.testweb.cli import main
 from crawlfleet.testweb.dns import DnsServer
@@ -901,6 +902,84 @@ async def test_server_serves_virtual_hosts_and_records_stats() -> None:
         }
 
 
+async def test_server_renders_a_fixed_page_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages, robots.txt and files are rendered once and kept (the test web shares the cores
+    with the crawls it serves); answers that read the query or the hit count never are, and
+    past MEMO_BYTES every request renders again, with the same answer."""
+    rendered: list[tuple[str, str]] = []
+
+    def counting(spec: WebSpec, host: str, path: str, query: str = "", *, hit: int = 1) -> Any:
+        rendered.append((host, path))
+        return render(spec, host, path, query, hit=hit)
+
+    monkeypatch.setattr(server_module, "render", counting)
+    spec = WebSpec(hosts=2, pages=5, seed=3, port=0, extras=True)
+    async with WebServer(spec) as srv, aiohttp.ClientSession() as http:
+
+        async def get(host: str, path: str) -> tuple[int, bytes]:
+            headers = {"Host": f"{host}:{srv.port}"}
+            async with http.get(srv.address + path, headers=headers, allow_redirects=False) as r:
+                return r.status, await r.read()
+
+        page = render(srv.spec, "site0.test", "/p/2")[2]
+        for path in ("/p/2", "/p/2?x=1", "/p/2"):
+            assert await get("site0.test", path) == (200, page)
+        assert await get("SITE0.test.", "/p/2") == (200, page)  # the same virtual host
+        assert await get("site1.test", "/p/2") == (200, render(srv.spec, "site1.test", "/p/2")[2])
+        assert (await get("site0.test", "/robots.txt"))[0] == 200
+        assert (await get("site0.test", "/robots.txt"))[0] == 200
+        assert rendered == [("site0.test", "/p/2"), ("site1.test", "/p/2"),
+                            ("site0.test", "/robots.txt")]
+
+        # The flaky endpoint answers by hit count: rendered for every request.
+        rendered.clear()
+        assert [(await get("site0.test", "/flaky/1"))[0] for _ in range(4)] == [503, 503, 200, 200]
+        assert rendered == [("site0.test", "/flaky/1")] * 4
+
+        # Full: new pages are rendered each time, and still right.
+        monkeypatch.setattr(server_module, "MEMO_BYTES", 0)
+        rendered.clear()
+        page3 = render(srv.spec, "site0.test", "/p/3")[2]
+        assert [await get("site0.test", "/p/3") for _ in range(2)] == [(200, page3)] * 2
+        assert rendered == [("site0.test", "/p/3")] * 2
+        assert await get("site0.test", "/p/2") == (200, page)  # kept before, still served
+        assert len(rendered) == 2
+
+
+async def test_server_prerenders_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With prerender, every host's pages and robots.txt are rendered before the server
+    answers (with the bound port in their links), and no request renders them again."""
+    rendered: list[tuple[str, str]] = []
+
+    def counting(spec: WebSpec, host: str, path: str, query: str = "", *, hit: int = 1) -> Any:
+        rendered.append((host, path))
+        return render(spec, host, path, query, hit=hit)
+
+    monkeypatch.setattr(server_module, "render", counting)
+    spec = WebSpec(hosts=2, pages=4, seed=3, port=0)
+    async with WebServer(spec, prerender=True) as srv, aiohttp.ClientSession() as http:
+        expected = {(h, p) for h in srv.spec.host_names
+                    for p in ("/robots.txt", *(page_path(n) for n in range(4)))}
+        assert len(rendered) == len(expected) and set(rendered) == expected
+        rendered.clear()
+        for host, path in sorted(expected):
+            async with http.get(srv.address + path, headers={"Host": host}) as r:
+                assert await r.read() == render(srv.spec, host, path)[2]
+        assert rendered == []
+        assert f"http://site0.test:{srv.port}/" in (await _text(http, srv, "site0.test", "/p/1"))
+
+    # Past MEMO_BYTES it stops early instead of rendering the rest for nothing.
+    monkeypatch.setattr(server_module, "MEMO_BYTES", 1)
+    rendered.clear()
+    async with WebServer(spec, prerender=True):
+        assert rendered == [("site0.test", "/robots.txt")]
+
+
+async def _text(http: aiohttp.ClientSession, srv: WebServer, host: str, path: str) -> str:
+    async with http.get(srv.address + path, headers={"Host": host}) as r:
+        return await r.text()
+
+
 async def test_server_extras_counters_and_politeness_stats() -> None:
     spec = WebSpec(
         hosts=2,
@@ -1309,3 +1388,21 @@ async def test_cli_hostile_serves_hostile_test_on_its_own_port() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize(("value", "uv"), [(None, True), ("1", True), ("0", False), ("off", False)])
+def test_cli_event_loop_is_uvloop_unless_turned_off(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, uv: bool
+) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    if value is None:
+        monkeypatch.delenv("CRAWLFLEET_UVLOOP", raising=False)
+    else:
+        monkeypatch.setenv("CRAWLFLEET_UVLOOP", value)
+    before = asyncio.get_event_loop_policy()
+    try:
+        asyncio.set_event_loop_policy(None)
+        cli_module._use_uvloop()
+        assert isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy) is uv
+    finally:
+        asyncio.set_event_loop_policy(before)

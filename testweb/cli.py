@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import urllib.error
@@ -92,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument("--bind", type=_loopback, default="127.0.0.1", help="address in 127.0.0.0/8")
     net.add_argument("--log-requests", action="store_true", help="access log on stderr")
+    net.add_argument(
+        "--prerender",
+        action="store_true",
+        help="render every page before the ready line (benchmarks: the first crawl then pays "
+        "no more for its pages than the next; pages are kept once rendered either way)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--print-reachable",
@@ -183,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         for host in sorted(found.robots_unreachable):
             print(f"note: {host}'s robots.txt answers 5xx: nothing fetched there", file=sys.stderr)
         return 0
+    _use_uvloop()
     try:
         return asyncio.run(
             _serve(spec, args.bind, args.dns_port, args.log_requests,
-                   args.hostile_port if args.hostile else None)
+                   args.hostile_port if args.hostile else None, prerender=args.prerender)
         )
     except OSError as e:
         print(f"crawlfleet testweb: {e}", file=sys.stderr)
@@ -194,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(
-    spec: WebSpec, bind: str, dns_port: int, log_requests: bool, hostile_port: int | None = None
+    spec: WebSpec,
+    bind: str,
+    dns_port: int,
+    log_requests: bool,
+    hostile_port: int | None = None,
+    *,
+    prerender: bool = False,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -211,7 +225,7 @@ async def _serve(
     try:
         async with contextlib.AsyncExitStack() as stack:
             server = await stack.enter_async_context(
-                WebServer(spec, bind=bind, access_log=access_log))
+                WebServer(spec, bind=bind, access_log=access_log, prerender=prerender))
             ready: dict[str, Any] = {
                 "http_port": server.port,
                 "dns": f"{bind}:{dns.port}",
@@ -230,6 +244,18 @@ async def _serve(
     finally:
         dns.stop()
     return 0
+
+
+def _use_uvloop() -> None:
+    """uvloop when installed (a dependency on Linux), as the workers do: the test web shares
+    the machine's cores with the crawls it serves. CRAWLFLEET_UVLOOP=0 keeps asyncio's loop."""
+    if os.environ.get("CRAWLFLEET_UVLOOP", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def _report(bind: str, port: int) -> int:

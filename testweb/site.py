@@ -233,6 +233,13 @@ def render(spec: WebSpec, host: str, path: str, query: str = "", *, hit: int = 1
     return 200, HTML, _page_html(page).encode(), headers
 
 
+def fixed_response(spec: WebSpec, path: str) -> bool:
+    """Whether ``render``'s answer for ``path`` depends on the host and the path alone: a page,
+    a private page, robots.txt, a PDF or an image, never on the query or the hit count (only
+    the extras endpoints read those). The server keeps such answers once rendered."""
+    return _parse_path(spec, path) is not None
+
+
 def extra_paths(spec: WebSpec, host: str) -> tuple[str, ...]:
     """The special endpoints ``host``'s root links to when ``spec.extras`` is on (else ``()``).
 
