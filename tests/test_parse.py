@@ -7,6 +7,7 @@ import gzip
 import itertools
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -324,6 +325,27 @@ def test_meta_for_other_names_ignored() -> None:
 def test_plain_utf8_by_header() -> None:
     text, encoding = decode_html("<title>Grüße</title>".encode(), "text/html; charset=UTF-8")
     assert (text, encoding) == ("<title>Grüße</title>", "utf-8")
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "expected"),
+    [
+        ("<title>Grüße</title>".encode(), "text/html; charset=UTF-8", "utf-8"),
+        (b"\xef\xbb\xbf<title>x</title>", None, "utf-8"),
+        (b'<meta charset="shift_jis"><title>x</title>', "text/html", "cp932"),
+        (b"<title>caf\xe9</title>", "text/html", "cp1252"),
+        ("<title>café</title>".encode(), None, "utf-8"),
+        (b"<title>x</title>", "text/html; charset=no-such-label", "utf-8"),
+    ],
+)
+def test_decoding_uses_no_deprecated_w3lib_api(
+    body: bytes, content_type: str | None, expected: str
+) -> None:
+    # w3lib 2.6 deprecates html_to_unicode's default_encoding and auto_detect_fun, which the
+    # decoder used; a release without them would fail every page. Its parts are used instead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_html(body, content_type)[1] == expected
 
 
 def test_utf8_bom_wins_over_header_and_is_stripped() -> None:

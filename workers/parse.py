@@ -19,7 +19,12 @@ import re
 from dataclasses import dataclass
 
 from selectolax.lexbor import LexborHTMLParser
-from w3lib.encoding import html_to_unicode, http_content_type_encoding, read_bom, to_unicode
+from w3lib.encoding import (
+    html_body_declared_encoding,
+    http_content_type_encoding,
+    read_bom,
+    to_unicode,
+)
 
 from crawlfleet.common.urls import resolve, resolve_and_canonicalize
 
@@ -182,7 +187,7 @@ def sniff_html(body: bytes) -> bool:
 def decode_html(body: bytes, content_type: str | None) -> tuple[str, str]:
     """Decode an HTML body to text; returns ``(text, encoding)``.
 
-    Precedence (via :func:`w3lib.encoding.html_to_unicode`): BOM, the Content-Type charset,
+    Precedence (``_to_unicode``, from w3lib's parts): BOM, the Content-Type charset,
     ``<meta charset>`` / ``<meta http-equiv=content-type>`` in the first 4 KiB, then a guess:
     UTF-8 if the bytes are valid UTF-8, else windows-1252. An unknown charset label is skipped
     as if absent, and undecodable bytes become U+FFFD, so this never raises UnicodeError.
@@ -191,13 +196,27 @@ def decode_html(body: bytes, content_type: str | None) -> tuple[str, str]:
     first 1 KiB of a body not declared UTF-16/32.
     """
     _reject_binary(body, content_type)
-    encoding, text = html_to_unicode(
-        content_type, body, default_encoding="utf-8", auto_detect_fun=_utf8_or_cp1252
-    )
+    encoding, text = _to_unicode(body, content_type)
     if encoding.startswith(_WIDE_ENCODINGS) and read_bom(body)[0] is None:
         encoding = _fix_wide_declaration(content_type, encoding)
         text = to_unicode(body, encoding)
     return text, encoding
+
+
+def _to_unicode(body: bytes, content_type: str | None) -> tuple[str, str]:
+    """``(encoding, text)`` by a browser's precedence: BOM (stripped), the Content-Type charset,
+    the body's own declaration, then ``_utf8_or_cp1252``. What w3lib's ``html_to_unicode`` did
+    with ``auto_detect_fun``, built from its parts: w3lib 2.6 deprecates that argument (and
+    guesses by the URL's top-level domain instead), and a release without it would fail every
+    page here."""
+    bom_encoding, bom = read_bom(body)
+    if bom_encoding is not None and bom is not None:
+        return bom_encoding, to_unicode(body[len(bom) :], bom_encoding)
+    encoding = (http_content_type_encoding(content_type)
+                or html_body_declared_encoding(body) or _utf8_or_cp1252(body))
+    if encoding in ("utf-16", "utf-32"):  # no BOM: big-endian, as w3lib assumed
+        encoding += "-be"
+    return encoding, to_unicode(body, encoding)
 
 
 def parse_html(
