@@ -187,7 +187,7 @@ def sniff_html(body: bytes) -> bool:
 def decode_html(body: bytes, content_type: str | None) -> tuple[str, str]:
     """Decode an HTML body to text; returns ``(text, encoding)``.
 
-    Precedence (``_to_unicode``, from w3lib's parts): BOM, the Content-Type charset,
+    Precedence: BOM, the Content-Type charset,
     ``<meta charset>`` / ``<meta http-equiv=content-type>`` in the first 4 KiB, then a guess:
     UTF-8 if the bytes are valid UTF-8, else windows-1252. An unknown charset label is skipped
     as if absent, and undecodable bytes become U+FFFD, so this never raises UnicodeError.
@@ -196,27 +196,16 @@ def decode_html(body: bytes, content_type: str | None) -> tuple[str, str]:
     first 1 KiB of a body not declared UTF-16/32.
     """
     _reject_binary(body, content_type)
-    encoding, text = _to_unicode(body, content_type)
-    if encoding.startswith(_WIDE_ENCODINGS) and read_bom(body)[0] is None:
-        encoding = _fix_wide_declaration(content_type, encoding)
-        text = to_unicode(body, encoding)
-    return text, encoding
-
-
-def _to_unicode(body: bytes, content_type: str | None) -> tuple[str, str]:
-    """``(encoding, text)`` by a browser's precedence: BOM (stripped), the Content-Type charset,
-    the body's own declaration, then ``_utf8_or_cp1252``. What w3lib's ``html_to_unicode`` did
-    with ``auto_detect_fun``, built from its parts: w3lib 2.6 deprecates that argument (and
-    guesses by the URL's top-level domain instead), and a release without it would fail every
-    page here."""
+    # w3lib's html_to_unicode did this with auto_detect_fun, which w3lib 2.6 deprecates (it
+    # guesses by the URL's top-level domain instead): built from its parts, decoded once.
     bom_encoding, bom = read_bom(body)
     if bom_encoding is not None and bom is not None:
-        return bom_encoding, to_unicode(body[len(bom) :], bom_encoding)
+        return to_unicode(body[len(bom) :], bom_encoding), bom_encoding
     encoding = (http_content_type_encoding(content_type)
                 or html_body_declared_encoding(body) or _utf8_or_cp1252(body))
-    if encoding in ("utf-16", "utf-32"):  # no BOM: big-endian, as w3lib assumed
-        encoding += "-be"
-    return encoding, to_unicode(body, encoding)
+    if encoding.startswith(_WIDE_ENCODINGS):
+        encoding = _wide_without_bom(content_type)
+    return to_unicode(body, encoding), encoding
 
 
 def parse_html(
@@ -436,17 +425,20 @@ def _utf8_or_cp1252(body: bytes) -> str:
     return "utf-8"
 
 
-def _fix_wide_declaration(content_type: str | None, encoding: str) -> str:
-    """Correct w3lib's UTF-16/32 choice for a BOM-less body (rare path).
+def _wide_without_bom(content_type: str | None) -> str:
+    """The encoding of a BOM-less body declared UTF-16/32 (rare path).
 
     - Declared by ``<meta>`` only: the HTML standard says UTF-8, since a meta tag that could be
       read as ASCII proves the body is not UTF-16; decoding it as UTF-16 would turn every byte
       pair into a CJK character and lose all links.
-    - A bare "utf-16" header label means UTF-16LE (WHATWG Encoding), where w3lib picks BE.
+    - A bare "utf-16" header label means UTF-16LE (WHATWG Encoding); a bare "utf-32" is read
+      big-endian, as w3lib read both; a label with its byte order is taken as it is.
     """
     declared = http_content_type_encoding(content_type)
     if declared is None or not declared.startswith(_WIDE_ENCODINGS):
         return "utf-8"
     if declared == "utf-16":
         return "utf-16-le"
-    return encoding
+    if declared == "utf-32":
+        return "utf-32-be"
+    return declared
