@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import urllib.error
 import urllib.request
 from typing import Any
+
+from crawlfleet.common.eventloop import use_uvloop
+from crawlfleet.common.settings import SettingsError, setting_from_env
 
 from .dns import DnsServer
 from .hostile import HOSTILE_HOST, HostileServer
@@ -190,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         for host in sorted(found.robots_unreachable):
             print(f"note: {host}'s robots.txt answers 5xx: nothing fetched there", file=sys.stderr)
         return 0
-    _use_uvloop()
+    try:
+        _use_uvloop()
+    except SettingsError as e:
+        parser.error(str(e))
     try:
         return asyncio.run(
             _serve(spec, args.bind, args.dns_port, args.log_requests,
@@ -247,15 +252,10 @@ async def _serve(
 
 
 def _use_uvloop() -> None:
-    """uvloop when installed (a dependency on Linux), as the workers do: the test web shares
-    the machine's cores with the crawls it serves. CRAWLFLEET_UVLOOP=0 keeps asyncio's loop."""
-    if os.environ.get("CRAWLFLEET_UVLOOP", "1").strip().lower() in ("0", "false", "no", "off"):
-        return
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    """The event loop every other crawlfleet command gets (cli/main.py, which hands testweb its
+    arguments before choosing one): uvloop when installed unless CRAWLFLEET_UVLOOP turns it off.
+    The test web shares the machine's cores with the crawls it serves."""
+    use_uvloop(setting_from_env("uvloop"))
 
 
 def _report(bind: str, port: int) -> int:
