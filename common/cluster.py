@@ -89,6 +89,12 @@ def shard_record(index: int, count: int) -> str:
     return f"{index}/{count}"
 
 
+def marker_record(index: int, count: int) -> str:
+    """What crawl.lua writes beside a new crawl marker: this Redis's shard record, or nothing
+    for a one-shard crawl (whose keys stay what they were)."""
+    return shard_record(index, count) if count > 1 else ""
+
+
 async def bind_shard(redis: Any, keys: Keys, index: int, count: int, where: str) -> None:
     """Record (first use) or check that this Redis is shard ``index`` of ``count`` for the
     namespace. A one-shard crawl writes nothing, so a plain crawl's keys are what they were;
@@ -214,7 +220,7 @@ class Cluster:
             count = len(self.shards)
             marker = await shard.frontier.open_crawl(
                 shard.crawl_id, expected_urls=self.settings.expected_urls,
-                shard=shard_record(shard.index, count) if count > 1 else "")
+                shard=marker_record(shard.index, count))
             problem = record_mismatch(marker.shard, shard.index, count, self.keys, shard.where)
             if problem is not None:
                 raise problem

@@ -36,8 +36,8 @@ from crawlfleet.common.cluster import (
     OutboxCursor,
     bind_shard,
     forward_outbox,
+    marker_record,
     shard_limits,
-    shard_record,
 )
 from crawlfleet.common.connections import (
     REDIS_UNAVAILABLE,
@@ -180,7 +180,7 @@ class Scheduler:
         gone or another): say so, and carry on with what Redis has now (consumer group
         included) instead of crash-looping."""
         # A shard's marker comes with its record, also when it is opened again after a loss.
-        record = shard_record(self.shard, len(self.cluster)) if self.cluster is not None else ""
+        record = marker_record(self.shard, len(self.cluster) if self.cluster is not None else 1)
         marker = await self.frontier.open_crawl(self.crawl_id,
                                                 expected_urls=self.settings.expected_urls,
                                                 shard=record)
