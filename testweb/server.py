@@ -222,16 +222,14 @@ class WebServer:
     ) -> None:
         await self.stop()
 
-    def prerender(self) -> int:
+    def prerender(self) -> None:
         """Render every host's pages and robots.txt now (until MEMO_BYTES is full), so that the
-        first crawl of a benchmark pays no more for its pages than the next. Returns how many
-        answers are kept."""
+        first crawl of a benchmark pays no more for its pages than the next."""
         for host in self.spec.host_names:
             for path in ("/robots.txt", *(page_path(n) for n in range(self.spec.pages))):
                 self._render(host, path, "", 1)
                 if (host, path) not in self._rendered:
-                    return len(self._rendered)  # full
-        return len(self._rendered)
+                    return  # full
 
     def _render(self, host: str, path: str, query: str, hit: int) -> Response:
         key = (host, path)
