@@ -151,7 +151,7 @@ from redis.asyncio import Redis
 from crawlfleet.common.keys import Keys
 from crawlfleet.common.settings import Settings
 from crawlfleet.common.stats import read_status
-from crawlfleet.workers.pacing import Pacer
+from crawlfleet.workers.pacing import Pacer, sending
 from crawlfleet.workers.page import PACING_MARGIN
 from crawlfleet.workers.parse import BodyError, is_html, parse_page
 from crawlfleet.workers.worker import worker_session
@@ -589,8 +589,9 @@ async def _floor(
         async with host.slots, global_slots:
             turn = await host.pacer.turn()
             try:
-                async with session.get(url, allow_redirects=False,
-                                       trace_request_ctx=turn) as response:
+                with sending(turn):  # as workers/fetch.py: the turn ends once it is sent
+                    response = await session.get(url, allow_redirects=False)
+                async with response:
                     body = await response.read()
                     status, content_type = response.status, response.headers.get("Content-Type")
             except (aiohttp.ClientError, TimeoutError) as exc:

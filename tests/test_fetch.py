@@ -42,7 +42,7 @@ from crawlfleet.workers.guard import (
     is_private_address,
     literal_private_host,
 )
-from crawlfleet.workers.pacing import Turn
+from crawlfleet.workers.pacing import Pacer, Turn
 from crawlfleet.workers.results import build_result
 from crawlfleet.workers.worker import _build_session, worker_session
 
@@ -94,6 +94,7 @@ class Site:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # set at teardown
     sent: dict[str, int] = field(default_factory=dict)  # body bytes a handler managed to write
     done: dict[str, asyncio.Event] = field(default_factory=dict)  # set when a handler returns
+    arrivals: list[tuple[str, float]] = field(default_factory=list)  # (path, time.monotonic())
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -108,6 +109,7 @@ def _make_app(site: Site) -> web.Application:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         site.hits[request.path] += 1
+        site.arrivals.append((request.path, time.monotonic()))
         return await handler(request)
 
     async def page(request: web.Request) -> web.Response:
@@ -453,6 +455,20 @@ async def test_pacing_waits_are_outside_the_deadline_on_every_hop(
     assert elapsed >= 3 * PACING_WAIT  # the waits did happen...
     assert result.elapsed_ms < deadline * 1000  # ...and neither they nor the deadline count them
     assert result.elapsed_ms <= (elapsed - 3 * PACING_WAIT) * 1000 + 1
+
+
+async def test_a_hosts_next_request_goes_out_a_spacing_after_this_one_was_sent(
+    site: Site, session: aiohttp.ClientSession
+) -> None:
+    # The worker's session ends a request's turn when the request is on the wire: a slow answer
+    # (SLOW_HOP) does not hold the host's next request back, and the spacing still holds.
+    spacing = 0.05
+    pacer = Pacer(spacing)
+    fetched = await asyncio.gather(*(
+        timed_fetch(session, site.url("/slow-chain/0"), pace=pacer.turn) for _ in range(2)))
+    assert [result.error for result, _ in fetched] == [None, None]
+    first, second = sorted(at for path, at in site.arrivals if path == "/slow-chain/0")
+    assert spacing - 0.01 <= second - first < SLOW_HOP  # ended by the answer: >= SLOW_HOP + spacing
 
 
 async def test_the_deadline_covers_the_whole_chain_of_hops(

@@ -31,7 +31,7 @@ from yarl import URL
 from crawlfleet.common.urls import URLError, canonicalize, resolve
 
 from .guard import BlockedAddressError, hop_refusal, session_guard
-from .pacing import Turn
+from .pacing import Turn, sending
 from .parse import is_html
 from .warc import Exchange
 
@@ -222,7 +222,8 @@ async def _follow(
                 turn = await _crawler_call("pace", pace)
         sent_at = time.time() if capture is not None else 0.0
         try:
-            response = await session.get(current, allow_redirects=False, trace_request_ctx=turn)
+            with sending(turn):  # the turn ends once the request is on the wire
+                response = await session.get(current, allow_redirects=False)
         finally:
             if turn is not None:
                 turn.done()  # sent already, or failed before anything was sent

@@ -55,7 +55,7 @@ from .batch import BatchRun, lease_size
 from .fetch import HostCookieJar
 from .guard import GuardedResolver, SessionGuard, guard_session
 from .links import LinkFilter
-from .pacing import pacing_trace
+from .pacing import PacedRequest
 from .robots import RobotsCache
 from .warc import open_warc
 
@@ -115,7 +115,7 @@ def _build_session(settings: Settings, resolver: GuardedResolver) -> aiohttp.Cli
         max_line_size=settings.max_header_bytes,
         max_field_size=settings.max_header_bytes,
         raise_for_status=False,
-        trace_configs=[pacing_trace()],
+        request_class=PacedRequest,  # pacing's turn ends when a request is on the wire
     )
     guard_session(session, SessionGuard(
         resolver,
