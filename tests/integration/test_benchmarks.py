@@ -24,6 +24,7 @@ SCHEDULER = ROOT / "benchmarks" / "scheduler.py"
 MEMORY = ROOT / "benchmarks" / "memory.py"
 SCALE = ROOT / "benchmarks" / "scale.py"
 SHARDS = ROOT / "benchmarks" / "shards.py"
+PROGRESS_COST = ROOT / "benchmarks" / "progress_cost.py"
 ROWS = ("fetch floor", "fetch+parse floor", "naive", "embedded", "fleet of 1", "fleet of 2")
 IN_INFLIGHT = ("naive", "fleet of 1")  # the only rows of the inflight shape
 KEPT = ("<!-- benchmarks/scheduler.py: begin -->\nkept section\n"
@@ -98,6 +99,26 @@ def test_scheduler_runs_small(tmp_path: Path) -> None:
     text = docs.read_text()
     assert "<!-- benchmarks/scheduler.py: begin -->" in text
     assert "(c) seen set" in text
+
+
+def test_progress_cost_runs_small() -> None:
+    done = run(PROGRESS_COST, "--pages-per-call", "2,6", "--calls", "40", "--repeat", "2",
+               timeout=90)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    out = done.stdout
+    assert "medians of 2 runs of 40 calls" in out
+    for n in (2, 6):  # every call stored its pages (checked inside), and was measured
+        assert re.search(rf"^\s+{n}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\([\d.]+x the first\)$", out,
+                         re.MULTILINE), n
+    for part in ("an empty script", "+ lib.lua's preamble", "+ the crawl check and TIME"):
+        assert re.search(rf"^  {re.escape(part)}\s+[\d.]+$", out, re.MULTILINE), part
+
+
+def test_progress_cost_refuses_a_bad_size_in_one_line() -> None:
+    done = run(PROGRESS_COST, "--pages-per-call", "6,x", timeout=30)
+    assert done.returncode == 2
+    assert "not a list of whole numbers: '6,x'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_scale_plan_runs_small(tmp_path: Path) -> None:
