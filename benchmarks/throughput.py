@@ -597,8 +597,6 @@ async def _floor(
             except (aiohttp.ClientError, TimeoutError) as exc:
                 errors[type(exc).__name__] += 1
                 return
-            finally:
-                turn.done()
         if parse and status < 400 and is_html(content_type):
             try:
                 parse_page(body, content_type, url)

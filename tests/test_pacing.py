@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from crawlfleet.workers.pacing import Pacer
+import pytest
+
+from crawlfleet.workers.pacing import Pacer, sending
 
 
 async def test_the_next_turn_waits_spacing_after_the_previous_request_was_sent() -> None:
@@ -44,3 +46,14 @@ async def test_no_spacing_means_no_waiting_and_no_serialising() -> None:
     pacer = Pacer(0.0)
     turns = [await pacer.turn() for _ in range(100)]  # none of them is ended
     assert len(turns) == 100 and pacer.last_sent > 0
+
+
+async def test_a_request_that_never_reaches_the_wire_ends_its_turn_with_the_block() -> None:
+    pacer = Pacer(0.05)
+    turn = await pacer.turn()
+    with pytest.raises(ConnectionRefusedError), sending(turn):
+        raise ConnectionRefusedError  # the connection failed: nothing was sent
+    # Not stuck behind the failed request's turn (held for ever, this would time out).
+    nxt = await asyncio.wait_for(pacer.turn(), timeout=2.0)
+    nxt.done()
+    assert pacer.last_sent > 0

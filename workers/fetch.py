@@ -221,12 +221,8 @@ async def _follow(
             with clock.paused():
                 turn = await _crawler_call("pace", pace)
         sent_at = time.time() if capture is not None else 0.0
-        try:
-            with sending(turn):  # the turn ends once the request is on the wire
-                response = await session.get(current, allow_redirects=False)
-        finally:
-            if turn is not None:
-                turn.done()  # sent already, or failed before anything was sent
+        with sending(turn):  # the turn ends once the request is on the wire, or fails
+            response = await session.get(current, allow_redirects=False)
         async with response:
             exchange = None
             if capture is not None:

@@ -86,12 +86,16 @@ _SENDING: ContextVar[Turn | None] = ContextVar("crawlfleet_sending", default=Non
 
 @contextlib.contextmanager
 def sending(turn: Turn | None) -> Iterator[None]:
-    """Requests sent by this task in this block belong to ``turn``."""
+    """The request this task sends in the block takes ``turn``: it ends when the request is on
+    the wire (:class:`PacedRequest`), or at the block's end if it never got there (a refused
+    connection, a cancelled wait)."""
     token = _SENDING.set(turn)
     try:
         yield
     finally:
         _SENDING.reset(token)
+        if turn is not None:
+            turn.done()  # a no-op once sent
 
 
 class PacedRequest(aiohttp.ClientRequest):
