@@ -43,7 +43,6 @@ import asyncio
 import json
 import shlex
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -532,39 +531,27 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.repeat, args.hosts, args.pages, args.workers) < 1 or args.links < 0:
         raise SystemExit("--repeat, --hosts, --pages and --workers must be at least 1, "
                          "--links at least 0")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, tp._interrupt)
     began = time.monotonic()
     shape = tp.Shape("many", args.hosts, args.pages, args.links,
                      tp.DEFAULTS.per_host_concurrency, args.latency_ms, 0.0,
                      tp.DEFAULTS.max_in_flight)
-    procs = tp.Processes()
     runs: dict[str, list[MemoryRun]] = {label: [] for label in CONFIGS}
-    try:
-        with tp.workspace(args.keep_logs) as workdir:
-            try:
-                server = tp.start_redis(procs, workdir)
-                web = tp.start_testweb(procs, shape, workdir)
-                print(f"test web: {shape.describe()}; {len(web.reachable)} URLs; redis-server "
-                      f"on port {server.port}; work folder {workdir}", file=sys.stderr)
-                scratch = warm_up(procs, web, shape, args, server, workdir)
-                for i in range(1, args.repeat + 1):
-                    for label in CONFIGS:  # interleaved: drift spreads over both
-                        run = measure(procs, web, shape, args, server, workdir, label)
-                        runs[label].append(run)
-                        print(f"  run {i}: {label:<13} {run.seen} URLs seen in "
-                              f"{run.crawl_s:5.1f} s: {run.per_url(run.grown):7.1f} B/URL in "
-                              f"Redis", file=sys.stderr, flush=True)
-            finally:
-                procs.stop_all()  # before the work folder (their logs) goes
-    except tp.BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; every process started here was stopped", file=sys.stderr)
-        return 130
-    finally:
-        procs.stop_all()
+    with tp.benchmark_processes() as procs, tp.workspace(args.keep_logs) as workdir:
+        try:
+            server = tp.start_redis(procs, workdir)
+            web = tp.start_testweb(procs, shape, workdir)
+            print(f"test web: {shape.describe()}; {len(web.reachable)} URLs; redis-server "
+                  f"on port {server.port}; work folder {workdir}", file=sys.stderr)
+            scratch = warm_up(procs, web, shape, args, server, workdir)
+            for i in range(1, args.repeat + 1):
+                for label in CONFIGS:  # interleaved: drift spreads over both
+                    run = measure(procs, web, shape, args, server, workdir, label)
+                    runs[label].append(run)
+                    print(f"  run {i}: {label:<13} {run.seen} URLs seen in "
+                          f"{run.crawl_s:5.1f} s: {run.per_url(run.grown):7.1f} B/URL in "
+                          f"Redis", file=sys.stderr, flush=True)
+        finally:
+            procs.stop_all()  # before the work folder (their logs) goes
     summary = Summary(runs, scratch)
     print("\n".join(text_report(summary, args, shape, web)))
     for fact in tp.machine_facts():

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import signal
 import statistics
 import sys
 import time
@@ -221,22 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.calls < HOSTS or args.repeat < 1:
         raise SystemExit(f"--calls must be at least {HOSTS} and --repeat at least 1")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, tp._interrupt)
     began = time.monotonic()
-    procs = tp.Processes()
-    try:
-        with tp.workspace(False) as workdir:
+    with tp.benchmark_processes() as procs, tp.workspace(False) as workdir:
+        try:
             server = tp.start_redis(procs, workdir)
             lines = asyncio.run(measure_all(args, server.port))
-    except tp.BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; every process started here was stopped", file=sys.stderr)
-        return 130
-    finally:
-        procs.stop_all()
+        finally:
+            procs.stop_all()  # before the work folder (its log) goes
     print("\n".join(lines + tp.machine_facts()[:1]))
     print(f"(benchmark wall time {time.monotonic() - began:.0f} s)")
     return 0

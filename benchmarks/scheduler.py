@@ -56,7 +56,6 @@ import json
 import os
 import random
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -768,25 +767,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.repeat < 1:
         raise SystemExit("--repeat must be at least 1")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, tp._interrupt)
     began = time.monotonic()
-    procs = tp.Processes()
-    try:
-        with tp.workspace(args.keep_logs) as workdir:
-            try:
-                server = tp.start_redis(procs, workdir)
-                results = asyncio.run(measure_all(args, procs, server, workdir))
-            finally:
-                procs.stop_all()
-    except tp.BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; every process started here was stopped", file=sys.stderr)
-        return 130
-    finally:
-        procs.stop_all()
+    with tp.benchmark_processes() as procs, tp.workspace(args.keep_logs) as workdir:
+        try:
+            server = tp.start_redis(procs, workdir)
+            results = asyncio.run(measure_all(args, procs, server, workdir))
+        finally:
+            procs.stop_all()
     lines = report_lines(results)
     lines += tp.machine_facts()[:1]
     lines.append(f"load average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

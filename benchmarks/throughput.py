@@ -297,6 +297,26 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@contextlib.contextmanager
+def benchmark_processes() -> Iterator[Processes]:
+    """Every process a benchmark script starts, all stopped when the block ends, however it
+    ends: SIGINT and SIGTERM unwind it (``_interrupt``), and a BenchError or an interrupt
+    becomes one line on stderr and exit status 1 or 130 instead of a traceback."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    procs = Processes()
+    try:
+        yield procs
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("interrupted; every process started here was stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        procs.stop_all()
+
+
 def read_line(stream: IO[bytes], timeout: float, what: str) -> str:
     """One line from a child's pipe, or BenchError after ``timeout`` seconds."""
     with selectors.DefaultSelector() as sel:
@@ -1679,37 +1699,25 @@ def main(argv: list[str] | None = None) -> int:
                          "least 1, the link counts at least 0")
     if args.scrapy is None:
         args.scrapy = scrapy_installed()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
     load_before = os.getloadavg()
     began = time.monotonic()
-    procs = Processes()
     warnings: list[str] = []
     results: list[ShapeResult] = []
-    try:
-        with workspace(args.keep_logs) as workdir:
-            try:
-                server = start_redis(procs, workdir)
-                per_poll = asyncio.run(poll_cost(server))
-                for shape in shapes_from(args):
-                    results.append(measure_shape(procs, shape, args, server, per_poll, workdir,
-                                                 warnings))
-            finally:
-                procs.stop_all()  # before the work folder (their logs) goes
-            report(args, results, per_poll, warnings, load_before)
-            if args.write_docs:
-                path = Path(args.write_docs)
-                text = docs_markdown(args, argv, results, warnings, load_before, per_poll)
-                write_docs(path, text, docs_figures(results))
-                print(f"wrote {path} and {path.with_suffix('.json')}")
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; every process started here was stopped", file=sys.stderr)
-        return 130
-    finally:
-        procs.stop_all()
+    with benchmark_processes() as procs, workspace(args.keep_logs) as workdir:
+        try:
+            server = start_redis(procs, workdir)
+            per_poll = asyncio.run(poll_cost(server))
+            for shape in shapes_from(args):
+                results.append(measure_shape(procs, shape, args, server, per_poll, workdir,
+                                             warnings))
+        finally:
+            procs.stop_all()  # before the work folder (their logs) goes
+        report(args, results, per_poll, warnings, load_before)
+        if args.write_docs:
+            path = Path(args.write_docs)
+            text = docs_markdown(args, argv, results, warnings, load_before, per_poll)
+            write_docs(path, text, docs_figures(results))
+            print(f"wrote {path} and {path.with_suffix('.json')}")
     print(f"(benchmark wall time {time.monotonic() - began:.0f} s)")
     return 0
 
