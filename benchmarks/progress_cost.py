@@ -88,12 +88,13 @@ async def hold_hosts(f: Frontiers, per_host: int) -> tuple[list[Held], list[int]
     admissions = [Admission.of(*url_of(h, i), 0) for h in range(HOSTS) for i in range(per_host)]
     await f.admit_all(admissions, Limits())
     await f.frontier.dispatch(f.crawl, batch_size=LEASE, max_waiting=HOSTS * 2)
+    index = {url_of(h, 0)[1]: h for h in range(HOSTS)}
     held = []
     for job_id, batch in await f.waiting_batches():
         claim = await f.frontier.claim(batch, lease_seconds=600.0, job_id=job_id)
         if claim is None:
             raise tp.BenchError(f"the claim of {batch.host} was stale")
-        held.append(Held(batch, int(batch.host.split(".")[0][1:]), list(claim.urls)))
+        held.append(Held(batch, index[batch.host], list(claim.urls)))
     if len(held) != HOSTS:
         raise tp.BenchError(f"{len(held)} of {HOSTS} hosts were dispatched")
     return held, [per_host] * HOSTS
@@ -148,11 +149,11 @@ async def fixed_parts(client: Any, pages_per_call: int, repeat: int) -> dict[str
         want=pages_per_call)
     batch = HostBatch(batch_id="b", host=url_of(0, 0)[1], crawl=f.crawl)
     argv = [f.keys.prefix, f.crawl, *f.frontier.progress_args(batch, step, Limits())]
-    preamble = commands.source("progress").split("\nif not crawl_is_current()")[0]
+    preamble = commands.preamble()
     scripts = {
         "an empty script": "return 1",
-        "+ lib.lua's preamble": preamble + "\nreturn 1",
-        "+ the crawl check and TIME": preamble + "\ncrawl_is_current()\nnow_s()\nreturn 1",
+        "+ lib.lua's preamble": preamble + "return 1",
+        "+ the crawl check and TIME": preamble + "crawl_is_current()\nnow_s()\nreturn 1",
     }
     out = {}
     for name, source in scripts.items():

@@ -49,8 +49,14 @@ def _constants() -> str:
 
 
 @cache
+def preamble() -> str:
+    """What every command runs before its own text: the constants, then lib.lua."""
+    return f"{_constants()}{_read('lib')}\n"
+
+
+@cache
 def source(name: str) -> str:
-    """The full text Redis runs for one command: constants, lib.lua, then the command."""
+    """The full text Redis runs for one command: the preamble, then the command."""
     if name not in COMMANDS:
         raise KeyError(name)
-    return f"{_constants()}{_read('lib')}\n{_read(name)}"
+    return preamble() + _read(name)
