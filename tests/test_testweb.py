@@ -902,17 +902,25 @@ async def test_server_serves_virtual_hosts_and_records_stats() -> None:
         }
 
 
-async def test_server_renders_a_fixed_page_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pages, robots.txt and files are rendered once and kept (the test web shares the cores
-    with the crawls it serves); answers that read the query or the hit count never are, and
-    past MEMO_BYTES every request renders again, with the same answer."""
-    rendered: list[tuple[str, str]] = []
+@pytest.fixture
+def rendered(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(host, path) of every page the test web's server renders, in order."""
+    calls: list[tuple[str, str]] = []
 
     def counting(spec: WebSpec, host: str, path: str, query: str = "", *, hit: int = 1) -> Any:
-        rendered.append((host, path))
+        calls.append((host, path))
         return render(spec, host, path, query, hit=hit)
 
     monkeypatch.setattr(server_module, "render", counting)
+    return calls
+
+
+async def test_server_renders_a_fixed_page_once(
+    monkeypatch: pytest.MonkeyPatch, rendered: list[tuple[str, str]]
+) -> None:
+    """Pages, robots.txt and files are rendered once and kept (the test web shares the cores
+    with the crawls it serves); answers that read the query or the hit count never are, and
+    past MEMO_BYTES every request renders again, with the same answer."""
     spec = WebSpec(hosts=2, pages=5, seed=3, port=0, extras=True)
     async with WebServer(spec) as srv, aiohttp.ClientSession() as http:
 
@@ -946,16 +954,11 @@ async def test_server_renders_a_fixed_page_once(monkeypatch: pytest.MonkeyPatch)
         assert len(rendered) == 2
 
 
-async def test_server_prerenders_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_server_prerenders_every_page(
+    monkeypatch: pytest.MonkeyPatch, rendered: list[tuple[str, str]]
+) -> None:
     """With prerender, every host's pages and robots.txt are rendered before the server
     answers (with the bound port in their links), and no request renders them again."""
-    rendered: list[tuple[str, str]] = []
-
-    def counting(spec: WebSpec, host: str, path: str, query: str = "", *, hit: int = 1) -> Any:
-        rendered.append((host, path))
-        return render(spec, host, path, query, hit=hit)
-
-    monkeypatch.setattr(server_module, "render", counting)
     spec = WebSpec(hosts=2, pages=4, seed=3, port=0)
     async with WebServer(spec, prerender=True) as srv, aiohttp.ClientSession() as http:
         expected = {(h, p) for h in srv.spec.host_names
