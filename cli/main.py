@@ -174,13 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from crawlfleet.common.eventloop import use_uvloop
-    from crawlfleet.common.settings import setting_from_env
+    from crawlfleet.common.eventloop import use_configured_loop
 
     from . import commands
 
     # Before any loop exists, and before the command reads its settings (crawl reads its own).
-    use_uvloop(setting_from_env("uvloop"))
+    use_configured_loop()
 
     if args.command == "seed":
         from .seed import seed

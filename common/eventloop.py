@@ -21,3 +21,12 @@ def use_uvloop(enabled: bool = True) -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
+
+
+def use_configured_loop() -> bool:
+    """The loop every crawlfleet command runs on, test web included: uvloop unless
+    CRAWLFLEET_UVLOOP turns it off. Call it before any loop exists; a value that is not a
+    boolean raises SettingsError."""
+    from .settings import setting_from_env  # settings is large; the loop is chosen once
+
+    return use_uvloop(setting_from_env("uvloop"))

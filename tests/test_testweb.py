@@ -1405,7 +1405,18 @@ def test_cli_event_loop_is_uvloop_unless_turned_off(
     before = asyncio.get_event_loop_policy()
     try:
         asyncio.set_event_loop_policy(None)
-        cli_module._use_uvloop()
+        cli_module.use_configured_loop()
         assert isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy) is uv
     finally:
         asyncio.set_event_loop_policy(before)
+
+
+def test_cli_refuses_a_bad_event_loop_setting_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CRAWLFLEET_UVLOOP", "maybe")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--hosts", "1", "--port", "0", "--dns-port", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "CRAWLFLEET_UVLOOP" in err[-1] and "Traceback" not in "\n".join(err)

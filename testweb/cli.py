@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from crawlfleet.common.eventloop import use_uvloop
-from crawlfleet.common.settings import SettingsError, setting_from_env
+from crawlfleet.common.eventloop import use_configured_loop
+from crawlfleet.common.settings import SettingsError
 
 from .dns import DnsServer
 from .hostile import HOSTILE_HOST, HostileServer
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {host}'s robots.txt answers 5xx: nothing fetched there", file=sys.stderr)
         return 0
     try:
-        _use_uvloop()
+        # The test web shares the machine's cores with the crawls it serves.
+        use_configured_loop()
     except SettingsError as e:
         parser.error(str(e))
     try:
@@ -249,13 +250,6 @@ async def _serve(
     finally:
         dns.stop()
     return 0
-
-
-def _use_uvloop() -> None:
-    """The event loop every other crawlfleet command gets (cli/main.py, which hands testweb its
-    arguments before choosing one): uvloop when installed unless CRAWLFLEET_UVLOOP turns it off.
-    The test web shares the machine's cores with the crawls it serves."""
-    use_uvloop(setting_from_env("uvloop"))
 
 
 def _report(bind: str, port: int) -> int:
