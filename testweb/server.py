@@ -1,4 +1,4 @@
-"""The HTTP side of the test web: one aiohttp app serving ``render()`` for every virtual host.
+"""The HTTP side of the test web: ``render()`` for every virtual host, over ``wire.py``.
 
 It also watches how it is being crawled. Per host it records the request count, the peak
 number of requests in progress at once, the shortest gap between two consecutive request
@@ -20,6 +20,7 @@ answers that ``fixed_response`` says depend on nothing but the host and path are
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -27,10 +28,9 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import NotRequired, TypedDict
 
-from aiohttp import web
-
 from .loopback import require_loopback
 from .site import Response, WebSpec, fixed_response, page_path, render
+from .wire import Connection, Reply, Request
 
 STATS_PATH = "/__testweb__/stats"
 RESET_PATH = "/__testweb__/reset"
@@ -146,16 +146,15 @@ class WebServer:
         *,
         bind: str = "127.0.0.1",
         access_log: logging.Logger | None = None,
-        shutdown_timeout: float = 2.0,
         prerender: bool = False,
     ) -> None:
         self.spec = spec
         self.bind = require_loopback(bind)
         self.stats = StatsRecorder()
         self._access_log = access_log
-        self._shutdown_timeout = shutdown_timeout
-        self._runner: web.AppRunner | None = None
-        self._rendered: dict[tuple[str, str], Response] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[Connection] = set()
+        self._rendered: dict[tuple[str, str], tuple[Response, tuple[tuple[str, str], ...]]] = {}
         self._rendered_bytes = 0
         self._prerender = prerender
 
@@ -168,47 +167,34 @@ class WebServer:
         """Where to connect (the Host header then picks the site)."""
         return f"http://{self.bind}:{self.port}"
 
-    def make_app(self) -> web.Application:
-        app = web.Application()
-        # One catch-all route: every path of every virtual host is ours to answer.
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        return app
-
     async def start(self) -> int:
-        if self._runner is not None:
+        if self._server is not None:
             raise RuntimeError("server already started")
         # Bind the socket ourselves so that port 0 works and the real port is known up front.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.bind, self.spec.port))
-        except OSError:
-            sock.close()
-            raise
-        port = int(sock.getsockname()[1])
-        if self.spec.port == 0:
-            self.spec = replace(self.spec, port=port)
-        if self._prerender:
-            self.prerender()  # the pages carry the port: only now
-        runner = web.AppRunner(
-            self.make_app(),
-            access_log=self._access_log,
-            shutdown_timeout=self._shutdown_timeout,
-        )
-        await runner.setup()
-        try:
-            await web.SockSite(runner, sock).start()
+            port = int(sock.getsockname()[1])
+            if self.spec.port == 0:
+                self.spec = replace(self.spec, port=port)
+            if self._prerender:
+                self.prerender()  # the pages carry the port: only now
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
+                lambda: Connection(self._handle, self._connections), sock=sock, backlog=1024)
         except BaseException:
-            await runner.cleanup()
             sock.close()
             raise
-        self._runner = runner
         return port
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.close()
+            for conn in list(self._connections):
+                conn.close()
+            await server.wait_closed()
 
     async def __aenter__(self) -> WebServer:
         await self.start()
@@ -231,41 +217,58 @@ class WebServer:
                 if (host, path) not in self._rendered:
                     return  # full
 
-    def _render(self, host: str, path: str, query: str, hit: int) -> Response:
+    def _render(
+        self, host: str, path: str, query: str, hit: int
+    ) -> tuple[Response, tuple[tuple[str, str], ...]]:
+        """The answer and its header list (Content-Type first)."""
         key = (host, path)
         kept = self._rendered.get(key)
         if kept is not None:
             return kept
         answer = render(self.spec, host, path, query, hit=hit)
-        size = len(answer[2])
+        _, content_type, body, headers = answer
+        # Content-Type verbatim: it may carry a charset.
+        listed = (("Content-Type", content_type), *headers.items())
+        size = len(body)
         if fixed_response(self.spec, path) and self._rendered_bytes + size <= MEMO_BYTES:
-            self._rendered[key] = answer
+            self._rendered[key] = (answer, listed)
             self._rendered_bytes += size
-        return answer
+        return answer, listed
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    def _handle(self, request: Request) -> Reply:
         path = request.path
+        reply = self._reply(request, path)
+        if self._access_log is not None:
+            self._access_log.info(
+                '%s "%s %s" %d %d', request.peer, request.method, path, reply.status,
+                len(reply.body))
+        return reply
+
+    def _reply(self, request: Request, path: str) -> Reply:
         if path == STATS_PATH and request.method == "GET":
-            return web.json_response(self.stats.snapshot(paths=self.spec.extras))
+            return _json(self.stats.snapshot(paths=self.spec.extras))
         if path == RESET_PATH and request.method == "POST":
             self.stats.reset()
-            return web.json_response({"ok": True})
-        host = vhost(request.headers.get("Host", ""))
+            return _json({"ok": True})
+        host = vhost(request.headers.get("host", ""))
         st = self.stats.begin(host, path)
-        hit = st.paths[path]
-        try:
-            if request.method not in ("GET", "HEAD"):
-                allow = {"Allow": "GET, HEAD"}
-                return web.Response(status=405, text="method not allowed\n", headers=allow)
-            delay_ms = self.spec.delay_ms(host)
-            if delay_ms > 0:
-                await asyncio.sleep(delay_ms / 1000)
-            status, content_type, body, headers = self._render(
-                host, path, request.query_string, hit
-            )
-        finally:
+        if request.method not in ("GET", "HEAD"):
             self.stats.end(st)
-        # Set Content-Type verbatim: aiohttp's content_type= argument rejects a charset in it.
-        return web.Response(
-            status=status, body=body, headers={**headers, "Content-Type": content_type}
-        )
+            return Reply(405, (("Content-Type", TEXT_PLAIN), ("Allow", "GET, HEAD")),
+                         b"method not allowed\n")
+        try:
+            (status, _, body, _), listed = self._render(host, path, request.query, st.paths[path])
+        except BaseException:
+            self.stats.end(st)
+            raise
+        delay_ms = self.spec.delay_ms(host)
+        # The request is in progress (stats' in_flight) until its answer goes out.
+        return Reply(status, listed, body, delay_ms / 1000, lambda: self.stats.end(st))
+
+
+TEXT_PLAIN = "text/plain; charset=utf-8"
+
+
+def _json(data: object) -> Reply:
+    body = json.dumps(data).encode()
+    return Reply(200, (("Content-Type", "application/json; charset=utf-8"),), body)
