@@ -90,8 +90,9 @@ CPU ms per page, per process
     pages. Also shown as cores busy, so one can see whether the machine's cores, the test web
     or the crawler bound a run. The test web is one Python process on the same cores as
     everything else; it renders every page before its ready line (``--prerender``) and serves
-    them from memory, so that no crawler pays for another's first renders, and the web takes
-    less of the cores than rendering each request did (the issue measured against nginx).
+    them from memory over a bare HTTP/1.1 protocol (``testweb/wire.py``), so that no crawler
+    pays for another's first renders and the web takes as little of the cores as it can (the
+    issue measured against nginx).
 Redis commands per page
     ``CONFIG RESETSTAT`` before the start, ``INFO commandstats`` at the end. The benchmark's
     own status polls are subtracted exactly (their commands are measured once at start-up) and

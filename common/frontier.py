@@ -92,6 +92,9 @@ class Progress:
     want: int = 0  # URLs wanted from the host queue
     mark_refill: int = 0  # of those, how many to mark too (the next to start)
     yield_to_others: bool = False  # refill only while no other host is ready
+    # The worker's fetch slots are all taken (its hosts wait for each other): no refill when
+    # a worker with nothing to do has asked for hosts (Keys.hungry); the host goes to it.
+    short_of_slots: bool = False
     final: bool = False
     wait_s: float = 0.0  # before the host's next lease, when final
 
@@ -103,6 +106,8 @@ class ProgressOutcome:
     handed_back: int
     admitted: int
     refill: list[QueuedURL]
+    # The host goes to an idle worker (Keys.hungry): refill no more, drain the lease, end.
+    handed_over: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +274,7 @@ class Frontier:
     def progress_args(self, batch: HostBatch, p: Progress, limits: Limits) -> list[Any]:
         args: list[Any] = [
             batch.host, batch.batch_id, "1" if p.final else "0", max(p.wait_s, 0.0), p.want,
-            "1" if p.yield_to_others else "0", _none(limits.max_pages),
+            int(p.yield_to_others) + 2 * int(p.short_of_slots), _none(limits.max_pages),
             _none(limits.max_pages_per_host), limits.max_query_variants, p.discarded_scope,
             p.discarded_invalid, len(p.marks), len(p.results), len(p.admissions),
             p.mark_refill, *p.marks,
@@ -286,7 +291,7 @@ class Frontier:
                                            *self.progress_args(batch, p, limits)))
         _, held, stored, handed_back, admitted, *refill = raw
         return ProgressOutcome(bool(held), int(stored), int(handed_back), int(admitted),
-                               [decode_entry(e) for e in refill])
+                               [decode_entry(e) for e in refill], handed_over=int(held) == 2)
 
     async def is_seen(self, fp: str, digits: int) -> bool:
         key, member = self.keys.seen_slot(fp, digits)

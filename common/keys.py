@@ -59,6 +59,9 @@ _FIXED = {
     "not_before": "host:not-before",  # HASH host -> earliest next request (delay, backoff)
     "lease_batch": "lease:batch",  # HASH host -> id of the batch that holds its lease
     "waiting": "waiting",  # ZSET host -> dispatch time, while its batch waits for a worker
+    # STRING, short expiry: how many more hosts a worker with nothing to do would take (its
+    # empty polls set it); progress.lua hands it hosts of workers short of fetch slots.
+    "hungry": "workers:hungry",
     "leases": "leases",  # ZSET host -> lease expiry, once a worker has claimed the batch
     # STREAM: every result as it leaves the frontier (fields f: fingerprint, r: PageResult
     # JSON, with "dead":true for a URL out of retries), in the order they finished. Export reads
@@ -214,6 +217,10 @@ class Keys:
     @property
     def waiting(self) -> str:
         return self._k(_FIXED["waiting"])
+
+    @property
+    def hungry(self) -> str:
+        return self._k(_FIXED["hungry"])
 
     @property
     def leases(self) -> str:

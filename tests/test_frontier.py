@@ -671,6 +671,38 @@ async def test_a_long_turn_yields_its_refill_to_other_ready_hosts(env: dict[str,
     assert (s["queued"], s["in_flight"]) == (0, 9)
 
 
+async def test_a_host_short_of_slots_goes_to_a_hungry_worker_one_per_unit(
+    env: dict[str, Any],
+) -> None:
+    redis, hungry = env["redis"], env["keys"].hungry
+    await admit(env, [f"http://a.test/{i}" for i in range(12)])
+    [a] = await dispatch(env)  # 9 left in a.test's queue
+    # Nobody asked for hosts: a worker short of slots keeps its host.
+    kept = await progress(env, a, want=1, short_of_slots=True)
+    assert len(kept.refill) == 1 and not kept.handed_over
+    await redis.set(hungry, 2, px=60_000)
+    # A worker with free slots keeps refilling whatever others ask.
+    assert len((await progress(env, a, want=1)).refill) == 1
+    assert int(await redis.get(hungry)) == 2
+    # Short of slots: no refill, and the idle worker's count goes down by one each time.
+    outcome = await progress(env, a, want=1, short_of_slots=True)
+    assert outcome.lease_held and outcome.handed_over and outcome.refill == []
+    assert int(await redis.get(hungry)) == 1
+    assert 0 < await redis.pttl(hungry) <= 60_000  # its expiry stays
+    assert (await progress(env, a, want=1, short_of_slots=True)).refill == []
+    assert int(await redis.get(hungry)) == 0
+    assert len((await progress(env, a, want=1, short_of_slots=True)).refill) == 1
+    # A value that is not a count is no request, and the call still succeeds.
+    await redis.set(hungry, "garbage")
+    assert len((await progress(env, a, want=1, short_of_slots=True)).refill) == 1
+    # Both flags: either reason stops the refill.
+    await redis.set(hungry, 1)
+    assert (await progress(env, a, want=1, short_of_slots=True,
+                           yield_to_others=True)).refill == []
+    s = await status(env)
+    assert (s["queued"], s["in_flight"]) == (5, 7)
+
+
 async def test_finished_only_when_nothing_is_left(env: dict[str, Any]) -> None:
     from crawlfleet.cli.seed import enqueue_seeds
 

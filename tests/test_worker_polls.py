@@ -118,3 +118,42 @@ def test_an_idle_worker_keeps_its_health_check_key_when_polls_slow_past_a_second
         return missing
 
     assert asyncio.run(go()) == []
+
+
+def test_an_empty_poll_asks_for_as_many_hosts_as_the_free_fetch_slots_serve() -> None:
+    """Keys.hungry: at the defaults (64 slots, 2 a host, 32 jobs) an idle worker would take
+    32 hosts; with its slots nearly all taken, none; a worker shutting down asks for none."""
+    from crawlfleet.workers.worker import wanted_hosts
+
+    # (free slots, max in flight, per host, hosts held, max jobs)
+    assert wanted_hosts(64, 64, 2, 0, 32) == 32
+    assert wanted_hosts(64, 64, 4, 0, 32) == 16
+    assert wanted_hosts(7, 64, 4, 0, 32) == 1 and wanted_hosts(3, 64, 4, 0, 32) == 0
+    assert wanted_hosts(64, 64, 2, 29, 32) == 3 and wanted_hosts(64, 64, 2, 32, 32) == 0
+    # Busy with 20 hosts of 4 on 64 slots: a moment with 10 slots free wants nothing.
+    assert wanted_hosts(10, 64, 4, 20, 32) == 0
+    assert wanted_hosts(40, 64, 4, 10, 32) == 6
+    settings = Settings(redis_url=f"embedded://{uuid.uuid4().hex}")
+    worker = make_worker(settings, handle_signals=False)
+    hungry = Keys(settings.namespace).hungry
+
+    async def go() -> None:
+        slots = worker.ctx["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
+        await worker._poll_iteration()  # finds nothing: the next one asks
+        assert not await worker.pool.exists(hungry)
+        await worker._poll_iteration()
+        assert int(await worker.pool.get(hungry)) == 32
+        assert 0 < await worker.pool.pttl(hungry) <= 1500  # 3 x CRAWLFLEET_POLL_MAX_DELAY
+        for _ in range(settings.max_in_flight - 1):  # one slot left: not a host's worth
+            await slots.acquire()
+        await worker.pool.delete(hungry)
+        await worker._poll_iteration()
+        assert not await worker.pool.exists(hungry)
+        for _ in range(settings.max_in_flight - 1):
+            slots.release()
+        worker.allow_pick_jobs = False  # as after SIGTERM
+        await worker._poll_iteration()
+        assert not await worker.pool.exists(hungry)
+        await worker.pool.aclose()
+
+    asyncio.run(go())

@@ -54,6 +54,9 @@ from .robots import RobotsCache
 from .warc import WarcWriter
 
 REPORT_EVERY_S = 2.0  # finished pages wait at most this long for a progress call
+# A turn is this old before its host may go to an idle worker (Keys.hungry): a host changes
+# workers at most this often, however the load swings.
+HANDOVER_AFTER_S = 1.0
 CRAWLER_FAULT_BACKOFF = 5.0  # seconds a host waits after its turn met a crawler-side fault
 MIN_MARK_AHEAD = 8  # fetches marked in flight per call at least: fewer calls for slow hosts
 FINAL_REPORT_PATIENCE = 60.0
@@ -114,7 +117,8 @@ class BatchRun(PageWork):
         # robots.txt is unavailable, or the crawler met a fault. Unstarted URLs go back.
         self.halted: str | None = None
         # When set, the lease is not refilled: what it holds is fetched, then the turn ends
-        # (a transient failure: the host's next turn waits for its backoff).
+        # (a transient failure: the host's next turn waits for its backoff; or the host was
+        # handed over to an idle worker).
         self.turn_over: str | None = None
         self.running: set[asyncio.Task[None]] = set()
         self.call_task: asyncio.Task[ProgressOutcome] | None = None  # a call in the background
@@ -210,6 +214,12 @@ class BatchRun(PageWork):
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
 
+    def _short_of_slots(self) -> bool:
+        """Every fetch slot of this worker is taken, so its hosts wait for each other, and this
+        turn has lasted HANDOVER_AFTER_S: a worker with nothing to do may have the host."""
+        return (self.global_slots.locked()
+                and time.monotonic() - self.turn_started >= HANDOVER_AFTER_S)
+
     def _reap_call(self) -> None:
         """A background call that has ended: its error, if any, is the turn's."""
         if self.call_task is not None and self.call_task.done():
@@ -240,10 +250,13 @@ class BatchRun(PageWork):
             self.last_call = time.monotonic()
             outcome = await self._send(
                 marks=marks, want=want, mark_refill=mark_refill,
-                yield_to_others=self.pages + self.failed >= self.settings.host_turn_pages)
+                yield_to_others=self.pages + self.failed >= self.settings.host_turn_pages,
+                short_of_slots=self._short_of_slots())
             if not outcome.lease_held:
                 self.halt("lease_lost")
                 return outcome
+            if outcome.handed_over:
+                self.turn_over = self.turn_over or "handed_over"
             self.marked.update(marks)
             if outcome.refill:
                 self.marked.update(e.fp for e in outcome.refill[:mark_refill])

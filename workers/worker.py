@@ -222,6 +222,17 @@ async def fetch_batch(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[st
     return await BatchRun(ctx, batch, claim).run()
 
 
+def wanted_hosts(free_slots: int, max_in_flight: int, per_host_concurrency: int,
+                 hosts_held: int, max_jobs: int) -> int:
+    """How many more hosts a worker can fetch at their full concurrency: the fetch slots that
+    are free now and that its hosts could not take at theirs, in whole hosts, at most its free
+    job slots. A worker busy with as many hosts as its slots serve wants none, even when a
+    moment leaves a few slots free (otherwise two busy workers would pass hosts back and forth)."""
+    per_host = max(per_host_concurrency, 1)
+    spare = min(free_slots, max_in_flight - hosts_held * per_host)
+    return max(0, min(spare // per_host, max_jobs - hosts_held))
+
+
 def worker_options(settings: Settings) -> dict[str, Any]:
     """The arq ``Worker`` keyword arguments for these settings."""
     keys = Keys(settings.namespace)
@@ -269,6 +280,7 @@ class CrawlWorker(Worker):
     _backoff = 0.1
     redis_url = ""  # for messages only, always shown through redact_url()
     _polls_found = 0  # polls whose read of the queue returned job ids
+    _last_poll_empty = False  # the last poll found no job: ask for hosts (Keys.hungry)
     _interval = 0.0  # seconds between polls now; 0: every poll_delay
     _wake: asyncio.Event | None = None
     _listener: asyncio.Task[None] | None = None
@@ -330,6 +342,10 @@ class CrawlWorker(Worker):
     async def _poll_iteration(self) -> None:
         found = self._polls_found
         try:
+            # Before the read of the queue, so that a polling worker's last command stays arq's
+            # ZRANGEBYSCORE (what `CLIENT LIST` shows; the benchmarks wait for it).
+            if self._last_poll_empty:
+                await self._ask_for_hosts()
             await super()._poll_iteration()
         except POLL_FAILURES as exc:
             event = "redis_unavailable" if is_transient(exc) else "redis_error"
@@ -338,6 +354,7 @@ class CrawlWorker(Worker):
             self._backoff = min(self._backoff * 2, 5.0)
             return
         self._backoff = 0.1
+        self._last_poll_empty = self._polls_found == found
         if self._polls_found != found or self.job_counter >= self.max_jobs:
             self._interval = 0.0  # work came, or the slots are full (no poll reads then)
             return
@@ -355,6 +372,23 @@ class CrawlWorker(Worker):
             wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), wait)
+
+    async def _ask_for_hosts(self) -> None:
+        """After a poll that found no job: say how many more hosts this worker would fetch at
+        their full concurrency (Keys.hungry), so that a worker whose hosts wait for its fetch
+        slots hands one over at its next refill (progress.lua). At the end of a crawl, one
+        worker may still hold many hosts while another has none."""
+        settings: Settings = self.ctx["settings"]
+        slots = self.ctx.get("semaphore")
+        if slots is None or not self.allow_pick_jobs:
+            return
+        if slots.locked():
+            return
+        hosts = wanted_hosts(slots._value, settings.max_in_flight, settings.per_host_concurrency,
+                             self.job_counter, self.max_jobs)
+        if hosts > 0:
+            ttl_ms = round(1000 * max(1.0, 3 * settings.poll_max_delay))
+            await self.pool.set(Keys(settings.namespace).hungry, hosts, px=ttl_ms)
 
     async def close(self) -> None:
         if self._listener is not None:

@@ -6,7 +6,8 @@ the scheduler nor a new arq job stands between two of its pages.
 
 ARGV  1 prefix, 2 crawl id, 3 host, 4 batch id, 5 '1' if final, 6 seconds from now before the
       host's next lease may start (its crawl delay or backoff), 7 URLs wanted from the host
-      queue (0 = none), 8 '1' if the turn is long enough that other ready hosts come first,
+      queue (0 = none), 8 flags: 1 the turn is long enough that other ready hosts come first,
+      + 2 the worker is short of fetch slots (a worker with none to do may have the host),
       9 max pages (-1 = none), 10 max pages per host (-1), 11 max query variants,
       12 links refused by scope, 13 links invalid, 14 number of marks M, 15 number of results
       R, 16 number of admissions A, 17 how many of the refill's URLs to mark too (the worker
@@ -16,7 +17,7 @@ ARGV  1 prefix, 2 crawl id, 3 host, 4 batch id, 5 '1' if final, 6 seconds from n
       retries (dead-lettered too), 'r' retry (data: its next QueuedURL), 'a' alias (a
       redirect target fetched on another URL's behalf; data: its result). Otherwise data is
       the PageResult JSON.
-Keys  K.crawl K.lease_batch K.leases K.waiting K.ready K.not_before K.stats K.results
+Keys  K.crawl K.lease_batch K.leases K.waiting K.hungry K.ready K.not_before K.stats K.results
       K.seen:* K.host_pages K.query_variants K.rate K.quarantine (K.scheduler_wake), per host
       h:{host}:q, :lease and :fetching.
 Guarantees
@@ -31,19 +32,24 @@ Guarantees
   * Admissions follow admit.lua (dedup, budgets), for the links of any host: a stale worker's
     links are admitted too, since they are real links.
   * Refill: up to ARGV[7] entries move from the host queue to the lease and are returned, on
-    the same terms as dispatch.lua; with ARGV[8] = '1' only while no other host is ready or
-    waiting for a worker (K.waiting). The first ARGV[17] of them are marked with the call's
+    the same terms as dispatch.lua; with flag 1 only while no other host is ready or
+    waiting for a worker (K.waiting); with flag 2 only while no idle worker asks for hosts
+    (K.hungry > 0, a count that each host handed over this way takes one from): then the
+    reply says so, the turn drains its lease and ends, and the host goes back to be
+    dispatched to a worker that can fetch it at its full concurrency. The first ARGV[17] of them are marked with the call's
     marks: the worker starts them before its next call, which it then needs only when its
     marks run low, not to mark what it was just given.
   * The final call hands the lease's unreported URLs back to the front of the queue, releases
     the lease and sets the host's next ready time on Redis's clock. It wakes the scheduler
     (K.scheduler_wake), as does an admission that makes a host ready.
-Returns {'ok', lease held (1/0), results stored, handed back, admitted, refill entry...} or
-{'state_lost'}.
+Returns {'ok', lease held (1/0; 2: held and handed over to an idle worker, so the worker
+refills no more and ends the turn once its lease is drained), results stored, handed back,
+admitted, refill entry...} or {'state_lost'}.
 ]]
 if not crawl_is_current() then return {'state_lost'} end
 local host, batch_id, final = ARGV[3], ARGV[4], ARGV[5] == '1'
-local wait_s, want, yield_to_others = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1'
+local wait_s, want, flags = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]) or 0
+local yield_to_others, short_of_slots = flags % 2 == 1, flags >= 2
 local n_marks, n_results, n_admits = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
 local mark_refill = tonumber(ARGV[17])
 local first_result = 18 + n_marks
@@ -151,6 +157,15 @@ elseif held and want > 0 then
   -- Others: a host ready now, or one dispatched and waiting for a worker's free slot.
   local others = yield_to_others and (redis.call('ZCARD', K.waiting) > 0 or
     #redis.call('ZRANGEBYSCORE', K.ready, '-inf', now, 'LIMIT', 0, 1) > 0)
+  if not others and short_of_slots then
+    -- SET, not DECR: a value that is not an integer is read as 0 and cannot fail the write.
+    local hungry = math.floor(tonumber(redis.call('GET', K.hungry) or '0') or 0)
+    if hungry > 0 then
+      others = true
+      redis.call('SET', K.hungry, hungry - 1, 'KEEPTTL')
+      out[2] = 2  -- held, and handed over: the worker refills no more
+    end
+  end
   if not others then
     local plan = take_plan(host, want)
     take_apply(plan, c)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from ..conftest import Fleet, RedisServer, WebUnderTest
+from ..conftest import Fleet, RedisServer, WebUnderTest, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -173,7 +173,6 @@ def test_an_unavailable_robots_txt_holds_its_host_and_is_retried(
     redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
     fleet_factory: Callable[..., Fleet],
 ) -> None:
-    from ..conftest import wait_for
 
     web = testweb_factory("--hosts", "2", "--pages", "8", "--robots", "site1.test=status:503")
     fleet = fleet_factory(redis_server.url, web, CRAWLFLEET_ROBOTS_RETRY="1")
@@ -224,3 +223,44 @@ def test_scope_allowed_domains_depth_and_page_budgets(
                        CRAWLFLEET_REDIS_URL="", CRAWLFLEET_NAMESPACE="budget")
     assert "crawl finished" in result.stderr
     assert len(out.read_text().splitlines()) == 25
+
+
+def test_a_worker_short_of_fetch_slots_hands_hosts_to_an_idle_one(
+    redis_server: RedisServer, testweb_factory: Callable[..., WebUnderTest],
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    """worker-0 starts alone and takes every host; with 8 fetch slots and 4 a host, its hosts
+    wait for each other. worker-1, started once their queues are long, has nothing to do and
+    asks for hosts (Keys.hungry): worker-0 hands some over at their next refill, instead of
+    keeping them to the end of their turns (500 pages or 120 s, more than this crawl)."""
+    import redis as redis_sync
+
+    from crawlfleet.common.keys import Keys
+
+    web = testweb_factory("--hosts", "6", "--pages", "200", "--latency-ms", "30")
+    fleet = fleet_factory(
+        redis_server.url, web,
+        CRAWLFLEET_MAX_IN_FLIGHT="8",
+        CRAWLFLEET_PER_HOST_CONCURRENCY="4",
+    )
+    fleet.start(*web.seeds, workers=1)
+    keys = Keys(fleet.env["CRAWLFLEET_NAMESPACE"])
+    client = redis_sync.Redis.from_url(redis_server.url)
+
+    def stocked() -> bool | None:
+        leased = client.hlen(keys.lease_batch)
+        queued = sum(client.llen(keys.host_queue(h)) for h in web.info["hosts"])
+        return True if leased == 6 and queued >= 200 else None
+
+    wait_for(stocked, timeout=60, what="worker-0 to hold every host with long queues")
+    fleet.spawn("worker-1", "worker", CRAWLFLEET_WORKER_ID="worker-1")
+    fleet.wait_finished(timeout=120)  # every URL accounted for, and `crawlfleet check` passes
+
+    hosts_by_worker: dict[str, set[str]] = defaultdict(set)
+    for r in fleet.export():
+        if r["worker"]:
+            hosts_by_worker[r["worker"]].add(_host(r["url"]))
+    assert hosts_by_worker["worker-1"], dict(hosts_by_worker)
+    # Handed over, never shared: each host had at most its 4 fetches in flight at once.
+    for host, host_stats in web.stats()["hosts"].items():
+        assert host_stats["peak_concurrency"] <= 4, (host, host_stats)
