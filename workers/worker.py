@@ -384,6 +384,7 @@ class CrawlWorker(Worker):
             return
         if slots.locked():
             return
+        # asyncio.Semaphore has no public count of its free slots.
         hosts = wanted_hosts(slots._value, settings.max_in_flight, settings.per_host_concurrency,
                              self.job_counter, self.max_jobs)
         if hosts > 0:
