@@ -125,20 +125,23 @@ def test_an_empty_poll_asks_for_as_many_hosts_as_the_free_fetch_slots_serve() ->
     32 hosts; with its slots nearly all taken, none; a worker shutting down asks for none."""
     from crawlfleet.workers.worker import wanted_hosts
 
-    # (free slots, max in flight, per host, hosts held, max jobs)
+    # (free slots, max in flight, per host, hosts held by the process, free job slots)
     assert wanted_hosts(64, 64, 2, 0, 32) == 32
     assert wanted_hosts(64, 64, 4, 0, 32) == 16
     assert wanted_hosts(7, 64, 4, 0, 32) == 1 and wanted_hosts(3, 64, 4, 0, 32) == 0
-    assert wanted_hosts(64, 64, 2, 29, 32) == 3 and wanted_hosts(64, 64, 2, 32, 32) == 0
+    assert wanted_hosts(64, 64, 2, 29, 3) == 3 and wanted_hosts(64, 64, 2, 32, 0) == 0
     # Busy with 20 hosts of 4 on 64 slots: a moment with 10 slots free wants nothing.
-    assert wanted_hosts(10, 64, 4, 20, 32) == 0
-    assert wanted_hosts(40, 64, 4, 10, 32) == 6
+    assert wanted_hosts(10, 64, 4, 20, 12) == 0
+    assert wanted_hosts(40, 64, 4, 10, 22) == 6
+    # Two shards' workers in one process: the other shard's hosts count too.
+    assert wanted_hosts(24, 64, 4, 10, 16) == 6 and wanted_hosts(24, 64, 4, 16, 16) == 0
     settings = Settings(redis_url=f"embedded://{uuid.uuid4().hex}")
     worker = make_worker(settings, handle_signals=False)
     hungry = Keys(settings.namespace).hungry
 
     async def go() -> None:
         slots = worker.ctx["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
+        turns = worker.ctx["turns"] = [0]
         await worker._poll_iteration()  # finds nothing: the next one asks
         assert not await worker.pool.exists(hungry)
         await worker._poll_iteration()
@@ -151,6 +154,10 @@ def test_an_empty_poll_asks_for_as_many_hosts_as_the_free_fetch_slots_serve() ->
         assert not await worker.pool.exists(hungry)
         for _ in range(settings.max_in_flight - 1):
             slots.release()
+        turns[0] = 31  # another shard's worker in this process holds 31 hosts
+        await worker._poll_iteration()
+        assert int(await worker.pool.get(hungry)) == 1
+        await worker.pool.delete(hungry)
         worker.allow_pick_jobs = False  # as after SIGTERM
         await worker._poll_iteration()
         assert not await worker.pool.exists(hungry)

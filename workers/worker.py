@@ -133,6 +133,7 @@ async def open_shared(settings: Settings, resources: contextlib.AsyncExitStack,
     shared: dict[str, Any] = {}
     shared["session"] = await resources.enter_async_context(worker_session(settings))
     shared["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
+    shared["turns"] = [0]  # host turns running in the process, all shards (Keys.hungry)
     shared["links"] = LinkFilter(settings)
     shared["warc"] = warc = open_warc(settings)
     if warc is not None:
@@ -219,18 +220,24 @@ async def fetch_batch(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[st
             redis.smembers(keys.scope_hosts), redis.smembers(keys.scope_ports)))
         links.set_scope({as_text(h) for h in hosts}, {int(p) for p in ports},
                         claim.scope_size)
-    return await BatchRun(ctx, batch, claim).run()
+    turns: list[int] = ctx["turns"]
+    turns[0] += 1
+    try:
+        return await BatchRun(ctx, batch, claim).run()
+    finally:
+        turns[0] -= 1
 
 
 def wanted_hosts(free_slots: int, max_in_flight: int, per_host_concurrency: int,
-                 hosts_held: int, max_jobs: int) -> int:
-    """How many more hosts a worker can fetch at their full concurrency: the fetch slots that
-    are free now and that its hosts could not take at theirs, in whole hosts, at most its free
-    job slots. A worker busy with as many hosts as its slots serve wants none, even when a
-    moment leaves a few slots free (otherwise two busy workers would pass hosts back and forth)."""
+                 hosts_held: int, free_jobs: int) -> int:
+    """How many more hosts a worker process can fetch at their full concurrency: the fetch
+    slots that are free now and that the hosts it holds (all shards) could not take at
+    theirs, in whole hosts, at most its free job slots. A worker busy with as many hosts as
+    its slots serve wants none, even when a moment leaves a few slots free (otherwise two busy
+    workers would pass hosts back and forth)."""
     per_host = max(per_host_concurrency, 1)
     spare = min(free_slots, max_in_flight - hosts_held * per_host)
-    return max(0, min(spare // per_host, max_jobs - hosts_held))
+    return max(0, min(spare // per_host, free_jobs))
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
@@ -379,14 +386,12 @@ class CrawlWorker(Worker):
         slots hands one over at its next refill (progress.lua). At the end of a crawl, one
         worker may still hold many hosts while another has none."""
         settings: Settings = self.ctx["settings"]
-        slots = self.ctx.get("semaphore")
-        if slots is None or not self.allow_pick_jobs:
-            return
-        if slots.locked():
+        slots, turns = self.ctx.get("semaphore"), self.ctx.get("turns")
+        if slots is None or turns is None or not self.allow_pick_jobs or slots.locked():
             return
         # asyncio.Semaphore has no public count of its free slots.
         hosts = wanted_hosts(slots._value, settings.max_in_flight, settings.per_host_concurrency,
-                             self.job_counter, self.max_jobs)
+                             turns[0], self.max_jobs - self.job_counter)
         if hosts > 0:
             ttl_ms = round(1000 * max(1.0, 3 * settings.poll_max_delay))
             await self.pool.set(Keys(settings.namespace).hungry, hosts, px=ttl_ms)
