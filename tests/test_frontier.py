@@ -693,14 +693,17 @@ async def test_a_host_short_of_slots_goes_to_a_hungry_worker_one_per_unit(
     assert int(await redis.get(hungry)) == 0
     assert len((await progress(env, a, want=1, short_of_slots=True)).refill) == 1
     # A value that is not a count is no request, and the call still succeeds.
-    await redis.set(hungry, "garbage")
-    assert len((await progress(env, a, want=1, short_of_slots=True)).refill) == 1
+    for garbage in ("garbage", "inf", "nan", "1.5", "1e300"):
+        await redis.set(hungry, garbage)
+        kept = await progress(env, a, want=1, short_of_slots=True)
+        assert len(kept.refill) == 1 and not kept.handed_over, garbage
+        assert (await redis.get(hungry)).decode() == garbage
     # Both flags: either reason stops the refill.
     await redis.set(hungry, 1)
     assert (await progress(env, a, want=1, short_of_slots=True,
                            yield_to_others=True)).refill == []
     s = await status(env)
-    assert (s["queued"], s["in_flight"]) == (5, 7)
+    assert (s["queued"], s["in_flight"]) == (1, 11)
 
 
 async def test_finished_only_when_nothing_is_left(env: dict[str, Any]) -> None:

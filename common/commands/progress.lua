@@ -34,11 +34,12 @@ Guarantees
   * Refill: up to ARGV[7] entries move from the host queue to the lease and are returned, on
     the same terms as dispatch.lua; with flag 1 only while no other host is ready or
     waiting for a worker (K.waiting); with flag 2 only while no idle worker asks for hosts
-    (K.hungry > 0, a count that each host handed over this way takes one from): then the
-    reply says so, the turn drains its lease and ends, and the host goes back to be
-    dispatched to a worker that can fetch it at its full concurrency. The first ARGV[17] of them are marked with the call's
-    marks: the worker starts them before its next call, which it then needs only when its
-    marks run low, not to mark what it was just given.
+    (K.hungry > 0, a count that each host handed over this way takes one from; anything but
+    a whole number up to a million counts as 0): then the reply says so, the turn drains its
+    lease and ends, and the host goes back to be dispatched to a worker that can fetch it at
+    its full concurrency. The first ARGV[17] of them are marked with the call's marks: the
+    worker starts them before its next call, which it then needs only when its marks run
+    low, not to mark what it was just given.
   * The final call hands the lease's unreported URLs back to the front of the queue, releases
     the lease and sets the host's next ready time on Redis's clock. It wakes the scheduler
     (K.scheduler_wake), as does an admission that makes a host ready.
@@ -158,8 +159,9 @@ elseif held and want > 0 then
   local others = yield_to_others and (redis.call('ZCARD', K.waiting) > 0 or
     #redis.call('ZRANGEBYSCORE', K.ready, '-inf', now, 'LIMIT', 0, 1) > 0)
   if not others and short_of_slots then
-    -- SET, not DECR: a value that is not an integer is read as 0 and cannot fail the write.
-    local hungry = math.floor(tonumber(redis.call('GET', K.hungry) or '0') or 0)
+    -- SET, not DECR: a value that is not a count is read as 0 and cannot fail the write.
+    local hungry = tonumber(redis.call('GET', K.hungry) or '0') or 0
+    if hungry ~= math.floor(hungry) or hungry > 1000000 then hungry = 0 end  -- nan, inf, 1.5
     if hungry > 0 then
       others = true
       redis.call('SET', K.hungry, hungry - 1, 'KEEPTTL')
