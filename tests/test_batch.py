@@ -142,3 +142,26 @@ async def test_a_refill_comes_marked_so_its_first_urls_start_without_another_cal
     # What the driver starts next is marked, in order: no call stands before it.
     assert all(u.fp in run.marked for u in list(run.todo)[:run.mark_ahead])
     assert run._next_marks() == []  # the window is full until fetches start
+
+
+async def test_a_turn_is_short_of_slots_only_when_its_hosts_want_more_than_the_slots(
+    claimed: dict[str, Any],
+) -> None:
+    """progress.lua's flag 2: every fetch slot taken, the process's hosts wanting more than
+    CRAWLFLEET_MAX_IN_FLIGHT (64 at 2 a host: 33 hosts), and the turn a second old; hosts
+    that the slots serve at their full concurrency stay."""
+    run = run_for(claimed, None)
+    assert (run.settings.max_in_flight, run.concurrency) == (64, 2)
+    run.turn_started -= 2.0
+    for _ in range(4):  # this test's worker has 4 slots (run_for)
+        await run.global_slots.acquire()
+    run.turns = [33]
+    assert run._short_of_slots()
+    run.turns = [32]  # 32 x 2 = 64: each gets its full concurrency
+    assert not run._short_of_slots()
+    run.turns = [33]
+    run.turn_started = time.monotonic()  # a new turn keeps its host for a second
+    assert not run._short_of_slots()
+    run.turn_started -= 2.0
+    run.global_slots.release()  # a slot free: nobody waits
+    assert not run._short_of_slots()

@@ -81,6 +81,7 @@ class BatchRun(PageWork):
         self.settings: Settings = ctx["settings"]
         self.session: aiohttp.ClientSession = ctx["session"]
         self.global_slots: asyncio.Semaphore = ctx["semaphore"]
+        self.turns: list[int] = ctx.get("turns") or [1]  # turns running in the process
         self.frontier: Frontier = ctx["frontier"]
         self.robots: RobotsCache = ctx["robots"]
         self.links: LinkFilter = ctx["links"]
@@ -215,9 +216,12 @@ class BatchRun(PageWork):
                 await asyncio.gather(*in_flight, return_exceptions=True)
 
     def _short_of_slots(self) -> bool:
-        """Every fetch slot of this worker is taken, so its hosts wait for each other, and this
-        turn has lasted HANDOVER_AFTER_S: a worker with nothing to do may have the host."""
+        """Every fetch slot of this worker is taken by hosts that together want more than it
+        has (they wait for each other), and this turn has lasted HANDOVER_AFTER_S: a worker
+        with nothing to do may have the host. A host that fills the slots alone stays: another
+        worker would fetch it no faster, and the two would pass it back and forth."""
         return (self.global_slots.locked()
+                and self.turns[0] * self.concurrency > self.settings.max_in_flight
                 and time.monotonic() - self.turn_started >= HANDOVER_AFTER_S)
 
     def _reap_call(self) -> None:
