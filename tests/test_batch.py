@@ -62,7 +62,7 @@ def run_for(env: dict[str, Any], robots: Any) -> BatchRun:
     ctx = {"settings": env["settings"], "session": env["session"],
            "semaphore": asyncio.Semaphore(4), "frontier": env["frontier"], "robots": robots,
            "redis": env["redis"], "keys": env["keys"], "job_id": env["batch"].batch_id,
-           "links": LinkFilter(env["settings"])}
+           "links": LinkFilter(env["settings"]), "turns": set()}
     return BatchRun(ctx, env["batch"], env["claim"])
 
 
@@ -155,11 +155,11 @@ async def test_a_turn_is_short_of_slots_only_when_its_hosts_want_more_than_the_s
     run.turn_started -= 2.0
     for _ in range(4):  # this test's worker has 4 slots (run_for)
         await run.global_slots.acquire()
-    run.turns = [33]
+    run.turns = {object() for _ in range(33)}
     assert run._short_of_slots()
-    run.turns = [32]  # 32 x 2 = 64: each gets its full concurrency
+    run.turns = {object() for _ in range(32)}  # 32 x 2 = 64
     assert not run._short_of_slots()
-    run.turns = [33]
+    run.turns = {object() for _ in range(33)}
     run.turn_started = time.monotonic()  # a new turn keeps its host for a second
     assert not run._short_of_slots()
     run.turn_started -= 2.0

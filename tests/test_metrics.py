@@ -382,7 +382,7 @@ async def test_a_turn_updates_the_worker_metrics(site: str) -> None:
             ctx = {"settings": settings, "session": session, "semaphore": asyncio.Semaphore(4),
                    "frontier": scheduler.frontier, "robots": Robots(f"http://{site}"),
                    "redis": redis, "keys": keys, "job_id": batch_id,
-                   "links": LinkFilter(settings)}
+                   "links": LinkFilter(settings), "turns": set()}
             await BatchRun(ctx, batch, claim).run()
     finally:
         await redis.aclose()

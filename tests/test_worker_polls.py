@@ -121,8 +121,9 @@ def test_an_idle_worker_keeps_its_health_check_key_when_polls_slow_past_a_second
 
 
 def test_an_empty_poll_asks_for_as_many_hosts_as_the_free_fetch_slots_serve() -> None:
-    """Keys.hungry: at the defaults (64 slots, 2 a host, 32 jobs) an idle worker would take
-    32 hosts; with its slots nearly all taken, none; a worker shutting down asks for none."""
+    """Keys.hungry: at the defaults (64 slots, 2 a host, 32 jobs) no worker can hold more hosts
+    than its slots serve, so none asks. Where one can (64 jobs), an idle worker asks for 32
+    hosts; with its slots nearly all taken, none; a worker shutting down asks for none."""
     from crawlfleet.workers.worker import wanted_hosts
 
     # (free slots, max in flight, per host, hosts held by the process, free job slots)
@@ -135,13 +136,27 @@ def test_an_empty_poll_asks_for_as_many_hosts_as_the_free_fetch_slots_serve() ->
     assert wanted_hosts(40, 64, 4, 10, 22) == 6
     # Two shards' workers in one process: the other shard's hosts count too.
     assert wanted_hosts(24, 64, 4, 10, 16) == 6 and wanted_hosts(24, 64, 4, 16, 16) == 0
-    settings = Settings(redis_url=f"embedded://{uuid.uuid4().hex}")
+    # At the defaults (32 hosts x 2 on 64 slots) no worker is ever short of slots: nobody asks.
+    defaults = Settings(redis_url=f"embedded://{uuid.uuid4().hex}")
+    idle = make_worker(defaults, handle_signals=False)
+
+    async def at_defaults() -> None:
+        idle.ctx["semaphore"] = asyncio.Semaphore(defaults.max_in_flight)
+        idle.ctx["turns"] = set()
+        for _ in range(2):
+            await idle._poll_iteration()
+        assert not await idle.pool.exists(Keys(defaults.namespace).hungry)
+        await idle.pool.aclose()
+
+    asyncio.run(at_defaults())
+    # 64 hosts at 2 on 64 slots: a worker's hosts may want more than its slots.
+    settings = Settings(redis_url=f"embedded://{uuid.uuid4().hex}", jobs_per_worker=64)
     worker = make_worker(settings, handle_signals=False)
     hungry = Keys(settings.namespace).hungry
 
     async def go() -> None:
         slots = worker.ctx["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
-        turns = worker.ctx["turns"] = [0]
+        turns = worker.ctx["turns"] = set()
         await worker._poll_iteration()  # finds nothing: the next one asks
         assert not await worker.pool.exists(hungry)
         await worker._poll_iteration()
@@ -154,7 +169,7 @@ def test_an_empty_poll_asks_for_as_many_hosts_as_the_free_fetch_slots_serve() ->
         assert not await worker.pool.exists(hungry)
         for _ in range(settings.max_in_flight - 1):
             slots.release()
-        turns[0] = 31  # another shard's worker in this process holds 31 hosts
+        turns.update(object() for _ in range(31))  # another shard's worker's 31 turns
         await worker._poll_iteration()
         assert int(await worker.pool.get(hungry)) == 1
         await worker.pool.delete(hungry)

@@ -70,6 +70,12 @@ def lease_size(settings: Settings) -> int:
     return max(settings.batch_size, 2 * settings.per_host_concurrency)
 
 
+def spare_slots(max_in_flight: int, per_host_concurrency: int, turns: int) -> int:
+    """Fetch slots that ``turns`` hosts leave over when each fetches at the per-host
+    concurrency; below 0 they want more than the process has, and wait for each other."""
+    return max_in_flight - turns * per_host_concurrency
+
+
 class BatchRun(PageWork):
     """One host's turn. The worker holding a host's lease is the only one talking to that host,
     so the limits kept here (concurrency, delay between request starts) are the host's limits
@@ -81,7 +87,7 @@ class BatchRun(PageWork):
         self.settings: Settings = ctx["settings"]
         self.session: aiohttp.ClientSession = ctx["session"]
         self.global_slots: asyncio.Semaphore = ctx["semaphore"]
-        self.turns: list[int] = ctx.get("turns") or [1]  # turns running in the process
+        self.turns: set[BatchRun] = ctx["turns"]  # the process's running turns, all shards
         self.frontier: Frontier = ctx["frontier"]
         self.robots: RobotsCache = ctx["robots"]
         self.links: LinkFilter = ctx["links"]
@@ -128,6 +134,13 @@ class BatchRun(PageWork):
         self.state_lost = False
 
     async def run(self) -> dict[str, Any]:
+        self.turns.add(self)
+        try:
+            return await self._run()
+        finally:
+            self.turns.discard(self)
+
+    async def _run(self) -> dict[str, Any]:
         renew = asyncio.create_task(self._renew_lease())
         try:
             try:
@@ -221,7 +234,8 @@ class BatchRun(PageWork):
         with nothing to do may have the host. A host that fills the slots alone stays: another
         worker would fetch it no faster, and the two would pass it back and forth."""
         return (self.global_slots.locked()
-                and self.turns[0] * self.concurrency > self.settings.max_in_flight
+                and spare_slots(self.settings.max_in_flight, self.concurrency,
+                                len(self.turns)) < 0
                 and time.monotonic() - self.turn_started >= HANDOVER_AFTER_S)
 
     def _reap_call(self) -> None:

@@ -51,7 +51,7 @@ from crawlfleet.common.messages import (
 from crawlfleet.common.metrics import serve_metrics
 from crawlfleet.common.settings import Settings, SettingsError
 
-from .batch import BatchRun, lease_size
+from .batch import BatchRun, lease_size, spare_slots
 from .fetch import HostCookieJar
 from .guard import GuardedResolver, SessionGuard, guard_session
 from .links import LinkFilter
@@ -133,7 +133,7 @@ async def open_shared(settings: Settings, resources: contextlib.AsyncExitStack,
     shared: dict[str, Any] = {}
     shared["session"] = await resources.enter_async_context(worker_session(settings))
     shared["semaphore"] = asyncio.Semaphore(settings.max_in_flight)
-    shared["turns"] = [0]  # host turns running in the process, all shards (Keys.hungry)
+    shared["turns"] = set()  # the BatchRuns running in the process, all shards (Keys.hungry)
     shared["links"] = LinkFilter(settings)
     shared["warc"] = warc = open_warc(settings)
     if warc is not None:
@@ -220,12 +220,7 @@ async def fetch_batch(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[st
             redis.smembers(keys.scope_hosts), redis.smembers(keys.scope_ports)))
         links.set_scope({as_text(h) for h in hosts}, {int(p) for p in ports},
                         claim.scope_size)
-    turns: list[int] = ctx["turns"]
-    turns[0] += 1
-    try:
-        return await BatchRun(ctx, batch, claim).run()
-    finally:
-        turns[0] -= 1
+    return await BatchRun(ctx, batch, claim).run()
 
 
 def wanted_hosts(free_slots: int, max_in_flight: int, per_host_concurrency: int,
@@ -236,7 +231,7 @@ def wanted_hosts(free_slots: int, max_in_flight: int, per_host_concurrency: int,
     its slots serve wants none, even when a moment leaves a few slots free (otherwise two busy
     workers would pass hosts back and forth)."""
     per_host = max(per_host_concurrency, 1)
-    spare = min(free_slots, max_in_flight - hosts_held * per_host)
+    spare = min(free_slots, spare_slots(max_in_flight, per_host, hosts_held))
     return max(0, min(spare // per_host, free_jobs))
 
 
@@ -386,12 +381,16 @@ class CrawlWorker(Worker):
         slots hands one over at its next refill (progress.lua). At the end of a crawl, one
         worker may still hold many hosts while another has none."""
         settings: Settings = self.ctx["settings"]
+        if spare_slots(settings.max_in_flight, settings.per_host_concurrency,
+                       settings.jobs_per_worker) >= 0:
+            return  # a worker's hosts never want more slots than it has (the defaults): no one
+            # is ever short of them, and an idle fleet sends nothing more
         slots, turns = self.ctx.get("semaphore"), self.ctx.get("turns")
         if slots is None or turns is None or not self.allow_pick_jobs or slots.locked():
             return
         # asyncio.Semaphore has no public count of its free slots.
         hosts = wanted_hosts(slots._value, settings.max_in_flight, settings.per_host_concurrency,
-                             turns[0], self.max_jobs - self.job_counter)
+                             len(turns), self.max_jobs - self.job_counter)
         if hosts > 0:
             ttl_ms = round(1000 * max(1.0, 3 * settings.poll_max_delay))
             await self.pool.set(Keys(settings.namespace).hungry, hosts, px=ttl_ms)
