@@ -26,10 +26,10 @@ import socket
 import time
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import NotRequired, TypedDict
+from typing import NamedTuple, NotRequired, TypedDict
 
 from .loopback import require_loopback
-from .site import Response, WebSpec, fixed_response, page_path, render
+from .site import WebSpec, fixed_response, page_path, render
 from .wire import Connection, Reply, Request
 
 STATS_PATH = "/__testweb__/stats"
@@ -154,7 +154,7 @@ class WebServer:
         self._access_log = access_log
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[Connection] = set()
-        self._rendered: dict[tuple[str, str], tuple[Response, tuple[tuple[str, str], ...]]] = {}
+        self._rendered: dict[tuple[str, str], Answer] = {}
         self._rendered_bytes = 0
         self._prerender = prerender
 
@@ -217,23 +217,18 @@ class WebServer:
                 if (host, path) not in self._rendered:
                     return  # full
 
-    def _render(
-        self, host: str, path: str, query: str, hit: int
-    ) -> tuple[Response, tuple[tuple[str, str], ...]]:
-        """The answer and its header list (Content-Type first)."""
+    def _render(self, host: str, path: str, query: str, hit: int) -> Answer:
         key = (host, path)
         kept = self._rendered.get(key)
         if kept is not None:
             return kept
-        answer = render(self.spec, host, path, query, hit=hit)
-        _, content_type, body, headers = answer
+        status, content_type, body, headers = render(self.spec, host, path, query, hit=hit)
         # Content-Type verbatim: it may carry a charset.
-        listed = (("Content-Type", content_type), *headers.items())
-        size = len(body)
-        if fixed_response(self.spec, path) and self._rendered_bytes + size <= MEMO_BYTES:
-            self._rendered[key] = (answer, listed)
-            self._rendered_bytes += size
-        return answer, listed
+        answer = Answer(status, (("Content-Type", content_type), *headers.items()), body)
+        if fixed_response(self.spec, path) and self._rendered_bytes + len(body) <= MEMO_BYTES:
+            self._rendered[key] = answer
+            self._rendered_bytes += len(body)
+        return answer
 
     def _handle(self, request: Request) -> Reply:
         path = request.path
@@ -257,16 +252,25 @@ class WebServer:
             return Reply(405, (("Content-Type", TEXT_PLAIN), ("Allow", "GET, HEAD")),
                          b"method not allowed\n")
         try:
-            (status, _, body, _), listed = self._render(host, path, request.query, st.paths[path])
+            answer = self._render(host, path, request.query, st.paths[path])
         except BaseException:
             self.stats.end(st)
             raise
         delay_ms = self.spec.delay_ms(host)
         # The request is in progress (stats' in_flight) until its answer goes out.
-        return Reply(status, listed, body, delay_ms / 1000, lambda: self.stats.end(st))
+        return Reply(answer.status, answer.headers, answer.body, delay_ms / 1000,
+                     lambda: self.stats.end(st))
 
 
 TEXT_PLAIN = "text/plain; charset=utf-8"
+
+
+class Answer(NamedTuple):
+    """A rendered response as it goes on the wire: the header list starts with Content-Type."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
 
 
 def _json(data: object) -> Reply:
