@@ -38,8 +38,16 @@ sys.path.insert(0, str(HERE))
 
 from redis import Redis  # noqa: E402
 from redis.exceptions import RedisError  # noqa: E402
-from throughput import build_parser, free_port, polling_workers, shapes_from  # noqa: E402
+from throughput import (  # noqa: E402
+    build_parser,
+    free_port,
+    polling_workers_pattern,
+    shapes_from,
+)
 
+from crawlfleet.common.keys import Keys  # noqa: E402
+
+NAMESPACE = "profile"
 SHAPES = ("one", "docs", "many")
 
 # Areas, by the first frame (from the leaf up) whose file matches.
@@ -80,7 +88,7 @@ def area_of(frames: list[str]) -> str:
 def worker_polls(client: Redis) -> bool:
     """Whether the worker polls arq's queue (False while Redis starts)."""
     try:
-        return polling_workers(client.client_list()) > 0
+        return any(client.scan_iter(match=polling_workers_pattern(Keys(NAMESPACE))))
     except RedisError:
         return False
 
@@ -121,7 +129,7 @@ def main() -> int:
                                  stdout=subprocess.DEVNULL, start_new_session=True)
         procs.append(redis)
         env = {**os.environ, "CRAWLFLEET_REDIS_URL": f"redis://127.0.0.1:{port}/0",
-               "CRAWLFLEET_NAMESPACE": "profile", "CRAWLFLEET_DNS_NAMESERVERS": info["dns"],
+               "CRAWLFLEET_NAMESPACE": NAMESPACE, "CRAWLFLEET_DNS_NAMESERVERS": info["dns"],
                "CRAWLFLEET_ALLOW_PRIVATE": "1", "CRAWLFLEET_CRAWL_DELAY": "0",
                "CRAWLFLEET_PER_HOST_CONCURRENCY": str(concurrency),
                "CRAWLFLEET_LOG_FORMAT": "json", "CRAWLFLEET_LOG_LEVEL": args.log_level}

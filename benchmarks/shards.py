@@ -110,7 +110,7 @@ async def wait_ready(clients: list[Redis], keys: Keys, workers: int, fleet: tp.F
         ready = True
         for client in clients:
             led = await tp.scheduler_leads(client, keys)
-            ready = ready and led and tp.polling_workers(await client.client_list()) >= workers
+            ready = ready and led and await tp.polling_workers(client, keys) >= workers
         if ready:
             return
         await asyncio.sleep(0.05)

@@ -923,10 +923,14 @@ class Fleet:
             self.procs.stop(proc)
 
 
-def polling_workers(clients: list[dict[str, Any]]) -> int:
-    """Workers that poll arq's queue, from CLIENT LIST: connections whose last command is arq's
-    ZRANGEBYSCORE (a worker is up once it polls)."""
-    return sum(c.get("cmd") == "zrangebyscore" for c in clients)
+def polling_workers_pattern(keys: Keys) -> str:
+    """SCAN MATCH pattern of the workers' arq health-check keys: arq writes a worker's key
+    from its poll loop, so a worker is up (start-up done, polling) once its key exists."""
+    return keys.arq_health_check("*")
+
+
+async def polling_workers(client: Redis, keys: Keys) -> int:
+    return len([k async for k in client.scan_iter(match=polling_workers_pattern(keys))])
 
 
 async def wait_ready(client: Redis, workers: int, fleet: Fleet) -> None:
@@ -936,7 +940,7 @@ async def wait_ready(client: Redis, workers: int, fleet: Fleet) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         fleet.check_alive()
-        if (polling_workers(await client.client_list()) >= workers
+        if (await polling_workers(client, keys) >= workers
                 and await scheduler_leads(client, keys)):
             return
         await asyncio.sleep(0.05)

@@ -282,7 +282,6 @@ class CrawlWorker(Worker):
     _backoff = 0.1
     redis_url = ""  # for messages only, always shown through redact_url()
     _polls_found = 0  # polls whose read of the queue returned job ids
-    _last_poll_empty = False  # the last poll found no job: ask for hosts (Keys.hungry)
     _interval = 0.0  # seconds between polls now; 0: every poll_delay
     _wake: asyncio.Event | None = None
     _listener: asyncio.Task[None] | None = None
@@ -344,11 +343,9 @@ class CrawlWorker(Worker):
     async def _poll_iteration(self) -> None:
         found = self._polls_found
         try:
-            # Before the read of the queue, so that a polling worker's last command stays arq's
-            # ZRANGEBYSCORE (what `CLIENT LIST` shows; the benchmarks wait for it).
-            if self._last_poll_empty:
-                await self._ask_for_hosts()
             await super()._poll_iteration()
+            if self._polls_found == found:
+                await self._ask_for_hosts()
         except POLL_FAILURES as exc:
             event = "redis_unavailable" if is_transient(exc) else "redis_error"
             log.warning(event, error=redact_url(str(exc)), retry_in=self._backoff)
@@ -356,7 +353,6 @@ class CrawlWorker(Worker):
             self._backoff = min(self._backoff * 2, 5.0)
             return
         self._backoff = 0.1
-        self._last_poll_empty = self._polls_found == found
         if self._polls_found != found or self.job_counter >= self.max_jobs:
             self._interval = 0.0  # work came, or the slots are full (no poll reads then)
             return
